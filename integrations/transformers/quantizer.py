@@ -1,0 +1,112 @@
+"""``SpaLLMHfQuantizer``: loads sketched checkpoints and sketches dense ones on load."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+
+from spallm_plugins.config import QUANT_METHOD
+from spallm_plugins.convert import replace_with_empty, sketch_model, sketched_layers
+from spallm_plugins.format import CheckpointError, read_file_headers, validate_sketched_tensors
+
+from .config import SpaLLMQuantConfig
+
+logger = logging.getLogger(__name__)
+
+
+class SpaLLMHfQuantizer(HfQuantizer):
+    """Pre-sketched checkpoints: target linears become empty SketchedLinear before loading, and
+    ``codes`` / ``tables`` load by name. Dense checkpoints with a ``SpaLLMQuantConfig``: the model
+    loads densely and is sketched (data-free) right after.
+    """
+
+    requires_calibration = False
+    quantization_config: SpaLLMQuantConfig
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        if not self.pre_quantized:
+            return model
+        sketch = self.quantization_config.sketch
+        if checkpoint_files:
+            headers = read_file_headers(checkpoint_files)
+            shapes = {n: (h.shape, h.dtype) for n, h in headers.items()}
+            where = str(checkpoint_files[0]) if len(checkpoint_files) == 1 else f"{len(checkpoint_files)} shards"
+            prefixes = validate_sketched_tensors(shapes, sketch, where)
+            if not prefixes:
+                raise CheckpointError(f"{where}: quantization_config says spallm but no '*.codes' tensors are stored")
+        names = replace_with_empty(model, sketch)
+        if checkpoint_files:
+            missing = sorted(set(names) - set(prefixes))
+            if missing:
+                raise CheckpointError(
+                    f"{where}: the sketch config selects {len(names)} linears but the checkpoint has no codes for "
+                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                )
+            for name in names:
+                layer = model.get_submodule(name)
+                expected = tuple(layer.codes.shape)
+                got = tuple(shapes[name + ".codes"][0])
+                if got != expected:
+                    raise CheckpointError(
+                        f"{where}: tensor {name}.codes has shape {list(got)}, expected {list(expected)} for a "
+                        f"{layer.out_features}x{layer.in_features} linear at {sketch.bits} bits"
+                    )
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        sketch = self.quantization_config.sketch
+        if not self.pre_quantized:
+            sketch_model(model, sketch)
+        table_dtype = sketch.torch_table_dtype()
+        for layer in sketched_layers(model).values():
+            if layer.tables.dtype != table_dtype:
+                layer.tables.data = layer.tables.data.to(table_dtype)
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    def _dequantize(self, model, dtype: torch.dtype | None = None):
+        from spallm_plugins.convert import _set_submodule
+
+        for name, layer in sketched_layers(model).items():
+            _set_submodule(model, name, layer.to_linear(dtype))
+        return model
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register ``quant_method: "spallm"`` with transformers; safe to call any number of times."""
+    global _registered
+    if _registered:
+        return
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SpaLLMQuantConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SpaLLMHfQuantizer)
+    _registered = True

@@ -1,0 +1,1 @@
+"""Benchmarks: quality, fine-tuning and kernels; each writes JSON."""

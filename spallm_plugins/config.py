@@ -1,0 +1,152 @@
+"""The one definition of a SpaLLM sketch: bits, groups per row, table dtype, targets, sketch settings.
+
+Every integration (transformers ``quantization_config``, PEFT ``adapter_config.json``, Axolotl YAML,
+vLLM) translates to and from :class:`SketchConfig`; none redefines these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANT_METHOD = "spallm"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4)
+MAX_GROUPS_PER_ROW = 8
+TABLE_DTYPES = ("float16", "bfloat16", "float32")
+SKETCH_METHODS = ("kmeans", "gptq")
+
+
+class SketchConfigError(ValueError):
+    """A sketch configuration value or key is invalid; the message names the key and what was expected."""
+
+
+@dataclass
+class SketchConfig:
+    """How a model is (or was) sketched.
+
+    ``bits`` and ``groups_per_row`` fix the storage: each row of a target weight is split into
+    ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
+    ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
+    hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
+    The remaining fields record how the codes were found, so a checkpoint documents itself.
+    """
+
+    bits: int = 4
+    groups_per_row: int = 1
+    table_dtype: str = "float16"
+    target_modules: list[str] | None = None
+    modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
+    method: str = "kmeans"
+    calibration: str | None = None
+    nsamples: int = 0
+    seqlen: int = 0
+    damping: float = 0.01
+    kmeans_iters: int = 50
+    seed: int = 0
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_codes(self) -> int:
+        """Table entries per row-group: ``2**bits``."""
+        return 1 << self.bits
+
+    def torch_table_dtype(self):  # -> torch.dtype; torch imported lazily to keep this module light
+        import torch
+
+        return getattr(torch, self.table_dtype)
+
+    def validate(self) -> None:
+        def fail(key: str, value: Any, expected: str) -> None:
+            raise SketchConfigError(f"SketchConfig.{key}={value!r} is invalid: expected {expected}")
+
+        if self.format_version != FORMAT_VERSION:
+            fail("format_version", self.format_version, f"{FORMAT_VERSION} (the format this version reads)")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            fail("bits", self.bits, f"one of {SUPPORTED_BITS}")
+        if (
+            isinstance(self.groups_per_row, bool)
+            or not isinstance(self.groups_per_row, int)
+            or not 1 <= self.groups_per_row <= MAX_GROUPS_PER_ROW
+        ):
+            fail("groups_per_row", self.groups_per_row, f"an integer in 1..{MAX_GROUPS_PER_ROW}")
+        if self.table_dtype not in TABLE_DTYPES:
+            fail("table_dtype", self.table_dtype, f"one of {TABLE_DTYPES}")
+        if self.method not in SKETCH_METHODS:
+            fail("method", self.method, f"one of {SKETCH_METHODS}")
+        if self.target_modules is not None and (
+            isinstance(self.target_modules, str) or not all(isinstance(t, str) and t for t in self.target_modules)
+        ):
+            fail("target_modules", self.target_modules, "null or a list of module names")
+        if not all(isinstance(t, str) for t in self.modules_to_not_convert):
+            fail("modules_to_not_convert", self.modules_to_not_convert, "a list of module names")
+        for key in ("nsamples", "seqlen", "kmeans_iters", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(key, value, "a non-negative integer")
+        if not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
+            fail("damping", self.damping, "a number in [0, 1) (fraction of the mean Hessian diagonal)")
+
+    def check_in_features(self, in_features: int, where: str = "layer") -> None:
+        """Raise a clear ``ValueError`` when a layer of width ``in_features`` cannot be sketched."""
+        if in_features % self.groups_per_row:
+            raise ValueError(
+                f"{where}: groups_per_row={self.groups_per_row} does not divide in_features={in_features}; "
+                f"choose a groups_per_row that divides {in_features} or exclude this module"
+            )
+        per_byte_multiple = 8 if self.bits == 3 else 8 // self.bits
+        if in_features % per_byte_multiple:
+            raise ValueError(
+                f"{where}: in_features={in_features} must be a multiple of {per_byte_multiple} "
+                f"to pack {self.bits}-bit codes (format v1)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["target_modules"] is not None:
+            data["target_modules"] = list(data["target_modules"])
+        return data
+
+    def to_quantization_config(self) -> dict[str, Any]:
+        """The ``config.json["quantization_config"]`` dict of a sketched checkpoint."""
+        return {"quant_method": QUANT_METHOD, **self.to_dict()}
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "quantization_config") -> SketchConfig:
+        """Build from a dict, rejecting unknown keys; ``quant_method`` must be ``"spallm"`` if present."""
+        if not isinstance(data, dict):
+            raise SketchConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise SketchConfigError(f"{where}: quant_method={method!r}, expected {QUANT_METHOD!r}")
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SketchConfigError(f"{where}: unknown key(s) {unknown}; SpaLLM sketch settings are {sorted(known)}")
+        if "format_version" in data and data["format_version"] != FORMAT_VERSION:
+            raise SketchConfigError(
+                f"{where}: format_version={data['format_version']!r} is not supported; "
+                f"this spallm-plugins reads format_version {FORMAT_VERSION}"
+            )
+        try:
+            return cls(**data)
+        except SketchConfigError as err:
+            raise SketchConfigError(f"{where}: {err}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str) -> SketchConfig:
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh), where=str(path))
+
+    def replace(self, **changes: Any) -> SketchConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,150 @@
+"""Find a model's target linears and swap them for SketchedLinear (sketched now, or empty for loading)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import SketchConfig
+from .hooks import architecture_for
+from .layer import SketchedLinear
+
+
+class NoTargetsError(ValueError):
+    """The model has no linear layer that the sketch config selects."""
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def is_excluded(name: str, skip: list[str]) -> bool:
+    return any(_matches(name, s) or name.startswith(s + ".") for s in skip)
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...] | None:
+    spec = architecture_for(getattr(getattr(model, "config", None), "model_type", None))
+    return spec.target_modules if spec else None
+
+
+def resolve_targets(model: nn.Module, config: SketchConfig) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules ``config`` selects in ``model``, by qualified name.
+
+    ``target_modules=None`` uses the architecture's defaults (``spallm_architectures`` hook) and
+    otherwise every linear layer; ``modules_to_not_convert`` always wins.
+    """
+    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, SketchedLinear):
+            continue
+        if is_excluded(name, config.modules_to_not_convert):
+            continue
+        if targets is None or any(_matches(name, t) for t in targets):
+            found[name] = module
+    if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise NoTargetsError(
+            f"no linear layers to sketch in this {model_type} model (target_modules={targets}, "
+            f"modules_to_not_convert={config.modules_to_not_convert}); unsupported architecture "
+            "or targets that match nothing"
+        )
+    for name, module in found.items():
+        config.check_in_features(module.in_features, name)
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def replace_with_empty(model: nn.Module, config: SketchConfig, device: torch.device | str | None = None) -> list[str]:
+    """Replace targets with uninitialised SketchedLinear of the right shapes (before loading a checkpoint)."""
+    names = []
+    for name, linear in resolve_targets(model, config).items():
+        layer = SketchedLinear(
+            linear.in_features,
+            linear.out_features,
+            config.bits,
+            config.groups_per_row,
+            bias=linear.bias is not None,
+            table_dtype=config.torch_table_dtype(),
+            device=device if device is not None else linear.weight.device,
+        )
+        _set_submodule(model, name, layer)
+        names.append(name)
+    return names
+
+
+def sketch_model(
+    model: nn.Module,
+    config: SketchConfig,
+    hessians: Callable[[str], torch.Tensor | None] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Sketch every target linear in place (data-free unless ``hessians(name)`` gives one).
+
+    Returns the per-layer sketch loss. Each dense weight is freed as soon as its layer is replaced.
+    """
+    from tqdm.auto import tqdm
+
+    targets = resolve_targets(model, config)
+    losses: dict[str, float] = {}
+    for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
+        layer = SketchedLinear.from_linear(linear, config, hessian=hessians(name) if hessians else None, name=name)
+        _set_submodule(model, name, layer)
+        losses[name] = layer.sketch_loss
+    return losses
+
+
+def sketched_layers(model: nn.Module) -> dict[str, SketchedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SketchedLinear)}
+
+
+@dataclass
+class SketchPlan:
+    """What sketching a model would produce; computed from shapes only (works on the meta device)."""
+
+    layers: list[tuple[str, int, int]]  # (name, out_features, in_features)
+    table_values: int
+    code_bytes: int
+    table_bytes: int
+    dense_rest_bytes: int
+    dense_bytes: int
+    sketched_weights: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * (self.code_bytes + self.table_bytes) / max(self.sketched_weights, 1)
+
+
+def plan_sketch(model: nn.Module, config: SketchConfig, dense_dtype_bytes: int = 2) -> SketchPlan:
+    targets = resolve_targets(model, config)
+    layers = [(n, m.out_features, m.in_features) for n, m in targets.items()]
+    table_bytes_per = torch.empty((), dtype=config.torch_table_dtype()).element_size()
+    table_values = sum(o * config.groups_per_row * config.num_codes for _, o, _ in layers)
+    code_bytes = sum(o * i * config.bits // 8 for _, o, i in layers)
+    sketched_weights = sum(o * i for _, o, i in layers)
+    sketched_param_ids = {id(m.weight) for m in targets.values()}
+    seen: set[int] = set()
+    total = rest = 0
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if id(p) not in sketched_param_ids:
+            rest += p.numel()
+    return SketchPlan(
+        layers=layers,
+        table_values=table_values,
+        code_bytes=code_bytes,
+        table_bytes=table_values * table_bytes_per,
+        dense_rest_bytes=rest * dense_dtype_bytes,
+        dense_bytes=total * dense_dtype_bytes,
+        sketched_weights=sketched_weights,
+    )

@@ -1,0 +1,341 @@
+"""Format v1 of sketched checkpoints: code packing, tensor names, sharded safetensors, validation.
+
+Packing (along the input dimension, row-major, little-endian bit order inside each byte/word):
+
+* 4-bit: two codes per byte; column ``2j`` in bits 0-3, column ``2j+1`` in bits 4-7.
+* 2-bit: four codes per byte; column ``4j+i`` in bits ``2i..2i+1``.
+* 3-bit: eight codes per three bytes; the three bytes form a little-endian 24-bit word and column
+  ``8j+i`` sits in bits ``3i..3i+2`` of word ``j``.
+
+So ``codes`` has shape ``[out_features, in_features * bits // 8]``, and ``in_features`` is recovered
+from it exactly (format v1 requires ``in_features`` to be a multiple of ``8 // bits``, or of 8 for
+3-bit). Only safetensors and JSON are written; every write goes to a temporary name first and is
+renamed into place, so a killed or failed write leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import FORMAT_VERSION, QUANT_METHOD, SketchConfig, SketchConfigError
+
+CODES_SUFFIX = ".codes"
+TABLES_SUFFIX = ".tables"
+BIAS_SUFFIX = ".bias"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is not a valid SpaLLM format-v1 checkpoint; the message says where and why."""
+
+
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per row of packed codes."""
+    return in_features * bits // 8
+
+
+def unpacked_width(packed_columns: int, bits: int) -> int:
+    """``in_features`` of a row of ``packed_columns`` bytes."""
+    return packed_columns * 8 // bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int, name: str = "codes") -> torch.Tensor:
+    """Pack integer codes ``[rows, in]`` (values ``0..2**bits-1``) into uint8 ``[rows, in*bits//8]``."""
+    if codes.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor of codes, got shape {tuple(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"{name}: expected an integer tensor of codes, got {codes.dtype}")
+    rows, cols = codes.shape
+    group = 8 if bits == 3 else 8 // bits
+    if cols % group:
+        raise ValueError(f"{name}: {cols} columns cannot be packed at {bits} bits (need a multiple of {group})")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
+        bad = int(codes.max()) if int(codes.max()) >= (1 << bits) else int(codes.min())
+        raise ValueError(f"{name}: code {bad} is out of range for {bits}-bit codes (expected 0..{(1 << bits) - 1})")
+    c = codes.to(torch.int32)
+    if bits == 3:
+        c = c.view(rows, cols // 8, 8)
+        shifts = torch.arange(0, 24, 3, device=c.device, dtype=torch.int32)
+        word = (c << shifts).sum(-1, dtype=torch.int32)
+        out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1)
+        return out.reshape(rows, cols * 3 // 8).to(torch.uint8)
+    c = c.view(rows, cols // group, group)
+    shifts = torch.arange(0, 8, bits, device=c.device, dtype=torch.int32)
+    return (c << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[rows, in*bits//8]`` to uint8 codes ``[rows, in]``."""
+    rows, cols = packed.shape
+    p = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    if bits == 3:
+        b = p.view(rows, cols // 3, 3)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        shifts = torch.arange(0, 24, 3, device=p.device, dtype=torch.int32)
+        return ((word.unsqueeze(-1) >> shifts) & mask).reshape(rows, cols * 8 // 3).to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, device=p.device, dtype=torch.int32)
+    return ((p.unsqueeze(-1) >> shifts) & mask).reshape(rows, cols * 8 // bits).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# atomic file and directory writes
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``dest``; on success rename it onto ``dest``, on error delete it.
+
+    For directories the previous ``dest`` is moved aside first and removed only after the new one is
+    in place, so at every instant ``dest`` is either the complete old or the complete new content.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            old = None
+            if dest.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                os.rmdir(old)
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tensors(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    prefix: str = "model",
+    max_shard_bytes: int = 4 << 30,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write ``tensors`` as safetensors shards (plus an index when more than one) into ``directory``.
+
+    Each file is written atomically. Returns the file names written.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        files = [f"{prefix}.safetensors"]
+    else:
+        files = [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(files, shards, strict=True):
+        with atomic_path(directory / fname) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
+    if len(files) > 1:
+        weight_map = {name: fname for fname, shard in zip(files, shards, strict=True) for name in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(
+            directory / f"{prefix}.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
+    return files
+
+
+def safetensors_files(directory: str | os.PathLike, prefix: str = "model") -> list[Path]:
+    """The safetensors files of a checkpoint folder, via its index when it has one."""
+    directory = Path(directory)
+    index = directory / f"{prefix}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return files
+    single = directory / f"{prefix}.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(directory.glob(f"{prefix}*.safetensors"))
+
+
+def read_tensors(directory: str | os.PathLike, prefix: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read every tensor of a (possibly sharded) safetensors checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(directory, prefix):
+        try:
+            out.update(load_file(str(f), device=device))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({err})") from None
+    return out
+
+
+class _TensorHeader:
+    """Shape and dtype of a stored tensor, read from the safetensors header without loading data."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, file: Path):
+        self.shape, self.dtype, self.file = shape, dtype, file
+
+
+_ST_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "F16": "float16",
+              "BF16": "bfloat16", "F32": "float32", "F64": "float64", "BOOL": "bool"}  # fmt: skip
+
+
+def read_headers(directory: str | os.PathLike, prefix: str = "model") -> dict[str, _TensorHeader]:
+    return read_file_headers(safetensors_files(directory, prefix))
+
+
+def read_file_headers(files: list[str | os.PathLike]) -> dict[str, _TensorHeader]:
+    """Tensor shapes and dtypes of safetensors files, from their JSON headers alone."""
+    headers: dict[str, _TensorHeader] = {}
+    for f in map(Path, files):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or n > 100_000_000 or n + 8 > f.stat().st_size:
+                    raise ValueError("header length out of range")
+                header = json.loads(fh.read(n))
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"{f}: not a valid safetensors file ({err})") from None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            headers[name] = _TensorHeader(tuple(info["shape"]), _ST_DTYPES.get(info["dtype"], info["dtype"]), f)
+    return headers
+
+
+def load_quantization_config(directory: str | os.PathLike) -> SketchConfig:
+    """Read and validate ``config.json["quantization_config"]`` of a sketched checkpoint folder."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model folder)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({err})") from None
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        raise CheckpointError(f"{cfg_path}: no quantization_config (not a sketched checkpoint)")
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{cfg_path}: quantization_config.quant_method={qc.get('quant_method')!r}, expected {QUANT_METHOD!r}"
+        )
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: quantization_config.format_version={qc.get('format_version')!r}; "
+            f"this spallm-plugins reads format_version {FORMAT_VERSION}"
+        )
+    try:
+        return SketchConfig.from_dict(qc, where=f"{cfg_path} quantization_config")
+    except SketchConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def validate_sketched_tensors(
+    shapes: dict[str, tuple[tuple[int, ...], str]], config: SketchConfig, where: str
+) -> list[str]:
+    """Check codes/tables pairs given ``name -> (shape, dtype)``; return the sketched module prefixes."""
+    prefixes = sorted(n[: -len(CODES_SUFFIX)] for n in shapes if n.endswith(CODES_SUFFIX))
+    table_prefixes = {n[: -len(TABLES_SUFFIX)] for n in shapes if n.endswith(TABLES_SUFFIX)}
+    for orphan in sorted(table_prefixes - set(prefixes)):
+        raise CheckpointError(f"{where}: tensor {orphan}{TABLES_SUFFIX} has no matching {orphan}{CODES_SUFFIX}")
+    for p in prefixes:
+        codes_name, tables_name = p + CODES_SUFFIX, p + TABLES_SUFFIX
+        cshape, cdtype = shapes[codes_name]
+        if cdtype != "uint8":
+            raise CheckpointError(f"{where}: tensor {codes_name} has dtype {cdtype}, expected uint8 packed codes")
+        if len(cshape) != 2:
+            raise CheckpointError(
+                f"{where}: tensor {codes_name} has shape {list(cshape)}, expected [out_features, packed]"
+            )
+        out_features, packed = cshape
+        if (packed * 8) % config.bits:
+            raise CheckpointError(
+                f"{where}: tensor {codes_name} width {packed} is not a whole number of {config.bits}-bit codes"
+            )
+        in_features = unpacked_width(packed, config.bits)
+        if in_features % config.groups_per_row:
+            raise CheckpointError(
+                f"{where}: {p}: groups_per_row={config.groups_per_row} does not divide in_features={in_features}"
+            )
+        if tables_name not in shapes:
+            raise CheckpointError(f"{where}: tensor {codes_name} has no matching {tables_name}")
+        tshape, tdtype = shapes[tables_name]
+        expected = (out_features, config.groups_per_row, config.num_codes)
+        if tuple(tshape) != expected:
+            raise CheckpointError(
+                f"{where}: tensor {tables_name} has shape {list(tshape)}, expected {list(expected)} "
+                f"(out_features, groups_per_row={config.groups_per_row}, 2**bits={config.num_codes})"
+            )
+        if tdtype not in ("float16", "bfloat16", "float32"):
+            raise CheckpointError(f"{where}: tensor {tables_name} has dtype {tdtype}, expected a float dtype")
+        bias_name = p + BIAS_SUFFIX
+        if bias_name in shapes and tuple(shapes[bias_name][0]) != (out_features,):
+            raise CheckpointError(
+                f"{where}: tensor {bias_name} has shape {list(shapes[bias_name][0])}, expected [{out_features}]"
+            )
+    return prefixes
+
+
+def validate_checkpoint(directory: str | os.PathLike) -> tuple[SketchConfig, list[str]]:
+    """Validate a sketched checkpoint folder without loading tensor data.
+
+    Checks format version and config keys, that every ``P.codes`` is packed uint8 with a matching
+    ``P.tables`` of shape ``[out, groups_per_row, 2**bits]``, group divisibility, and bias shapes.
+    Returns the config and the sketched module prefixes; raises :class:`CheckpointError` naming the
+    file and tensor otherwise.
+    """
+    config = load_quantization_config(directory)
+    headers = read_headers(directory)
+    if not headers:
+        raise CheckpointError(f"{directory}: no safetensors weights found")
+    shapes = {n: (h.shape, h.dtype) for n, h in headers.items()}
+    prefixes = validate_sketched_tensors(shapes, config, str(directory))
+    if not prefixes:
+        raise CheckpointError(f"{directory}: quantization_config says spallm but no '*.codes' tensors are stored")
+    return config, prefixes

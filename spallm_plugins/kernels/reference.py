@@ -1,0 +1,80 @@
+"""PyTorch reference of the LUT linear: the ground truth every kernel is tested against.
+
+``W[r, c] = tables[r, c // (in / gpr), codes[r, c]]``; forward is ``x @ W.T + b``. Backward:
+``grad_x = grad_y @ W`` and, with ``grad_W = grad_y.T @ x``,
+``grad_tables[r, g, k] = sum(grad_W[r, c] for c in group g if codes[r, c] == k)`` (a scatter-add).
+Runs on any device and dtype torch supports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import unpack_codes
+from . import LUTProblem
+
+
+def flat_indices(codes: torch.Tensor, bits: int, groups_per_row: int) -> torch.Tensor:
+    """int64 ``[out*gpr, in/gpr]`` index of each weight into ``tables.view(out*gpr, 2**bits)``."""
+    unpacked = unpack_codes(codes, bits)
+    out_features, in_features = unpacked.shape
+    return unpacked.view(out_features * groups_per_row, in_features // groups_per_row).long()
+
+
+def dequantize(codes: torch.Tensor, tables: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gather the dense weight ``[out, in]`` from packed codes and tables."""
+    out_features, groups_per_row, num_codes = tables.shape
+    idx = flat_indices(codes, bits, groups_per_row)
+    flat_tables = tables.reshape(out_features * groups_per_row, num_codes)
+    w = torch.gather(flat_tables, 1, idx).view(out_features, -1)
+    return w if dtype is None else w.to(dtype)
+
+
+def lut_linear(
+    x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    w = dequantize(codes, tables, bits, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def table_grad(grad_w: torch.Tensor, codes: torch.Tensor, bits: int, groups_per_row: int) -> torch.Tensor:
+    """Reduce a dense ``grad_W [out, in]`` into the ``2**bits`` bins of every row-group (float32)."""
+    out_features = grad_w.shape[0]
+    idx = flat_indices(codes, bits, groups_per_row)
+    grad = torch.zeros(out_features * groups_per_row, 1 << bits, dtype=torch.float32, device=grad_w.device)
+    grad.scatter_add_(1, idx, grad_w.reshape(idx.shape).float())
+    return grad.view(out_features, groups_per_row, 1 << bits)
+
+
+def lut_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    tables: torch.Tensor,
+    bits: int,
+    need_input_grad: bool,
+    need_tables_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_x = grad_tables = None
+    if need_input_grad:
+        grad_x = grad_out @ dequantize(codes, tables, bits, grad_out.dtype)
+    if need_tables_grad:
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        grad_tables = table_grad(grad_w, codes, bits, tables.shape[1])
+    return grad_x, grad_tables
+
+
+class ReferenceBackend:
+    """Always available; the fallback and the ground truth."""
+
+    name = "reference"
+    priority = 0
+
+    def can_implement(self, problem: LUTProblem) -> tuple[bool, str]:
+        return True, ""
+
+    def forward(self, x, codes, tables, bias, bits):
+        return lut_linear(x, codes, tables, bias, bits)
+
+    def backward(self, grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad):
+        return lut_linear_backward(grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad)

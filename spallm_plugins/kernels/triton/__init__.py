@@ -1,0 +1,1 @@
+"""Triton kernels for the LUT linear (forward, decode GEMV, fused backward)."""

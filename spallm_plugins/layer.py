@@ -1,0 +1,99 @@
+"""SketchedLinear: a linear layer stored as frozen packed codes plus trainable lookup tables."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SketchConfig
+from .format import packed_width
+from .kernels.reference import dequantize
+from .ops import lut_linear
+
+
+class SketchedLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W[r, c] = tables[r, c // (in / gpr), codes[r, c]]``.
+
+    ``codes`` is a persistent uint8 buffer (packed, see :mod:`spallm_plugins.format`), so it is saved,
+    moved with the module, and never seen by optimizers; ``tables`` is the only weight-like
+    ``Parameter``: fine-tuning a sketched model trains exactly the table values.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        groups_per_row: int = 1,
+        bias: bool = False,
+        table_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        SketchConfig(bits=bits, groups_per_row=groups_per_row).check_in_features(in_features, type(self).__name__)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.groups_per_row = bits, groups_per_row
+        self.register_buffer(
+            "codes", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
+        )
+        self.tables = nn.Parameter(
+            torch.zeros(out_features, groups_per_row, 1 << bits, dtype=table_dtype, device=device)
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=table_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: SketchConfig,
+        hessian: torch.Tensor | None = None,
+        name: str = "layer",
+    ) -> SketchedLinear:
+        """Sketch a dense ``nn.Linear`` (its weight is read, not modified)."""
+        from .sketch import sketch_linear
+
+        result = sketch_linear(linear.weight, config, hessian=hessian, name=name)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            config.bits,
+            config.groups_per_row,
+            bias=linear.bias is not None,
+            table_dtype=config.torch_table_dtype(),
+            device=linear.weight.device,
+        )
+        with torch.no_grad():
+            layer.codes.copy_(result.codes)
+            layer.tables.copy_(result.tables)
+            if linear.bias is not None:
+                layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer.sketch_loss = result.loss
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[out, in]`` these codes and tables represent."""
+        return dequantize(self.codes, self.tables, self.bits, dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense ``nn.Linear`` with the dequantized weight (exactly what this layer computes)."""
+        dtype = dtype or self.tables.dtype
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.codes.device, dtype=dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lut_linear(x, self.codes, self.tables, self.bias, self.bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"groups_per_row={self.groups_per_row}, bias={self.bias is not None}, table_dtype={self.tables.dtype}"
+        )

@@ -1,0 +1,76 @@
+"""The LUT linear as an autograd function, dispatched to the best kernel backend that can run it."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .hooks import kernel_backends
+from .kernels import KernelBackend, LUTProblem
+
+
+def describe_problem(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int) -> LUTProblem:
+    out_features, groups_per_row, _ = tables.shape
+    return LUTProblem(
+        device_type=x.device.type,
+        dtype=x.dtype,
+        table_dtype=tables.dtype,
+        bits=bits,
+        in_features=x.shape[-1],
+        out_features=out_features,
+        groups_per_row=groups_per_row,
+        rows=x.numel() // max(x.shape[-1], 1),
+        needs_grad=torch.is_grad_enabled() and (x.requires_grad or tables.requires_grad),
+    )
+
+
+def explain_backends(problem: LUTProblem) -> list[tuple[str, bool, str]]:
+    """``(name, accepted, reason)`` for every backend in priority order (for ``spallm info --kernels``)."""
+    return [(b.name, *b.can_implement(problem)) for b in kernel_backends()]
+
+
+@functools.lru_cache(maxsize=1024)
+def select_backend(problem: LUTProblem) -> KernelBackend:
+    for backend in kernel_backends():
+        ok, _ = backend.can_implement(problem)
+        if ok:
+            return backend
+    raise RuntimeError(f"no spallm kernel backend can run {problem}")
+
+
+class LUTLinearFunction(torch.autograd.Function):
+    """``y = x @ W.T + b`` with ``W`` gathered from ``tables`` by ``codes``; gradients for x, tables, bias."""
+
+    @staticmethod
+    def forward(ctx, x, codes, tables, bias, bits, backend):
+        ctx.save_for_backward(x, codes, tables)
+        ctx.bits, ctx.backend, ctx.has_bias = bits, backend, bias is not None
+        return backend.forward(x, codes, tables, bias, bits)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, codes, tables = ctx.saved_tensors
+        need_x, _, need_tables, need_bias = ctx.needs_input_grad[:4]
+        grad_x, grad_tables = ctx.backend.backward(grad_out, x, codes, tables, ctx.bits, need_x, need_tables)
+        if grad_tables is not None:
+            grad_tables = grad_tables.to(tables.dtype)
+        grad_bias = grad_out.sum(0) if (ctx.has_bias and need_bias) else None
+        return grad_x, None, grad_tables, grad_bias, None, None
+
+
+def lut_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    tables: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    backend: KernelBackend | None = None,
+) -> torch.Tensor:
+    """Apply the LUT linear to ``x [..., in]``; returns ``[..., out]`` in ``x.dtype``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if backend is None:
+        backend = select_backend(describe_problem(x2, codes, tables, bits))
+    y = LUTLinearFunction.apply(x2, codes, tables, bias, bits, backend)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,56 @@
+"""Sketch one linear weight into codes and tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SketchConfig
+from ..format import pack_codes
+from .kmeans import assign_nearest, weighted_kmeans_1d
+
+
+@dataclass
+class SketchResult:
+    codes: torch.Tensor  # packed uint8 [out, in*bits/8]
+    tables: torch.Tensor  # [out, groups_per_row, 2**bits] in the config's table dtype
+    loss: float  # sum of squared (Hessian-weighted when a Hessian is given) weight error
+
+
+def row_groups(weight: torch.Tensor, groups_per_row: int) -> torch.Tensor:
+    """``[out, in] -> [out*gpr, in/gpr]``: one row per (row, group)."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features * groups_per_row, in_features // groups_per_row)
+
+
+def sketch_linear(
+    weight: torch.Tensor, config: SketchConfig, hessian: torch.Tensor | None = None, name: str = "layer"
+) -> SketchResult:
+    """Sketch ``weight [out, in]`` per ``config``.
+
+    Without a Hessian this is data-free weighted k-means with unit weights. With one (``[in, in]``,
+    ``X^T X``-shaped) the column weights are its diagonal, so columns that see larger activations
+    are fitted more closely; the calibrated error-feedback method plugs in here as well.
+    """
+    out_features, in_features = weight.shape
+    config.check_in_features(in_features, name)
+    if config.method != "kmeans":
+        raise NotImplementedError(f"{name}: sketch method {config.method!r} is not available in this build")
+    gpr = config.groups_per_row
+    w = weight.detach().float()
+    groups = row_groups(w, gpr)
+    col_weights = None
+    if hessian is not None:
+        diag = torch.diagonal(hessian).float().clamp_min(0)
+        col_weights = (diag + 1e-8 * diag.mean().clamp_min(1e-12)).view(gpr, in_features // gpr)
+        col_weights = col_weights.repeat(out_features, 1)
+    centroids, _ = weighted_kmeans_1d(groups, config.num_codes, col_weights, iters=config.kmeans_iters)
+    tables = centroids.to(config.torch_table_dtype())
+    # Assign against the stored (rounded) table values so codes match what inference will see.
+    assign = assign_nearest(groups, tables.float())
+    recon = tables.float().gather(1, assign)
+    err = (groups - recon) ** 2
+    loss = float((err * col_weights).sum() if col_weights is not None else err.sum())
+    codes = pack_codes(assign.view(out_features, in_features), config.bits, name=f"{name}.codes")
+    return SketchResult(codes=codes, tables=tables.view(out_features, gpr, config.num_codes), loss=loss)
