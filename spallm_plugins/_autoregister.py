@@ -82,4 +82,10 @@ def install() -> None:
     sys.meta_path.insert(0, RegisteringFinder())
 
 
+def ensure_registered() -> None:
+    """Register with every host library now (for editable installs, where no ``.pth`` file runs)."""
+    for target in TRIGGERS.values():
+        _run_registration(target)
+
+
 install()

