@@ -82,32 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _meta_model_from_config(path: Path):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg_file = path / "config.json" if path.is_dir() else path
-    if not cfg_file.is_file():
-        raise SystemExit(f"{path}: no config.json (give a model folder or a config.json file)")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"{cfg_file}: invalid JSON ({err})") from None
-    quant = data.pop("quantization_config", None)
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise SystemExit(f"{cfg_file}: no model_type; cannot tell the architecture")
-    config = AutoConfig.for_model(model_type, **data)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return model, quant
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from .convert import plan_sketch
+    from .models import meta_model_from_config
 
     path = Path(args.path)
-    model, quant = _meta_model_from_config(path)
+    model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
     config = _config_from_args(args, base)
     plan = plan_sketch(model, config)

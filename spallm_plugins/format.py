@@ -322,13 +322,51 @@ def validate_sketched_tensors(
     return prefixes
 
 
-def validate_checkpoint(directory: str | os.PathLike) -> tuple[SketchConfig, list[str]]:
+def expected_shapes(model, config: SketchConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``prefix -> (codes shape, tables shape)`` that ``config`` gives the targets of ``model``."""
+    from .convert import resolve_targets
+
+    return {
+        name: (
+            (m.out_features, packed_width(m.in_features, config.bits)),
+            (m.out_features, config.groups_per_row, config.num_codes),
+        )
+        for name, m in resolve_targets(model, config).items()
+    }
+
+
+def validate_against_model(
+    shapes: dict[str, tuple[tuple[int, ...], str]],
+    expected: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    where: str,
+) -> None:
+    """Every linear the config selects must be stored with exactly the shapes its layer needs."""
+    stored = {n[: -len(CODES_SUFFIX)] for n in shapes if n.endswith(CODES_SUFFIX)}
+    missing = sorted(set(expected) - stored)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: no codes stored for sketched linear(s) {missing[:3]}{more}")
+    extra = sorted(stored - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: tensor {extra[0]}{CODES_SUFFIX} belongs to no linear the config selects")
+    for prefix, (codes_shape, tables_shape) in expected.items():
+        for suffix, want in ((CODES_SUFFIX, codes_shape), (TABLES_SUFFIX, tables_shape)):
+            got = tuple(shapes[prefix + suffix][0])
+            if got != want:
+                raise CheckpointError(
+                    f"{where}: tensor {prefix}{suffix} has shape {list(got)}, expected {list(want)} "
+                    f"from the model config"
+                )
+
+
+def validate_checkpoint(directory: str | os.PathLike, against_model: bool = True) -> tuple[SketchConfig, list[str]]:
     """Validate a sketched checkpoint folder without loading tensor data.
 
     Checks format version and config keys, that every ``P.codes`` is packed uint8 with a matching
-    ``P.tables`` of shape ``[out, groups_per_row, 2**bits]``, group divisibility, and bias shapes.
-    Returns the config and the sketched module prefixes; raises :class:`CheckpointError` naming the
-    file and tensor otherwise.
+    ``P.tables`` of shape ``[out, groups_per_row, 2**bits]``, group divisibility, and bias shapes;
+    with ``against_model``, also that the shapes are those the model config (built on the meta
+    device) needs. Returns the config and the sketched module prefixes; raises
+    :class:`CheckpointError` naming the file and tensor otherwise.
     """
     config = load_quantization_config(directory)
     headers = read_headers(directory)
@@ -338,4 +376,9 @@ def validate_checkpoint(directory: str | os.PathLike) -> tuple[SketchConfig, lis
     prefixes = validate_sketched_tensors(shapes, config, str(directory))
     if not prefixes:
         raise CheckpointError(f"{directory}: quantization_config says spallm but no '*.codes' tensors are stored")
+    if against_model:
+        from .models import meta_model_from_config
+
+        model, _ = meta_model_from_config(directory)
+        validate_against_model(shapes, expected_shapes(model, config), str(directory))
     return config, prefixes

@@ -72,6 +72,23 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Register a plugin object at run time (entry points are found automatically)."""
+    get_plugin_manager().register(plugin, name=name)
+    _plugins_changed()
+
+
+def unregister_plugin(plugin: object) -> None:
+    get_plugin_manager().unregister(plugin)
+    _plugins_changed()
+
+
+def _plugins_changed() -> None:
+    from .ops import select_backend
+
+    select_backend.cache_clear()
+
+
 def kernel_backends() -> list:
     """All registered kernel backends, highest priority first."""
     backends = [b for group in get_plugin_manager().hook.spallm_kernel_backends() for b in group]

@@ -108,3 +108,32 @@ def load_model(ref: str | os.PathLike, *, dtype=None, **kwargs):
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def meta_model_from_config(path: str | os.PathLike):
+    """``(model on the meta device, quantization_config dict or None)`` from a folder or config.json.
+
+    No weights are read, so this works for any size of model; ``trust_remote_code`` is not used.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"{path}: no config.json (give a model folder or a config.json file)")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_file}: invalid JSON ({err})") from None
+    quant = data.pop("quantization_config", None)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{cfg_file}: no model_type; cannot tell the architecture")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ValueError(f"{cfg_file}: unsupported architecture {model_type!r} ({err})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model, quant

@@ -54,5 +54,5 @@ class KernelBackend(Protocol):
         need_input_grad: bool,
         need_tables_grad: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Return ``(grad_x [M, in], grad_tables [out, gpr, 2**bits] in float32)``; ``None`` where not needed."""
+        """Return ``(grad_x [M, in], grad_tables [out, gpr, 2**bits] accumulated in at least float32)``; ``None`` where not needed."""
         ...

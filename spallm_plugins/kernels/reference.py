@@ -38,11 +38,15 @@ def lut_linear(
 
 
 def table_grad(grad_w: torch.Tensor, codes: torch.Tensor, bits: int, groups_per_row: int) -> torch.Tensor:
-    """Reduce a dense ``grad_W [out, in]`` into the ``2**bits`` bins of every row-group (float32)."""
+    """Reduce a dense ``grad_W [out, in]`` into the ``2**bits`` bins of every row-group.
+
+    Accumulates in float32 (float64 when ``grad_w`` is float64).
+    """
     out_features = grad_w.shape[0]
+    acc = torch.promote_types(grad_w.dtype, torch.float32)
     idx = flat_indices(codes, bits, groups_per_row)
-    grad = torch.zeros(out_features * groups_per_row, 1 << bits, dtype=torch.float32, device=grad_w.device)
-    grad.scatter_add_(1, idx, grad_w.reshape(idx.shape).float())
+    grad = torch.zeros(out_features * groups_per_row, 1 << bits, dtype=acc, device=grad_w.device)
+    grad.scatter_add_(1, idx, grad_w.reshape(idx.shape).to(acc))
     return grad.view(out_features, groups_per_row, 1 << bits)
 
 
@@ -59,7 +63,8 @@ def lut_linear_backward(
     if need_input_grad:
         grad_x = grad_out @ dequantize(codes, tables, bits, grad_out.dtype)
     if need_tables_grad:
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        acc = torch.promote_types(grad_out.dtype, torch.float32)
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t().to(acc) @ x.reshape(-1, x.shape[-1]).to(acc)
         grad_tables = table_grad(grad_w, codes, bits, tables.shape[1])
     return grad_x, grad_tables
 

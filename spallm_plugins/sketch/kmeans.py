@@ -30,6 +30,7 @@ def weighted_kmeans_1d(
     k: int,
     weights: torch.Tensor | None = None,
     iters: int = 50,
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise ``sum_j w[r, j] * (values[r, j] - c[r, assign[r, j]])**2`` for every row ``r``.
 
@@ -40,6 +41,7 @@ def weighted_kmeans_1d(
     iteration only needs the ``k - 1`` cut points (``searchsorted`` of the centroid midpoints into the
     sorted values) and prefix sums of ``w`` and ``w * v``: O(R * k * log n) per iteration instead of
     O(R * n). Empty clusters keep their centroid; iteration stops when no cut point moves.
+    ``init`` (``[R, k]``, sorted) replaces the weighted-quantile start.
     """
     values = values.float()
     w = torch.ones_like(values) if weights is None else weights.float().expand_as(values).contiguous()
@@ -47,7 +49,7 @@ def weighted_kmeans_1d(
     w_sorted = w.gather(1, order).double()
     zero = torch.zeros(values.shape[0], 1, dtype=torch.float64, device=values.device)
     mass_prefix = torch.cat([zero, w_sorted.cumsum(1)], 1)
-    centroids = weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k)
+    centroids = weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k) if init is None else init.float()
     sum_prefix = torch.cat([zero, (w_sorted * v_sorted.double()).cumsum(1)], 1)
     n = values.shape[1]
     full = torch.full_like(zero, n, dtype=torch.long)

@@ -1,0 +1,71 @@
+"""The ``spallm`` command line, run as a user would (fresh processes)."""
+
+import json
+
+import pytest
+from conftest import run_cli, sample_words
+
+LLAMA2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+}
+
+
+@pytest.fixture
+def llama2_config(tmp_path):
+    path = tmp_path / "llama2-7b" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(LLAMA2_7B))
+    return path
+
+
+@pytest.mark.parametrize(("gpr", "printed"), [(1, "21.8M"), (2, "43.5M"), (4, "87.0M"), (8, "174.1M")])
+def test_info_llama2_7b_table_values_from_config_alone(llama2_config, gpr, printed):
+    out = run_cli("info", str(llama2_config), "--gpr", str(gpr)).stdout
+    assert f"table values (trainable): {printed}" in out
+    data = json.loads(run_cli("info", str(llama2_config.parent), "--gpr", str(gpr), "--json").stdout)
+    h, i, n = 4096, 11008, 32
+    rows_per_layer = 4 * h + 2 * i + h  # q, k, v, o, gate, up (out = h, h, h, h, i, i) + down (out = h)
+    assert data["table_values"] == n * rows_per_layer * gpr * 16
+    assert data["sketched_layers"] == 7 * n
+    assert data["code_bytes"] == n * (4 * h * h + 3 * h * i) // 2
+
+
+def test_info_kernels_explains_the_choice(llama2_config):
+    out = run_cli("info", str(llama2_config), "--kernels").stdout
+    assert "reference" in out and "ok" in out
+
+
+def test_sketch_then_eval_then_info(tmp_path, dense_dir):
+    out_dir = tmp_path / "sk"
+    proc = run_cli("sketch", str(dense_dir), "--out", str(out_dir), "--bits", "4", "--gpr", "2", "--quiet")
+    assert "sketched 14 linear layers" in proc.stdout
+    report = json.loads((out_dir / "sketch_report.json").read_text())
+    assert report["config"]["groups_per_row"] == 2 and len(report["layers"]) == 14
+    text = tmp_path / "text.txt"
+    text.write_text(sample_words(400))
+    results = tmp_path / "ppl.json"
+    run_cli("eval", str(dense_dir), str(out_dir), "--text", str(text), "--seqlen", "64", "--json", str(results))
+    ppl = json.loads(results.read_text())["perplexity"]
+    dense_ppl, sketched_ppl = ppl[str(dense_dir)], ppl[str(out_dir)]
+    assert 1 < dense_ppl < 1000 and 1 < sketched_ppl < 1000
+    assert abs(sketched_ppl / dense_ppl - 1) < 0.5
+    info = json.loads(run_cli("info", str(out_dir), "--json").stdout)
+    assert info["sketched_from_checkpoint"] and info["groups_per_row"] == 2
+
+
+def test_sketch_errors_are_clear_and_leave_nothing(tmp_path, dense_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("sketch", str(empty), "--out", str(tmp_path / "o1"), check=False)
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    proc = run_cli("sketch", str(dense_dir), "--out", str(tmp_path / "o2"), "--gpr", "3", check=False)
+    assert proc.returncode == 2 and "groups_per_row=3 does not divide in_features=64" in proc.stderr
+    proc = run_cli("sketch", str(dense_dir), "--out", str(tmp_path / "o3"), "--bits", "5", check=False)
+    assert proc.returncode == 2 and "bits=5" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty"]

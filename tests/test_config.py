@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from spallm_plugins.config import FORMAT_VERSION, SketchConfig, SketchConfigError
+
+
+def test_round_trip_through_quantization_config():
+    cfg = SketchConfig(bits=3, groups_per_row=4, table_dtype="bfloat16", target_modules=["q_proj", "v_proj"], seed=7)
+    data = json.loads(json.dumps(cfg.to_quantization_config()))
+    assert data["quant_method"] == "spallm"
+    assert data["format_version"] == FORMAT_VERSION
+    assert SketchConfig.from_dict(data) == cfg
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("bits", 5),
+        ("bits", True),
+        ("groups_per_row", 0),
+        ("groups_per_row", 9),
+        ("groups_per_row", 2.0),
+        ("table_dtype", "int8"),
+        ("method", "magic"),
+        ("target_modules", "q_proj"),
+        ("damping", -0.1),
+        ("nsamples", -1),
+    ],
+)
+def test_invalid_values_name_the_key(key, value):
+    with pytest.raises(SketchConfigError, match=key):
+        SketchConfig.from_dict({key: value})
+
+
+def test_unknown_key_is_rejected_with_the_known_keys():
+    with pytest.raises(SketchConfigError, match=r"unknown key\(s\) \['group_size'\]"):
+        SketchConfig.from_dict({"quant_method": "spallm", "bits": 4, "group_size": 64})
+
+
+def test_wrong_quant_method_and_version():
+    with pytest.raises(SketchConfigError, match="quant_method='gptq'"):
+        SketchConfig.from_dict({"quant_method": "gptq"})
+    with pytest.raises(SketchConfigError, match="format_version=2"):
+        SketchConfig.from_dict({"format_version": 2})
+
+
+def test_in_features_checks():
+    SketchConfig(groups_per_row=4).check_in_features(64)
+    with pytest.raises(ValueError, match="groups_per_row=3 does not divide in_features=64"):
+        SketchConfig(groups_per_row=3).check_in_features(64, "model.layers.0.mlp.up_proj")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SketchConfig(bits=3).check_in_features(12)

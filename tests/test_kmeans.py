@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from spallm_plugins.sketch.kmeans import weighted_kmeans_1d, weighted_sse
+
+
+def naive_lloyd(values, weights, centroids, iters):
+    """Textbook weighted Lloyd on one row, with a full distance matrix."""
+    c = centroids.clone().double()
+    v, w = values.double(), weights.double()
+    for _ in range(iters):
+        assign = (v[:, None] - c[None, :]).abs().argmin(1)
+        for j in range(len(c)):
+            m = assign == j
+            if w[m].sum() > 0:
+                c[j] = (w[m] * v[m]).sum() / w[m].sum()
+        c = c.sort().values
+    return c
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_matches_textbook_lloyd_from_the_same_start(k):
+    torch.manual_seed(0)
+    values = torch.randn(3, 40)
+    weights = torch.rand(3, 40) + 0.1
+    init = values.sort(1).values[:, torch.linspace(0, 39, k).long()]
+    ours, _ = weighted_kmeans_1d(values, k, weights, iters=200, init=init)
+    for r in range(3):
+        naive = naive_lloyd(values[r], weights[r], init[r], iters=200)
+        torch.testing.assert_close(ours[r].double(), naive, atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_point_properties():
+    torch.manual_seed(1)
+    values = torch.randn(8, 64)
+    weights = torch.rand(64) + 0.05
+    c, a = weighted_kmeans_1d(values, 8, weights, iters=100)
+    assert torch.all(c[:, 1:] >= c[:, :-1])
+    nearest = (values[..., None] - c[:, None, :]).abs().argmin(-1)
+    assert torch.equal(a, nearest)
+    w = weights.expand_as(values)
+    for r in range(8):
+        for j in range(8):
+            m = a[r] == j
+            if m.any():
+                mean = (w[r, m] * values[r, m]).sum() / w[r, m].sum()
+                torch.testing.assert_close(c[r, j], mean, atol=1e-5, rtol=1e-5)
+
+
+def test_lloyd_never_increases_the_objective_and_is_deterministic():
+    torch.manual_seed(2)
+    values = torch.randn(16, 96)
+    sse = [weighted_sse(values, *weighted_kmeans_1d(values, 16, iters=i)).sum() for i in (0, 1, 5, 50)]
+    assert all(b <= a + 1e-4 for a, b in zip(sse, sse[1:]))
+    c1, a1 = weighted_kmeans_1d(values, 16)
+    c2, a2 = weighted_kmeans_1d(values.clone(), 16)
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+
+
+def test_weights_pull_centroids_toward_heavy_points():
+    values = torch.tensor([[0.0, 1.0, 10.0, 11.0]])
+    c_plain, _ = weighted_kmeans_1d(values, 2)
+    c_heavy, _ = weighted_kmeans_1d(values, 2, torch.tensor([1.0, 100.0, 1.0, 100.0]))
+    assert c_plain.tolist() == [[0.5, 10.5]]
+    assert c_heavy[0, 0] > 0.95 and c_heavy[0, 1] > 10.95
+
+
+def test_exact_when_fewer_distinct_values_than_centroids():
+    values = torch.tensor([[3.0, -1.0, 3.0, 2.0, -1.0, 2.0, 2.0, 3.0]])
+    c, a = weighted_kmeans_1d(values, 4)
+    torch.testing.assert_close(c.gather(1, a), values)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from torch import nn
+
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.format import unpack_codes
+from spallm_plugins.layer import SketchedLinear
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("gpr", [1, 4])
+def test_from_linear_stores_codes_and_tables(bits, gpr):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24, bias=True)
+    layer = SketchedLinear.from_linear(linear, SketchConfig(bits=bits, groups_per_row=gpr))
+    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (24, 64 * bits // 8)
+    assert layer.tables.shape == (24, gpr, 1 << bits) and layer.tables.dtype == torch.float16
+    assert [n for n, _ in layer.named_parameters()] == ["tables", "bias"]
+    assert set(layer.state_dict()) == {"codes", "tables", "bias"}
+    w = layer.dequantize(torch.float32)
+    codes = unpack_codes(layer.codes, bits).long()
+    group = 64 // gpr
+    cols = torch.arange(64)
+    expected = layer.tables.float()[torch.arange(24)[:, None], (cols // group)[None, :], codes]
+    torch.testing.assert_close(w, expected)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), x @ w.T + linear.bias, atol=1e-5, rtol=1e-5)
+    # more bits -> closer to the dense weight
+    rel = (w - linear.weight).norm() / linear.weight.norm()
+    assert rel < {2: 0.6, 3: 0.35, 4: 0.2}[bits]
+
+
+def test_error_falls_with_more_groups():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 32)
+    errs = [
+        (
+            SketchedLinear.from_linear(linear, SketchConfig(bits=2, groups_per_row=g)).dequantize(torch.float32)
+            - linear.weight
+        ).norm()
+        for g in (1, 2, 4, 8)
+    ]
+    assert all(b < a for a, b in zip(errs, errs[1:]))
+
+
+def test_training_updates_only_tables():
+    torch.manual_seed(0)
+    layer = SketchedLinear.from_linear(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
+    codes = layer.codes.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, target = torch.randn(16, 32), torch.randn(16, 8)
+    losses = []
+    for _ in range(5):
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.codes, codes)
+
+
+def test_groups_not_dividing_width_is_a_value_error():
+    with pytest.raises(ValueError, match="groups_per_row=3 does not divide in_features=64"):
+        SketchedLinear.from_linear(nn.Linear(64, 8), SketchConfig(groups_per_row=3), name="proj")
+
+
+def test_to_linear_is_exact():
+    torch.manual_seed(0)
+    layer = SketchedLinear.from_linear(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer.to_linear()(x), layer(x))

@@ -1,0 +1,128 @@
+"""transformers integration, through the real library: load, sketch-on-load, save, fresh processes."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_python, tiny_llama
+from transformers import AutoModelForCausalLM
+
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.convert import NoTargetsError, sketch_model, sketched_layers
+from spallm_plugins.format import CheckpointError, safetensors_files, validate_checkpoint
+from spallm_plugins.integrations.transformers import SpaLLMQuantConfig, register
+from spallm_plugins.layer import SketchedLinear
+from spallm_plugins.pipeline import save_sketched_model, sketch_to_folder
+
+register()
+IDS = torch.arange(24).view(2, 12) % 30
+
+
+def test_sketched_checkpoint_loads_with_sketched_layers_and_equal_logits(dense_dir, sketched_dir):
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    reference = dense
+    sketch_model(reference, SketchConfig(bits=4, groups_per_row=2))
+    loaded = AutoModelForCausalLM.from_pretrained(sketched_dir)
+    layers = sketched_layers(loaded)
+    assert len(layers) == 14
+    layer = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(layer, SketchedLinear)
+    assert layer.codes.dtype == torch.uint8 and layer.tables.dtype == torch.float16
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    assert loaded.config.quantization_config.bits == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, reference(IDS).logits, atol=0, rtol=0)
+
+
+def test_sketch_on_load_from_dense_folder(dense_dir):
+    qc = SpaLLMQuantConfig(bits=3, groups_per_row=4)
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc)
+    layers = sketched_layers(model)
+    assert len(layers) == 14 and all(m.bits == 3 and m.groups_per_row == 4 for m in layers.values())
+    manual = AutoModelForCausalLM.from_pretrained(dense_dir)
+    sketch_model(manual, SketchConfig(bits=3, groups_per_row=4))
+    for name, layer in layers.items():
+        assert torch.equal(layer.codes, manual.get_submodule(name).codes)
+        assert torch.equal(layer.tables, manual.get_submodule(name).tables)
+
+
+def test_save_pretrained_round_trip_in_a_fresh_process(tmp_path, dense_dir):
+    qc = SpaLLMQuantConfig(bits=4, groups_per_row=4)
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc)
+    model.save_pretrained(tmp_path / "saved")
+    validate_checkpoint(tmp_path / "saved")
+    saved_cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved_cfg["quantization_config"] == SketchConfig(bits=4, groups_per_row=4).to_quantization_config()
+    with torch.no_grad():
+        expected = model(IDS).logits
+    torch.save(expected, tmp_path / "expected.pt")
+    code = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from spallm_plugins.integrations.transformers import register
+register()
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = torch.arange(24).view(2, 12) % 30
+with torch.no_grad():
+    got = m(ids).logits
+assert torch.equal(got, torch.load(sys.argv[2])), (got - torch.load(sys.argv[2])).abs().max()
+print("IDENTICAL")
+"""
+    assert "IDENTICAL" in run_python(code, str(tmp_path / "saved"), str(tmp_path / "expected.pt")).stdout
+
+
+def test_wrong_format_version_fails_at_load(sketched_dir):
+    cfg_path = sketched_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format_version=99 is not supported"):
+        AutoModelForCausalLM.from_pretrained(sketched_dir)
+
+
+def test_codes_shape_mismatch_fails_at_load_naming_the_tensor(sketched_dir):
+    from safetensors.torch import load_file, save_file
+
+    (f,) = safetensors_files(sketched_dir)
+    tensors = load_file(str(f))
+    tensors["model.layers.0.self_attn.o_proj.codes"] = torch.zeros(64, 16, dtype=torch.uint8)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=r"model.layers.0.self_attn.o_proj.codes has shape \[64, 16\], expected \[64, 32\]"
+    ):
+        AutoModelForCausalLM.from_pretrained(sketched_dir)
+
+
+def test_unsupported_architecture_without_linear_layers(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(NoTargetsError, match="no linear layers to sketch in this gpt2 model"):
+        sketch_to_folder(tmp_path / "gpt2", tmp_path / "out", SketchConfig(), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, sketched_dir, monkeypatch):
+    before = {p.name: p.read_bytes() for p in sketched_dir.iterdir()}
+    model = tiny_llama(seed=1)
+    sketch_model(model, SketchConfig(bits=2))
+
+    def killed(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(model), "save_pretrained", killed)
+    with pytest.raises(OSError, match="No space left"):
+        save_sketched_model(model, None, sketched_dir, SketchConfig(bits=2))
+    assert {p.name: p.read_bytes() for p in sketched_dir.iterdir()} == before
+    assert sorted(p.name for p in sketched_dir.parent.iterdir()) == ["dense", "sketched"]
+
+
+def test_dequantize_gives_back_a_dense_model(sketched_dir):
+    model = AutoModelForCausalLM.from_pretrained(sketched_dir)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    dense = model.dequantize(dtype=torch.float32)
+    assert not sketched_layers(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(IDS).logits, expected, atol=1e-5, rtol=1e-5)
