@@ -50,7 +50,7 @@ def test_documented_bit_order():
 
 
 def test_code_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="layer.codes: code 16 is out of range for 4-bit"):
+    with pytest.raises(ValueError, match=r"layer\.codes: code 16 is out of range for 4-bit"):
         pack_codes(torch.tensor([[0, 16]]), 4, name="layer.codes")
     with pytest.raises(ValueError, match="code 4 is out of range for 2-bit"):
         pack_codes(torch.tensor([[4, 0, 0, 0]]), 2)
@@ -163,7 +163,7 @@ def test_validate_rejects_groups_not_dividing_in_features(sketched_dir):
 
 
 def test_validate_rejects_folder_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         validate_checkpoint(tmp_path)
 
 

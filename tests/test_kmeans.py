@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -51,7 +53,7 @@ def test_lloyd_never_increases_the_objective_and_is_deterministic():
     torch.manual_seed(2)
     values = torch.randn(16, 96)
     sse = [weighted_sse(values, *weighted_kmeans_1d(values, 16, iters=i)).sum() for i in (0, 1, 5, 50)]
-    assert all(b <= a + 1e-4 for a, b in zip(sse, sse[1:]))
+    assert all(b <= a + 1e-4 for a, b in itertools.pairwise(sse))
     c1, a1 = weighted_kmeans_1d(values, 16)
     c2, a2 = weighted_kmeans_1d(values.clone(), 16)
     assert torch.equal(c1, c2) and torch.equal(a1, a2)

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -40,7 +42,7 @@ def test_error_falls_with_more_groups():
         ).norm()
         for g in (1, 2, 4, 8)
     ]
-    assert all(b < a for a, b in zip(errs, errs[1:]))
+    assert all(b < a for a, b in itertools.pairwise(errs))
 
 
 def test_training_updates_only_tables():

@@ -25,7 +25,7 @@ def test_dequantize_matches_the_definition(bits, gpr):
 
 
 def test_forward_is_x_times_w_transposed_plus_bias():
-    codes, packed, tables = random_problem()
+    _codes, packed, tables = random_problem()
     x = torch.randn(3, 5, 16, dtype=torch.float64)
     bias = torch.randn(6, dtype=torch.float64)
     w = dequantize(packed, tables, 4)

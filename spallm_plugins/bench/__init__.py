@@ -1,1 +1,0 @@
-"""Benchmarks: quality, fine-tuning and kernels; each writes JSON."""

@@ -1,1 +1,0 @@
-"""Triton kernels for the LUT linear (forward, decode GEMV, fused backward)."""
