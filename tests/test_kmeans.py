@@ -71,3 +71,16 @@ def test_exact_when_fewer_distinct_values_than_centroids():
     values = torch.tensor([[3.0, -1.0, 3.0, 2.0, -1.0, 2.0, 2.0, 3.0]])
     c, a = weighted_kmeans_1d(values, 4)
     torch.testing.assert_close(c.gather(1, a), values)
+
+
+def test_never_worse_than_round_to_nearest_on_heavy_tailed_rows():
+    torch.manual_seed(3)
+    values = torch.distributions.StudentT(2.0).sample((64, 128))
+    c, a = weighted_kmeans_1d(values, 16)
+    ours = weighted_sse(values, c, a)
+    lo, hi = values.min(1, keepdim=True).values, values.max(1, keepdim=True).values
+    scale = (hi - lo) / 15
+    rtn = ((values - lo) / scale).round() * scale + lo
+    assert torch.all(ours <= ((values - rtn) ** 2).sum(1) + 1e-4)
+    quantile_only, qa = weighted_kmeans_1d(values, 16, init=values.sort(1).values[:, torch.linspace(4, 123, 16).long()])
+    assert ours.sum() < weighted_sse(values, quantile_only, qa).sum()

@@ -2,8 +2,8 @@
 
 Each row-group's values are scalars, so Lloyd's algorithm needs no distance matrix: with sorted
 centroids, the nearest one is found by ``searchsorted`` on the midpoints, and clusters are
-contiguous runs of the sorted values. Memory is O(rows * n), never O(rows * n * k). Initialisation uses the
-weighted quantiles of each row, which makes the result deterministic and independent of the seed.
+contiguous runs of the sorted values. Memory is O(rows * n), never O(rows * n * k). The starts are
+deterministic (weighted quantiles and the min-max grid), so the result does not depend on a seed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,34 @@ def weighted_quantile_init(v_sorted: torch.Tensor, cum_weights: torch.Tensor, k:
     return v_sorted.gather(1, idx)
 
 
+def uniform_grid_init(v_sorted: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` evenly spaced cell centres between each row's min and max (the round-to-nearest grid)."""
+    lo, hi = v_sorted[:, :1], v_sorted[:, -1:]
+    steps = (torch.arange(k, device=v_sorted.device, dtype=v_sorted.dtype) + 0.5) / k
+    return lo + (hi - lo) * steps
+
+
+def _lloyd(
+    v_sorted: torch.Tensor, mass_prefix: torch.Tensor, sum_prefix: torch.Tensor, centroids: torch.Tensor, iters: int
+) -> torch.Tensor:
+    rows, n = v_sorted.shape
+    zeros = torch.zeros(rows, 1, dtype=torch.long, device=v_sorted.device)
+    full = torch.full_like(zeros, n)
+    cuts = None
+    for _ in range(iters):
+        midpoints = ((centroids[:, 1:] + centroids[:, :-1]) * 0.5).contiguous()
+        new_cuts = torch.searchsorted(v_sorted, midpoints, right=True)
+        if cuts is not None and torch.equal(new_cuts, cuts):
+            break
+        cuts = new_cuts
+        bounds = torch.cat([zeros, cuts, full], 1)
+        mass = mass_prefix.gather(1, bounds[:, 1:]) - mass_prefix.gather(1, bounds[:, :-1])
+        sums = sum_prefix.gather(1, bounds[:, 1:]) - sum_prefix.gather(1, bounds[:, :-1])
+        updated = torch.where(mass > 0, sums / mass.clamp_min(1e-300), centroids.double())
+        centroids = updated.float().sort(dim=1).values
+    return centroids
+
+
 def weighted_kmeans_1d(
     values: torch.Tensor,
     k: int,
@@ -41,7 +69,11 @@ def weighted_kmeans_1d(
     iteration only needs the ``k - 1`` cut points (``searchsorted`` of the centroid midpoints into the
     sorted values) and prefix sums of ``w`` and ``w * v``: O(R * k * log n) per iteration instead of
     O(R * n). Empty clusters keep their centroid; iteration stops when no cut point moves.
-    ``init`` (``[R, k]``, sorted) replaces the weighted-quantile start.
+
+    Lloyd only finds a local optimum, so by default it starts twice, from the weighted quantiles and
+    from the uniform min-max grid, and keeps the better result per row; the grid start guarantees a
+    result no worse than round-to-nearest on the same group. ``init`` (``[R, k]``, sorted) replaces
+    both starts.
     """
     values = values.float()
     w = torch.ones_like(values) if weights is None else weights.float().expand_as(values).contiguous()
@@ -49,23 +81,23 @@ def weighted_kmeans_1d(
     w_sorted = w.gather(1, order).double()
     zero = torch.zeros(values.shape[0], 1, dtype=torch.float64, device=values.device)
     mass_prefix = torch.cat([zero, w_sorted.cumsum(1)], 1)
-    centroids = weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k) if init is None else init.float()
     sum_prefix = torch.cat([zero, (w_sorted * v_sorted.double()).cumsum(1)], 1)
-    n = values.shape[1]
-    full = torch.full_like(zero, n, dtype=torch.long)
-    cuts = None
-    for _ in range(iters):
-        midpoints = ((centroids[:, 1:] + centroids[:, :-1]) * 0.5).contiguous()
-        new_cuts = torch.searchsorted(v_sorted, midpoints, right=True)
-        if cuts is not None and torch.equal(new_cuts, cuts):
-            break
-        cuts = new_cuts
-        bounds = torch.cat([torch.zeros_like(full), cuts, full], 1)
-        mass = mass_prefix.gather(1, bounds[:, 1:]) - mass_prefix.gather(1, bounds[:, :-1])
-        sums = sum_prefix.gather(1, bounds[:, 1:]) - sum_prefix.gather(1, bounds[:, :-1])
-        updated = torch.where(mass > 0, sums / mass.clamp_min(1e-300), centroids.double())
-        centroids = updated.float().sort(dim=1).values
-    return centroids, assign_nearest(values, centroids)
+    if init is not None:
+        centroids = _lloyd(v_sorted, mass_prefix, sum_prefix, init.float(), iters)
+        return centroids, assign_nearest(values, centroids)
+    best, best_assign, best_sse = None, None, None
+    for start in (weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k), uniform_grid_init(v_sorted, k)):
+        centroids = _lloyd(v_sorted, mass_prefix, sum_prefix, start, iters)
+        assign = assign_nearest(values, centroids)
+        sse = weighted_sse(values, centroids, assign, w)
+        if best is None:
+            best, best_assign, best_sse = centroids, assign, sse
+        else:
+            better = sse < best_sse
+            best = torch.where(better[:, None], centroids, best)
+            best_assign = torch.where(better[:, None], assign, best_assign)
+            best_sse = torch.minimum(sse, best_sse)
+    return best, best_assign
 
 
 def weighted_sse(values: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, weights=None) -> torch.Tensor:
