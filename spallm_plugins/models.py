@@ -61,6 +61,7 @@ def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> P
         model.config.pad_token_id = end_id
         model.generation_config.eos_token_id = end_id
         model.generation_config.pad_token_id = end_id
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for BPE; transformers warns otherwise
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

