@@ -66,16 +66,7 @@ def replace_with_empty(model: nn.Module, config: SketchConfig, device: torch.dev
     """Replace targets with uninitialised SketchedLinear of the right shapes (before loading a checkpoint)."""
     names = []
     for name, linear in resolve_targets(model, config).items():
-        layer = SketchedLinear(
-            linear.in_features,
-            linear.out_features,
-            config.bits,
-            config.groups_per_row,
-            bias=linear.bias is not None,
-            table_dtype=config.torch_table_dtype(),
-            device=device if device is not None else linear.weight.device,
-        )
-        set_submodule(model, name, layer)
+        set_submodule(model, name, SketchedLinear.empty_like(linear, config, device))
         names.append(name)
     return names
 

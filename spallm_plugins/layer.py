@@ -45,6 +45,19 @@ class SketchedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
+    def empty_like(cls, linear: nn.Linear, config: SketchConfig, device=None) -> SketchedLinear:
+        """An uninitialised SketchedLinear with the shapes ``config`` gives ``linear`` (to load into)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            config.bits,
+            config.groups_per_row,
+            bias=linear.bias is not None,
+            table_dtype=config.torch_table_dtype(),
+            device=device if device is not None else linear.weight.device,
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -56,15 +69,7 @@ class SketchedLinear(nn.Module):
         from .sketch import sketch_linear
 
         result = sketch_linear(linear.weight, config, hessian=hessian, name=name)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            config.bits,
-            config.groups_per_row,
-            bias=linear.bias is not None,
-            table_dtype=config.torch_table_dtype(),
-            device=linear.weight.device,
-        )
+        layer = cls.empty_like(linear, config)
         with torch.no_grad():
             layer.codes.copy_(result.codes)
             layer.tables.copy_(result.tables)
