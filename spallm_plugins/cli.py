@@ -39,19 +39,7 @@ def _add_sketch_options(p: argparse.ArgumentParser, *, defaults_from_checkpoint:
 
 
 def _config_from_args(args: argparse.Namespace, base: SketchConfig | None = None) -> SketchConfig:
-    fields = {
-        k: getattr(args, k)
-        for k in (
-            "bits",
-            "groups_per_row",
-            "table_dtype",
-            "target_modules",
-            "modules_to_not_convert",
-            "seed",
-            "kmeans_iters",
-        )
-        if getattr(args, k, None) is not None
-    }
+    fields = {k: getattr(args, k) for k in SketchConfig.field_names() if getattr(args, k, None) is not None}
     return (base or SketchConfig()).replace(**fields)
 
 
@@ -59,8 +47,25 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     from .pipeline import sketch_to_folder
 
     config = _config_from_args(args)
-    report = sketch_to_folder(args.model, args.out, config, progress=not args.quiet)
+    if config.calibration and "method" not in vars(args):
+        config = config.replace(method="gptq")
+    if config.method == "gptq":
+        config = config.replace(nsamples=config.nsamples or 64, seqlen=config.seqlen or 256)
+    report = sketch_to_folder(
+        args.model,
+        args.out,
+        config,
+        progress=not args.quiet,
+        resume=args.resume,
+        device=args.device,
+        offload=args.offload,
+    )
     print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
+    if args.report:
+        from .bench.plots import plot_layer_errors
+
+        png = plot_layer_errors(report, Path(args.out) / "sketch_report.png")
+        print(f"per-layer error plot: {png}")
     return 0
 
 
@@ -155,6 +160,56 @@ def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> 
     return rows
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from .bench.quality import run_quality
+
+    run_quality(
+        args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
+        only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out,
+    )  # fmt: skip
+    print(f"wrote {Path(args.out) / 'quality.json'}")
+    return 0
+
+
+def cmd_bench_kmeans(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.kmeans import run_kmeans_bench
+    from .config import SketchConfig
+    from .models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    linear = model.get_submodule(args.layer)
+    weight = linear.weight.detach()
+    column_weights = torch.ones(weight.shape[1])
+    if args.calib:
+        from .sketch.calibration import calibration_batch
+        from .sketch.gptq import prepare_hessian
+
+        ids = calibration_batch(args.calib, tokenizer, args.nsamples, args.seqlen)
+        acc = {"sum": torch.zeros(weight.shape[1], weight.shape[1]), "n": 0}
+
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, weight.shape[1]).float()
+            acc["sum"] += x.T @ x
+            acc["n"] += x.shape[0]
+
+        handle = linear.register_forward_hook(hook)
+        with torch.no_grad():
+            for batch in ids.split(8):
+                model(batch, use_cache=False)
+        handle.remove()
+        prepared = prepare_hessian(2 * acc["sum"] / acc["n"], SketchConfig().damping)
+        column_weights = torch.diagonal(prepared.inverse_cholesky) ** (-SketchConfig().grid_exponent)
+        column_weights = column_weights / column_weights.mean()
+    result = {"layer": args.layer, "weights": "loss-error-aware" if args.calib else "uniform",
+              **run_kmeans_bench(weight, column_weights, k=1 << args.bits)}  # fmt: skip
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
@@ -220,8 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="HF model folder, .gguf file, or 'smollm2' (the embedded default)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     _add_sketch_options(p)
+    p.add_argument("--method", choices=["kmeans", "gptq"], default=argparse.SUPPRESS,
+                   help="kmeans: data-free; gptq: calibrated error feedback (default when --calib is given)")  # fmt: skip
+    p.add_argument("--calib", dest="calibration", default=argparse.SUPPRESS,
+                   help="calibration text: .txt, .json/.jsonl rows (text or instruction/input/output), datasets folder")  # fmt: skip
+    p.add_argument("--nsamples", type=int, default=argparse.SUPPRESS, help="calibration sequences (default 64)")
+    p.add_argument("--seqlen", type=int, default=argparse.SUPPRESS, help="tokens per sequence (default 256)")
+    p.add_argument("--damping", type=float, default=argparse.SUPPRESS, help="fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=argparse.SUPPRESS,
+                   help="p in the loss-error-aware k-means weights U_cc^-p")  # fmt: skip
+    p.add_argument("--act-order", dest="act_order", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--no-refit", dest="refit", action="store_false", default=argparse.SUPPRESS,
+                   help="skip the closed-form table refit")  # fmt: skip
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
+    p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
+    p.add_argument("--offload", action="store_true", help="keep blocks on the CPU except the one being sketched")
+    p.add_argument("--report", action="store_true", help="also draw sketch_report.png (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sketch)
 
@@ -239,6 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--text", help="held-out text (default: the bundled English sample)")
+    p.add_argument("--calib", help="calibration data for the calibrated variants")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=256)
+    p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None)
+    p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
+    p.add_argument("--out", default="bench-quality", help="output folder for quality.json / quality.png")
+    p.set_defaults(func=cmd_bench_quality)
+    p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--layer", default="model.layers.0.mlp.up_proj")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--calib", help="derive loss-error-aware column weights from this calibration data")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--json", help="also write the result here")
+    p.set_defaults(func=cmd_bench_kmeans)
 
     p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
     p.add_argument("--out", help="sketched output folder (default: $SPALLM_HOME/quickstart/...)")

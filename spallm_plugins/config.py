@@ -31,7 +31,11 @@ class SketchConfig:
     ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
     ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
     hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
-    The remaining fields record how the codes were found, so a checkpoint documents itself.
+    The remaining fields record how the codes were found, so a checkpoint documents itself:
+    ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
+    :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
+    tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
+    the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order`` and ``refit``.
     """
 
     bits: int = 4
@@ -44,6 +48,9 @@ class SketchConfig:
     nsamples: int = 0
     seqlen: int = 0
     damping: float = 0.01
+    grid_exponent: float = 4.0
+    act_order: bool = False
+    refit: bool = True
     kmeans_iters: int = 50
     seed: int = 0
     format_version: int = FORMAT_VERSION
@@ -89,8 +96,17 @@ class SketchConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(key, value, "a non-negative integer")
-        if not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
             fail("damping", self.damping, "a number in [0, 1) (fraction of the mean Hessian diagonal)")
+        if (
+            isinstance(self.grid_exponent, bool)
+            or not isinstance(self.grid_exponent, (int, float))
+            or not 0 <= self.grid_exponent <= 16
+        ):
+            fail("grid_exponent", self.grid_exponent, "a number in [0, 16]")
+        for key in ("act_order", "refit"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, getattr(self, key), "true or false")
 
     def check_in_features(self, in_features: int, where: str = "layer") -> None:
         """Raise a clear ``ValueError`` when a layer of width ``in_features`` cannot be sketched."""

@@ -88,7 +88,7 @@ def sketch_model(
     for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
         layer = SketchedLinear.from_linear(linear, config, hessian=hessians(name) if hessians else None, name=name)
         set_submodule(model, name, layer)
-        losses[name] = layer.sketch_loss
+        losses[name] = layer.sketch_result.loss
     return losses
 
 

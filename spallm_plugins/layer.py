@@ -75,7 +75,7 @@ class SketchedLinear(nn.Module):
             layer.tables.copy_(result.tables)
             if linear.bias is not None:
                 layer.bias = nn.Parameter(linear.bias.detach().clone())
-        layer.sketch_loss = result.loss
+        layer.sketch_result = result  # losses and refit statistics, for reports (not saved)
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

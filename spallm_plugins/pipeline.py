@@ -39,14 +39,44 @@ def save_sketched_model(model, tokenizer, out_dir: str | os.PathLike, config: Sk
 
 
 def sketch_to_folder(
-    model_ref: str | os.PathLike, out_dir: str | os.PathLike, config: SketchConfig, progress: bool = True
+    model_ref: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: SketchConfig,
+    progress: bool = True,
+    *,
+    resume: bool = False,
+    device: str = "cpu",
+    offload: bool = False,
+    on_block_done=None,
 ) -> dict[str, Any]:
-    """Load ``model_ref``, sketch it data-free per ``config``, save to ``out_dir``; return the report."""
+    """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
+
+    ``method="kmeans"`` is data-free. ``method="gptq"`` reads ``config.calibration`` (packed into
+    ``nsamples`` x ``seqlen`` tokens) and sketches block by block, persisting progress under
+    ``out_dir/.spallm-partial`` so that ``resume=True`` continues a killed run. The checkpoint
+    appears in ``out_dir`` only when complete.
+    """
     source = resolve_model(model_ref)
     model, tokenizer = load_model(source, dtype=torch.float32)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
-    losses = sketch_model(model, config, progress=progress)
+    if config.method == "gptq":
+        from .sketch.calibration import CalibrationError, calibration_batch
+        from .sketch.driver import PARTIAL_DIR, sketch_model_calibrated
+
+        if not config.calibration:
+            raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
+        if tokenizer is None:
+            raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
+        ids = calibration_batch(config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed)
+        details = sketch_model_calibrated(
+            model, config, ids, partial_dir=Path(out_dir) / PARTIAL_DIR, resume=resume, device=device,
+            offload=offload, progress=progress, on_block_done=on_block_done,
+        )  # fmt: skip
+        model.to("cpu")
+    else:
+        losses = sketch_model(model, config, progress=progress)
+        details = {"layers": {name: {"loss": loss} for name, loss in losses.items()}}
     seconds = time.perf_counter() - start
     report = {
         "source": str(source),
@@ -55,7 +85,7 @@ def sketch_to_folder(
         "machine": platform.machine(),
         "config": config.to_dict(),
         "sketch_seconds": round(seconds, 3),
-        "layers": {name: {"loss": loss} for name, loss in losses.items()},
+        **details,
     }
     save_sketched_model(model, tokenizer, out_dir, config, report)
     return report

@@ -15,7 +15,10 @@ from .kmeans import assign_nearest, weighted_kmeans_1d
 class SketchResult:
     codes: torch.Tensor  # packed uint8 [out, in*bits/8]
     tables: torch.Tensor  # [out, groups_per_row, 2**bits] in the config's table dtype
-    loss: float  # sum of squared (Hessian-weighted when a Hessian is given) weight error
+    loss: float  # output error sum_r (w - ŵ) H (w - ŵ)^T with a Hessian, else squared weight error
+    loss_before_refit: float | None = None
+    refit_rows: int = 0  # rows whose refit tables were kept
+    damping: float | None = None  # damping finally used (after retries)
 
 
 def row_groups(weight: torch.Tensor, groups_per_row: int) -> torch.Tensor:
@@ -29,14 +32,20 @@ def sketch_linear(
 ) -> SketchResult:
     """Sketch ``weight [out, in]`` per ``config``.
 
-    Without a Hessian this is data-free weighted k-means with unit weights. With one (``[in, in]``,
-    ``X^T X``-shaped) the column weights are its diagonal, so columns that see larger activations
-    are fitted more closely; the calibrated error-feedback method plugs in here as well.
+    ``method="gptq"`` is the calibrated method (:mod:`spallm_plugins.sketch.gptq`) and needs the
+    layer's Hessian. ``method="kmeans"`` is weighted k-means per row-group: data-free with unit
+    weights, or, given a Hessian, with its diagonal as column weights.
     """
     out_features, in_features = weight.shape
     config.check_in_features(in_features, name)
-    if config.method != "kmeans":
-        raise NotImplementedError(f"{name}: sketch method {config.method!r} is not available in this build")
+    if config.method == "gptq":
+        if hessian is None:
+            raise ValueError(
+                f"{name}: sketch method 'gptq' needs calibration data (a Hessian); use method 'kmeans' without"
+            )
+        from .gptq import sketch_linear_calibrated
+
+        return sketch_linear_calibrated(weight, config, hessian, name)
     gpr = config.groups_per_row
     w = weight.detach().float()
     groups = row_groups(w, gpr)
@@ -50,7 +59,11 @@ def sketch_linear(
     # Assign against the stored (rounded) table values so codes match what inference will see.
     assign = assign_nearest(groups, tables.float())
     recon = tables.float().gather(1, assign)
-    err = (groups - recon) ** 2
-    loss = float((err * col_weights).sum() if col_weights is not None else err.sum())
+    if hessian is None:
+        loss = float(((groups - recon) ** 2).sum())
+    else:
+        from .gptq import layer_loss
+
+        loss = float(layer_loss(w, recon.view(out_features, in_features), hessian.float()).sum())
     codes = pack_codes(assign.view(out_features, in_features), config.bits, name=f"{name}.codes")
     return SketchResult(codes=codes, tables=tables.view(out_features, gpr, config.num_codes), loss=loss)

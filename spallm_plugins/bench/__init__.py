@@ -1,0 +1,1 @@
+"""Benchmarks (``spallm bench ...``): each writes JSON, and a plot when matplotlib is installed."""

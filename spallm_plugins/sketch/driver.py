@@ -1,0 +1,337 @@
+"""Calibrated sketching of a whole model, block by block (sequential, as GPTQ), resumable.
+
+For each decoder block in order: run the calibration activations through it with hooks that
+accumulate ``H = 2/n * sum(x x^T)`` for every target linear (one Hessian per distinct input, so
+q/k/v and gate/up share theirs), sketch those linears, then run the activations through the
+*sketched* block to get the next block's inputs. Only one block needs to be on the compute device.
+
+Progress is persisted under ``<out>/.spallm-partial/`` after every block: the block's codes and
+tables, the next block's inputs, and ``progress.json`` (written last, atomically: the commit
+point). ``resume=True`` continues after the last committed block and gives a result identical to
+an uninterrupted run with the same config and calibration tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import SketchConfig
+from ..convert import resolve_targets, set_submodule
+from ..format import atomic_path, write_json
+from ..layer import SketchedLinear
+from .calibration import CalibrationError, fingerprint
+
+PARTIAL_DIR = ".spallm-partial"
+PROGRESS_FILE = "progress.json"
+HIDDEN_FILE = "hidden.safetensors"
+
+
+class ResumeError(ValueError):
+    """Saved progress that cannot be continued (another config, other calibration data, damaged files)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of decoder blocks that holds every target linear."""
+    best: tuple[str, nn.ModuleList, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            inside = sum(1 for t in targets if t.startswith(name + "."))
+            if inside and (best is None or inside > best[2]):
+                best = (name, module, inside)
+    if best is None or best[2] != len(targets):
+        outside = sorted(t for t in targets if best is None or not t.startswith(best[0] + "."))
+        raise ValueError(
+            f"calibrated sketching needs every target linear inside the decoder blocks; outside: {outside[:3]} "
+            "(exclude them with modules_to_not_convert)"
+        )
+    return best[0], best[1]
+
+
+class HessianCollector:
+    """Forward hooks that accumulate ``sum(x x^T)`` once per distinct input tensor of a forward call."""
+
+    def __init__(self, modules: dict[str, nn.Linear], block_index: int):
+        self.modules, self.block_index = modules, block_index
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.owner: dict[str, str] = {}
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> HessianCollector:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def new_batch(self) -> None:
+        self._seen = {}
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            seen = self._seen.get(key)
+            if seen is not None:
+                self.owner.setdefault(name, seen[0])
+                return
+            # holding the tensor until the next batch keeps its memory from being reused, so an
+            # equal data_ptr really means "the same input" (q/k/v, gate/up)
+            self._seen[key] = (name, x)
+            self.owner.setdefault(name, name)
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            if not torch.isfinite(x2).all():
+                raise CalibrationError(
+                    f"block {self.block_index}, {name}: calibration activations contain NaN or inf "
+                    "(try float32, or other calibration text)"
+                )
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+                self.counts[name] = 0
+            self.sums[name].addmm_(x2.T, x2)
+            self.counts[name] += x2.shape[0]
+
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        owner = self.owner.get(name)
+        if owner is None:
+            raise CalibrationError(
+                f"block {self.block_index}, {name}: the calibration forward never reached this layer"
+            )
+        return self.sums[owner] * (2.0 / self.counts[owner])
+
+
+def _move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.device) -> None:
+    for name, module in model.named_modules():
+        if name == blocks_name or name.startswith(blocks_name + "."):
+            continue
+        if not any(True for _ in module.children()):
+            module.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs (hidden states and keyword arguments) of the first block, per calibration batch."""
+    hidden, kwargs_list = [], []
+
+    def hook(module, args, kwargs):
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in ids.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs_list
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _rel(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1 :]
+
+
+class _Progress:
+    """Reads and writes ``<out>/.spallm-partial``; every file is written atomically."""
+
+    def __init__(self, directory: Path | None, config: SketchConfig, calib_fingerprint: str):
+        self.dir = directory
+        self.identity = {"config": config.to_dict(), "calibration_fingerprint": calib_fingerprint}
+
+    def load(self) -> dict[str, Any] | None:
+        if self.dir is None or not (self.dir / PROGRESS_FILE).is_file():
+            return None
+        try:
+            progress = json.loads((self.dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ResumeError(f"{self.dir / PROGRESS_FILE}: damaged ({err}); remove {self.dir} to start over") from None
+        for key, value in self.identity.items():
+            if progress.get(key) != value:
+                raise ResumeError(
+                    f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}; "
+                    f"remove {self.dir} or run without --resume"
+                )
+        return progress
+
+    def block_file(self, index: int) -> Path:
+        return self.dir / f"block_{index:05d}.safetensors"
+
+    def save(self, index: int, block_tensors: dict[str, torch.Tensor], hidden: torch.Tensor, report: dict) -> None:
+        if self.dir is None:
+            return
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.block_file(index)) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in block_tensors.items()}, str(tmp))
+        with atomic_path(self.dir / HIDDEN_FILE) as tmp:
+            save_file({"hidden": hidden.contiguous().cpu()}, str(tmp), metadata={"next_block": str(index + 1)})
+        write_json(self.dir / PROGRESS_FILE, {**self.identity, "finished_blocks": index + 1, "report": report})
+
+    def hidden(self, finished: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.dir / HIDDEN_FILE
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if f.metadata().get("next_block") != str(finished):
+                    raise ResumeError(f"{path}: holds inputs of another block than progress.json says")
+                return f.get_tensor("hidden")
+        except (OSError, ValueError) as err:
+            if isinstance(err, ResumeError):
+                raise
+            raise ResumeError(
+                f"{path}: cannot read saved activations ({err}); remove {self.dir} to start over"
+            ) from None
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.block_file(index)))
+        except Exception as err:
+            raise ResumeError(
+                f"{self.block_file(index)}: cannot read ({err}); remove {self.dir} to start over"
+            ) from None
+
+
+@torch.no_grad()
+def sketch_model_calibrated(
+    model: nn.Module,
+    config: SketchConfig,
+    calibration_ids: torch.Tensor,
+    *,
+    partial_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    offload: bool = False,
+    batch_size: int = 8,
+    progress: bool = False,
+    on_block_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Sketch every target linear of ``model`` in place with calibration; return the report.
+
+    ``offload`` keeps blocks on the CPU except the one being sketched. ``on_block_done(i)`` is
+    called after block ``i`` is committed (progress reporting; tests use it to simulate a kill).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    targets = resolve_targets(model, config)
+    blocks_name, blocks = find_blocks(model, targets)
+    store = _Progress(Path(partial_dir) if partial_dir else None, config, fingerprint(calibration_ids))
+    saved = store.load() if resume else None
+    if not resume and store.dir is not None and store.dir.exists():
+        import shutil
+
+        shutil.rmtree(store.dir)
+    finished = saved["finished_blocks"] if saved else 0
+    report: dict[str, Any] = saved["report"] if saved else {"layers": {}, "blocks": [], "seconds": {}}
+    timings = {"capture": 0.0, "hessian": 0.0, "sketch": 0.0, "propagate": 0.0}
+
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    if offload:
+        _move_outside_blocks(model, blocks_name, device)
+    else:
+        model.to(device)
+
+    start = time.perf_counter()
+    hidden, kwargs_list = capture_block_inputs(model, blocks, calibration_ids, batch_size, device)
+    if finished:
+        saved_hidden = store.hidden(finished).to(device)
+        hidden = list(saved_hidden.split([h.shape[0] for h in hidden]))
+    timings["capture"] += time.perf_counter() - start
+
+    for index in range(finished):
+        tensors = store.block_tensors(index)
+        for name, linear in targets.items():
+            if name.startswith(f"{blocks_name}.{index}."):
+                layer = SketchedLinear.empty_like(linear, config, device="cpu" if offload else device)
+                layer.codes.copy_(tensors[f"{name}.codes"])
+                layer.tables.copy_(tensors[f"{name}.tables"])
+                if layer.bias is not None:
+                    layer.bias.copy_(tensors[f"{name}.bias"])
+                set_submodule(model, name, layer)
+
+    bar = tqdm(total=len(blocks), initial=finished, desc="sketching blocks", unit="block", disable=not progress)
+    for index in range(finished, len(blocks)):
+        block = blocks[index]
+        prefix = f"{blocks_name}.{index}"
+        block.to(device)
+        in_block = {name: m for name, m in targets.items() if name.startswith(prefix + ".")}
+        local = {_rel(name, prefix): m for name, m in in_block.items()}
+
+        t0 = time.perf_counter()
+        with HessianCollector(local, index) as collector:
+            for h, kw in zip(hidden, kwargs_list):
+                collector.new_batch()
+                block(h, **kw)
+        t1 = time.perf_counter()
+        block_tensors: dict[str, torch.Tensor] = {}
+        for rel_name, linear in local.items():
+            name = f"{prefix}.{rel_name}"
+            bar.set_postfix_str(rel_name)
+            layer_start = time.perf_counter()
+            hessian = collector.hessian(rel_name)
+            layer = SketchedLinear.from_linear(linear, config, hessian=hessian, name=name)
+            result = layer.sketch_result
+            set_submodule(block, rel_name, layer)
+            block_tensors[f"{name}.codes"] = layer.codes
+            block_tensors[f"{name}.tables"] = layer.tables.detach()
+            if layer.bias is not None:
+                block_tensors[f"{name}.bias"] = layer.bias.detach()
+            report["layers"][name] = {
+                "loss": result.loss,
+                "loss_before_refit": result.loss_before_refit,
+                "refit_rows": result.refit_rows,
+                "rows": linear.out_features,
+                "damping": result.damping,
+                "seconds": round(time.perf_counter() - layer_start, 4),
+            }
+        del collector
+        t2 = time.perf_counter()
+        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
+        t3 = time.perf_counter()
+        timings["hessian"] += t1 - t0
+        timings["sketch"] += t2 - t1
+        timings["propagate"] += t3 - t2
+        report["blocks"].append({"index": index, "seconds": round(t3 - t0, 3)})
+        if offload:
+            block.to("cpu")
+        store.save(index, block_tensors, torch.cat(hidden), report)
+        bar.update(1)
+        if on_block_done is not None:
+            on_block_done(index)
+    bar.close()
+    if use_cache is not None:
+        model.config.use_cache = use_cache
+    report["seconds"] = {k: round(v, 3) for k, v in timings.items()}  # this process only
+    report["resumed_from_block"] = finished
+    return report

@@ -1,0 +1,246 @@
+"""Calibrated sketching of one linear: loss-error-aware tables, error-feedback codes, table refit.
+
+With ``H = 2/n * sum(x x^T)`` from calibration inputs, the layer's output error for a weight
+estimate ``Ŵ`` is ``sum_r (w_r - ŵ_r) H (w_r - ŵ_r)^T``. The steps:
+
+1. **Damping.** ``H += damping * mean(diag(H)) * I``; dead columns (never active) get ``H_ii = 1`` and
+   zero weight. If Cholesky still fails, damping is multiplied by 10 (and a warning says so).
+2. **Tables** (LeanQuant's loss-error-aware grid): weighted k-means per row-group, where column
+   ``c`` has weight ``U_cc ** -p`` with ``U`` the upper Cholesky factor of ``H^-1``. Columns whose
+   rounding errors are expensive pull the table values toward themselves.
+3. **Codes** by GPTQ-style error feedback: columns in order (optionally by descending ``H_cc``,
+   "act-order", undone before writing), each rounded to the nearest value of its row-group's table,
+   the scaled error pushed onto the columns not yet assigned, in blocks with lazy batch updates.
+4. **Refit** (beyond the reference): with codes fixed the loss is quadratic in the table values, so
+   each row's tables are re-solved by preconditioned conjugate gradient on the normal equations
+   ``(S H S^T) t = S H w`` (``S`` the one-hot code matrix; every product is a batched matmul with
+   ``H``, never an ``S H S^T`` per row). A row keeps its new tables only if its loss went down.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SketchConfig
+from ..format import pack_codes
+from .kmeans import weighted_kmeans_1d
+from .linear import SketchResult
+
+logger = logging.getLogger(__name__)
+MAX_DAMPING_RETRIES = 6
+
+
+class HessianError(ValueError):
+    """The Hessian of a layer is unusable (not finite, or not positive definite even when damped)."""
+
+
+@dataclass
+class PreparedHessian:
+    hessian: torch.Tensor  # undamped, dead columns set to 1, original order (the loss metric)
+    perm: torch.Tensor  # processing order of the columns (identity unless act-order)
+    inverse_cholesky: torch.Tensor  # upper Cholesky factor of the damped, permuted inverse
+    dead: torch.Tensor  # bool [in]
+    damping: float  # the fraction of mean(diag) finally used
+
+
+def prepare_hessian(
+    hessian: torch.Tensor, damping: float, name: str = "layer", act_order: bool = False
+) -> PreparedHessian:
+    """Fix dead columns, order columns (act-order: by descending ``H_cc``), damp and factor.
+
+    Retries with 10x the damping while Cholesky fails, saying so in a warning.
+    """
+    h = hessian.detach().float().clone()
+    if not torch.isfinite(h).all():
+        raise HessianError(f"{name}: the Hessian has NaN or inf entries (non-finite calibration activations?)")
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    n = h.shape[0]
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    perm = perm.to(h.device)
+    h_perm = h[perm][:, perm]
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    fraction = damping
+    for attempt in range(MAX_DAMPING_RETRIES + 1):
+        try:
+            lower = torch.linalg.cholesky(h_perm + (fraction * mean_diag) * eye)
+            upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            if attempt:
+                logger.warning("%s: Hessian not positive definite; succeeded with damping %.3g", name, fraction)
+            return PreparedHessian(h, perm, upper, dead, fraction)
+        except torch.linalg.LinAlgError:
+            if attempt == MAX_DAMPING_RETRIES:
+                break
+            fraction = max(fraction, 1e-6) * 10
+            logger.warning(
+                "%s: Hessian is not positive definite after damping; retrying with damping %.3g", name, fraction
+            )
+    raise HessianError(
+        f"{name}: the Hessian is not positive definite even with damping {fraction:.3g} x mean(diag); "
+        "check the calibration data"
+    )
+
+
+def layer_loss(weight: torch.Tensor, estimate: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row output error ``(w - ŵ) H (w - ŵ)^T``."""
+    diff = (weight - estimate).float()
+    return ((diff @ hessian) * diff).sum(1)
+
+
+def error_feedback_codes(
+    weight: torch.Tensor,
+    tables: torch.Tensor,
+    group_of_column: torch.Tensor,
+    inverse_cholesky: torch.Tensor,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Assign codes column by column, pushing each column's scaled rounding error onto later columns.
+
+    ``weight`` ``[out, in]`` and ``inverse_cholesky`` are in processing order; ``tables`` is
+    ``[out, groups, k]`` with sorted rows; ``group_of_column[c]`` is the table group of processed
+    column ``c``. Returns int64 codes ``[out, in]`` in processing order.
+    """
+    w = weight.float().clone()
+    out_features, in_features = w.shape
+    codes = torch.empty(out_features, in_features, dtype=torch.long, device=w.device)
+    midpoints = (tables[..., 1:] + tables[..., :-1]) * 0.5
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        block = w[:, start:end].clone()
+        errors = torch.empty_like(block)
+        u_block = inverse_cholesky[start:end, start:end]
+        for i in range(end - start):
+            g = int(group_of_column[start + i])
+            column = block[:, i]
+            code = torch.searchsorted(midpoints[:, g].contiguous(), column[:, None].contiguous()).squeeze(1)
+            rounded = tables[:, g].gather(1, code[:, None]).squeeze(1)
+            err = (column - rounded) / u_block[i, i]
+            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
+            errors[:, i] = err
+            codes[:, start + i] = code
+        w[:, end:] -= errors @ inverse_cholesky[start:end, end:]
+    return codes
+
+
+def refit_tables(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    tables: torch.Tensor,
+    hessian: torch.Tensor,
+    iters: int = 25,
+    tol: float = 1e-6,
+) -> torch.Tensor:
+    """Least-squares tables for fixed codes: minimise ``(w - S^T t) H (w - S^T t)^T`` per row.
+
+    Batched Jacobi-preconditioned conjugate gradient over all rows, warm-started at ``tables``.
+    ``codes`` are int64 ``[out, in]``; returns float32 tables of the same shape as ``tables``.
+    """
+    out_features, groups, k = tables.shape
+    in_features = weight.shape[1]
+    entries = groups * k
+    group = torch.arange(in_features, device=weight.device) // (in_features // groups)
+    index = group[None, :] * k + codes  # [out, in] -> table entry
+
+    def gather(t):  # S^T t: the weight each table set implies
+        return t.gather(1, index)
+
+    def reduce(v):  # S v: sum over the columns of each entry
+        return torch.zeros(out_features, entries, dtype=v.dtype, device=v.device).scatter_add_(1, index, v)
+
+    t = tables.reshape(out_features, entries).float().clone()
+    h = hessian.float()
+    rhs = reduce(weight.float() @ h)
+    diag = reduce(torch.diagonal(h).expand(out_features, -1).contiguous())
+    used = diag > 0
+    precond = torch.where(used, 1.0 / diag.clamp_min(1e-30), torch.zeros_like(diag))
+    residual = rhs - reduce(gather(t) @ h)
+    z = precond * residual
+    p = z.clone()
+    rz = (residual * z).sum(1, keepdim=True)
+    start_norm = residual.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    for _ in range(iters):
+        hp = reduce(gather(p) @ h)
+        denom = (p * hp).sum(1, keepdim=True)
+        alpha = torch.where(denom > 0, rz / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        t += alpha * p
+        residual -= alpha * hp
+        if (residual.norm(dim=1, keepdim=True) / start_norm).max() < tol:
+            break
+        z = precond * residual
+        rz_new = (residual * z).sum(1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return t.view(out_features, groups, k)
+
+
+def sketch_linear_calibrated(
+    weight: torch.Tensor, config: SketchConfig, hessian: torch.Tensor, name: str = "layer", block_size: int = 128
+) -> SketchResult:
+    """Sketch ``weight [out, in]`` against the calibration Hessian ``[in, in]`` (see module docstring)."""
+    out_features, in_features = weight.shape
+    config.check_in_features(in_features, name)
+    if hessian.shape != (in_features, in_features):
+        raise HessianError(f"{name}: Hessian shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+    gpr, k = config.groups_per_row, config.num_codes
+    group_size = in_features // gpr
+    prepared = prepare_hessian(hessian.to(weight.device), config.damping, name, config.act_order)
+    w = weight.detach().float().clone()
+    w[:, prepared.dead] = 0
+    perm, upper = prepared.perm, prepared.inverse_cholesky
+    inv_perm = torch.argsort(perm)
+
+    column_weight = torch.diagonal(upper).clamp_min(1e-12) ** (-config.grid_exponent)
+    column_weight = column_weight[inv_perm]  # back to original column order for the grid
+    column_weight = column_weight / column_weight.mean()
+    groups = w.reshape(out_features * gpr, group_size)
+    group_weights = column_weight.view(gpr, group_size).repeat(out_features, 1)
+    centroids, _ = weighted_kmeans_1d(groups, k, group_weights, iters=config.kmeans_iters)
+    tables = centroids.to(config.torch_table_dtype()).float().view(out_features, gpr, k)
+
+    codes = error_feedback_codes(w[:, perm], tables, perm // group_size, upper, block_size)[:, inv_perm]
+    loss_before = layer_loss(w, gather_weight(tables, codes), prepared.hessian)
+    loss_after, kept = loss_before, 0
+    if config.refit:
+        refit = refit_tables(w, codes, tables, prepared.hessian).to(config.torch_table_dtype()).float()
+        refit = refit.sort(dim=-1)
+        # sorting permutes the entries of each table: remap codes so each still points at its value
+        rank = torch.argsort(refit.indices, dim=-1).view(out_features * gpr, k)
+        remapped = rank.gather(1, codes.view(out_features * gpr, group_size)).view(out_features, in_features)
+        new_loss = layer_loss(w, gather_weight(refit.values, remapped), prepared.hessian)
+        better = new_loss < loss_before
+        kept = int(better.sum())
+        tables = torch.where(better[:, None, None], refit.values, tables)
+        codes = torch.where(better[:, None], remapped, codes)
+        loss_after = torch.where(better, new_loss, loss_before)
+    return SketchResult(
+        codes=pack_codes(codes, config.bits, name=f"{name}.codes"),
+        tables=tables.to(config.torch_table_dtype()),
+        loss=float(loss_after.sum()),
+        loss_before_refit=float(loss_before.sum()),
+        refit_rows=kept,
+        damping=prepared.damping,
+    )
+
+
+def gather_weight(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Dense ``[out, in]`` weight from float tables ``[out, gpr, k]`` and unpacked int64 codes."""
+    out_features, gpr, k = tables.shape
+    in_features = codes.shape[1]
+    flat = tables.reshape(out_features * gpr, k)
+    return flat.gather(1, codes.reshape(out_features * gpr, in_features // gpr)).view(out_features, in_features)
+
+
+__all__ = [
+    "HessianError",
+    "error_feedback_codes",
+    "gather_weight",
+    "layer_loss",
+    "prepare_hessian",
+    "refit_tables",
+    "sketch_linear_calibrated",
+]

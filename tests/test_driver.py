@@ -1,0 +1,135 @@
+"""Block-by-block calibrated sketching of a tiny random Llama, resume and bad activations."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli, sample_words, tiny_llama
+from safetensors.torch import load_file
+
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.convert import sketch_model
+from spallm_plugins.format import safetensors_files
+from spallm_plugins.pipeline import load_sketched, sketch_to_folder
+from spallm_plugins.sketch.calibration import CalibrationError
+from spallm_plugins.sketch.driver import PARTIAL_DIR, ResumeError, sketch_model_calibrated
+
+CONFIG = SketchConfig(bits=3, groups_per_row=2, method="gptq", nsamples=12, seqlen=32)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": sample_words(60, seed=i)}) for i in range(20)))
+    return path
+
+
+def test_calibrated_model_is_closer_to_the_original_than_data_free():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    vocab = model.config.vocab_size
+    calib, held_out = torch.randint(4, vocab, (16, 32)), torch.randint(4, vocab, (4, 32))
+    calibrated, data_free = tiny_llama(), tiny_llama()
+    report = sketch_model_calibrated(calibrated, CONFIG, calib)
+    sketch_model(data_free, CONFIG.replace(method="kmeans"))
+    with torch.no_grad():
+        ref = model(held_out).logits
+        err_cal = (calibrated(held_out).logits - ref).pow(2).mean()
+        err_free = (data_free(held_out).logits - ref).pow(2).mean()
+    assert err_cal < 0.7 * err_free
+    assert len(report["layers"]) == 14
+    assert all(v["loss"] <= v["loss_before_refit"] for v in report["layers"].values())
+
+
+def _tensors(folder):
+    out = {}
+    for f in safetensors_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path, dense_dir, calib_file):
+    config = CONFIG.replace(calibration=str(calib_file))
+    sketch_to_folder(dense_dir, tmp_path / "straight", config, progress=False)
+
+    def killed_after_block_0(index):
+        if index == 0:
+            raise KeyboardInterrupt("simulated kill")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        sketch_to_folder(dense_dir, out, config, progress=False, on_block_done=killed_after_block_0)
+    assert not (out / "config.json").exists()
+    progress = json.loads((out / PARTIAL_DIR / "progress.json").read_text())
+    assert progress["finished_blocks"] == 1
+    report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)
+    assert report["resumed_from_block"] == 1
+    assert not (out / PARTIAL_DIR).exists()
+    straight, resumed = _tensors(tmp_path / "straight"), _tensors(out)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    load_sketched(out)
+
+
+def test_resume_with_another_config_is_refused(tmp_path, dense_dir, calib_file):
+    config = CONFIG.replace(calibration=str(calib_file))
+
+    def kill(index):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        sketch_to_folder(dense_dir, out, config, progress=False, on_block_done=kill)
+    with pytest.raises(ResumeError, match="different config"):
+        sketch_to_folder(dense_dir, out, config.replace(bits=4), progress=False, resume=True)
+
+
+def test_non_finite_activations_are_reported_with_the_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("inf")
+    ids = torch.randint(4, model.config.vocab_size, (4, 16))
+    with pytest.raises(
+        CalibrationError, match=r"block 0, self_attn.q_proj: calibration activations contain NaN or inf"
+    ):
+        sketch_model_calibrated(model, CONFIG, ids)
+
+
+def test_cli_calibrated_sketch_with_report(tmp_path, dense_dir, calib_file):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cli"
+    proc = run_cli("sketch", str(dense_dir), "--out", str(out), "--calib", str(calib_file), "--nsamples", "8",
+                   "--seqlen", "32", "--bits", "4", "--gpr", "2", "--report", "--quiet")  # fmt: skip
+    assert "sketched 14 linear layers" in proc.stdout
+    report = json.loads((out / "sketch_report.json").read_text())
+    assert report["config"]["method"] == "gptq" and report["config"]["calibration"] == str(calib_file)
+    assert (out / "sketch_report.png").stat().st_size > 1000
+
+
+def test_hessians_are_per_distinct_input_and_match_the_definition():
+    from spallm_plugins.sketch.driver import HessianCollector
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [block.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: inputs[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())) for n in names]  # fmt: skip
+    ids = torch.randint(4, model.config.vocab_size, (6, 16))
+    with HessianCollector({n: block.get_submodule(n) for n in names}, 0) as collector, torch.no_grad():
+        for batch in ids.split(2):
+            collector.new_batch()
+            model(batch)
+    for h in handles:
+        h.remove()
+    assert collector.owner["self_attn.k_proj"] == collector.owner["self_attn.v_proj"] == "self_attn.q_proj"
+    assert collector.owner["mlp.up_proj"] == "mlp.gate_proj"
+    assert (
+        collector.owner["mlp.down_proj"] == "mlp.down_proj"
+        and collector.owner["self_attn.o_proj"] == "self_attn.o_proj"
+    )
+    for n in names:
+        x = torch.cat(inputs[n])
+        torch.testing.assert_close(collector.hessian(n), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
