@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", dest="act_order", action="store_true", default=argparse.SUPPRESS)
     p.add_argument("--no-refit", dest="refit", action="store_false", default=argparse.SUPPRESS,
                    help="skip the closed-form table refit")  # fmt: skip
+    p.add_argument("--refit-rounds", dest="refit_rounds", type=int, default=argparse.SUPPRESS,
+                   help="alternate code assignment and table refit this many times (default 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")

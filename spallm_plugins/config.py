@@ -35,7 +35,7 @@ class SketchConfig:
     ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
     :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
     tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
-    the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order`` and ``refit``.
+    the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``refit`` and ``refit_rounds``.
     """
 
     bits: int = 4
@@ -48,9 +48,10 @@ class SketchConfig:
     nsamples: int = 0
     seqlen: int = 0
     damping: float = 0.01
-    grid_exponent: float = 4.0
+    grid_exponent: float = 2.0
     act_order: bool = False
     refit: bool = True
+    refit_rounds: int = 1
     kmeans_iters: int = 50
     seed: int = 0
     format_version: int = FORMAT_VERSION
@@ -92,6 +93,12 @@ class SketchConfig:
             fail("target_modules", self.target_modules, "null or a list of module names")
         if not all(isinstance(t, str) for t in self.modules_to_not_convert):
             fail("modules_to_not_convert", self.modules_to_not_convert, "a list of module names")
+        if (
+            isinstance(self.refit_rounds, bool)
+            or not isinstance(self.refit_rounds, int)
+            or not 1 <= self.refit_rounds <= 8
+        ):
+            fail("refit_rounds", self.refit_rounds, "an integer in 1..8")
         for key in ("nsamples", "seqlen", "kmeans_iters", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -15,6 +15,8 @@ estimate ``Ŵ`` is ``sum_r (w_r - ŵ_r) H (w_r - ŵ_r)^T``. The steps:
    each row's tables are re-solved by preconditioned conjugate gradient on the normal equations
    ``(S H S^T) t = S H w`` (``S`` the one-hot code matrix; every product is a batched matmul with
    ``H``, never an ``S H S^T`` per row). A row keeps its new tables only if its loss went down.
+   With ``refit_rounds > 1`` the codes are re-assigned (step 3) with the refit tables and refit
+   again, keeping each row's best.
 """
 
 from __future__ import annotations
@@ -107,22 +109,23 @@ def error_feedback_codes(
     w = weight.float().clone()
     out_features, in_features = w.shape
     codes = torch.empty(out_features, in_features, dtype=torch.long, device=w.device)
-    midpoints = (tables[..., 1:] + tables[..., :-1]) * 0.5
+    group_tables = [tables[:, g].contiguous() for g in range(tables.shape[1])]
+    group_midpoints = [((t[:, 1:] + t[:, :-1]) * 0.5).contiguous() for t in group_tables]
+    groups = group_of_column.tolist()
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block = w[:, start:end].clone()
+        block = w[:, start:end].T.contiguous()  # column-major: each column is a contiguous row here
         errors = torch.empty_like(block)
         u_block = inverse_cholesky[start:end, start:end]
         for i in range(end - start):
-            g = int(group_of_column[start + i])
-            column = block[:, i]
-            code = torch.searchsorted(midpoints[:, g].contiguous(), column[:, None].contiguous()).squeeze(1)
-            rounded = tables[:, g].gather(1, code[:, None]).squeeze(1)
-            err = (column - rounded) / u_block[i, i]
-            block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = err
-            codes[:, start + i] = code
-        w[:, end:] -= errors @ inverse_cholesky[start:end, end:]
+            g = groups[start + i]
+            column = block[i].unsqueeze(1)
+            code = torch.searchsorted(group_midpoints[g], column)
+            err = (column - group_tables[g].gather(1, code)).squeeze(1) / u_block[i, i]
+            block[i:].addr_(u_block[i, i:], err, alpha=-1)
+            errors[i] = err
+            codes[:, start + i] = code.squeeze(1)
+        w[:, end:] -= errors.T @ inverse_cholesky[start:end, end:]
     return codes
 
 
@@ -202,27 +205,33 @@ def sketch_linear_calibrated(
     centroids, _ = weighted_kmeans_1d(groups, k, group_weights, iters=config.kmeans_iters)
     tables = centroids.to(config.torch_table_dtype()).float().view(out_features, gpr, k)
 
-    codes = error_feedback_codes(w[:, perm], tables, perm // group_size, upper, block_size)[:, inv_perm]
+    def assign(t: torch.Tensor) -> torch.Tensor:
+        return error_feedback_codes(w[:, perm], t, perm // group_size, upper, block_size)[:, inv_perm]
+
+    codes = assign(tables)
     loss_before = layer_loss(w, gather_weight(tables, codes), prepared.hessian)
-    loss_after, kept = loss_before, 0
-    if config.refit:
+    loss_after = loss_before
+    kept = torch.zeros(out_features, dtype=torch.bool, device=w.device)
+    for round_index in range(config.refit_rounds if config.refit else 0):
+        if round_index:
+            codes = torch.where(kept[:, None], assign(tables), codes)
         refit = refit_tables(w, codes, tables, prepared.hessian).to(config.torch_table_dtype()).float()
         refit = refit.sort(dim=-1)
         # sorting permutes the entries of each table: remap codes so each still points at its value
         rank = torch.argsort(refit.indices, dim=-1).view(out_features * gpr, k)
         remapped = rank.gather(1, codes.view(out_features * gpr, group_size)).view(out_features, in_features)
         new_loss = layer_loss(w, gather_weight(refit.values, remapped), prepared.hessian)
-        better = new_loss < loss_before
-        kept = int(better.sum())
+        better = new_loss < loss_after
+        kept |= better
         tables = torch.where(better[:, None, None], refit.values, tables)
         codes = torch.where(better[:, None], remapped, codes)
-        loss_after = torch.where(better, new_loss, loss_before)
+        loss_after = torch.where(better, new_loss, loss_after)
     return SketchResult(
         codes=pack_codes(codes, config.bits, name=f"{name}.codes"),
         tables=tables.to(config.torch_table_dtype()),
         loss=float(loss_after.sum()),
         loss_before_refit=float(loss_before.sum()),
-        refit_rows=kept,
+        refit_rows=int(kept.sum()),
         damping=prepared.damping,
     )
 
