@@ -210,6 +210,14 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from .bench.kernels import run_kernel_bench
+
+    run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out)
+    print(f"wrote {Path(args.out) / 'kernels.json'}")
+    return 0
+
+
 QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
@@ -231,7 +239,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         if args.out
         else cache_dir() / "quickstart" / (f"smollm2-135m-instruct-spallm-b{config.bits}-g{config.groups_per_row}")
     )
-    print(f"[2/4] sketching data-free: bits={config.bits}, groups_per_row={config.groups_per_row}")
+    if args.calib:
+        config = config.replace(method="gptq", calibration=args.calib, nsamples=64, seqlen=256)
+    kind = f"calibrated on {args.calib}" if args.calib else "data-free"
+    print(f"[2/4] sketching {kind}: bits={config.bits}, groups_per_row={config.groups_per_row}")
     report = sketch_to_folder(model_dir, out, config, progress=True)
     print(f"      {len(report['layers'])} linears in {report['sketch_seconds']:.1f} s -> {out}")
     print("[3/4] perplexity on the bundled English text (windows of 256 tokens)")
@@ -334,23 +345,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=cmd_bench_kmeans)
+    p = bench.add_parser("kernels", help="Triton kernels vs cuBLAS fp16 and dequantize+matmul (needs CUDA)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--out", default="bench-kernels")
+    p.set_defaults(func=cmd_bench_kernels)
 
     p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
     p.add_argument("--out", help="sketched output folder (default: $SPALLM_HOME/quickstart/...)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--calib", help="calibrate on this data (64 x 256 tokens) instead of sketching data-free")
     p.set_defaults(func=cmd_quickstart)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .bench import BenchUnavailableError
     from .format import CheckpointError
     from .models import ModelNotFoundError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SketchConfigError, CheckpointError, ModelNotFoundError, ValueError, FileNotFoundError) as err:
+    except (
+        SketchConfigError,
+        CheckpointError,
+        ModelNotFoundError,
+        ValueError,
+        FileNotFoundError,
+        BenchUnavailableError,
+    ) as err:
         print(f"spallm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -69,3 +69,17 @@ def test_sketch_errors_are_clear_and_leave_nothing(tmp_path, dense_dir):
     proc = run_cli("sketch", str(dense_dir), "--out", str(tmp_path / "o3"), "--bits", "5", check=False)
     assert proc.returncode == 2 and "bits=5" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty"]
+
+
+def test_info_kernels_lists_the_triton_backend_with_its_reason(llama2_config):
+    out = run_cli("info", str(llama2_config), "--kernels").stdout
+    assert "triton" in out and ("runs on CUDA, not cpu" in out or "not installed" in out)
+
+
+def test_bench_kernels_without_cuda_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_cli("bench", "kernels", check=False)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr

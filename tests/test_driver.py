@@ -133,3 +133,12 @@ def test_hessians_are_per_distinct_input_and_match_the_definition():
     for n in names:
         x = torch.cat(inputs[n])
         torch.testing.assert_close(collector.hessian(n), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_offload_gives_the_same_sketch():
+    ids = torch.randint(4, 30, (8, 16))
+    a, b = tiny_llama(), tiny_llama()
+    sketch_model_calibrated(a, CONFIG, ids)
+    sketch_model_calibrated(b, CONFIG, ids, offload=True, device="cpu")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name

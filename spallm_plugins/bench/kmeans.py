@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..sketch.kmeans import weighted_kmeans_1d, weighted_sse
+from . import BenchUnavailableError
 
 
 def run_kmeans_bench(
@@ -22,7 +23,7 @@ def run_kmeans_bench(
         import numpy as np
         from sklearn.cluster import KMeans
     except ImportError:
-        raise RuntimeError("this benchmark needs scikit-learn: pip install scikit-learn") from None
+        raise BenchUnavailableError("this benchmark needs scikit-learn: pip install scikit-learn") from None
     w = weight.float()
     cw = column_weights.float().expand_as(w)
     start = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import BenchUnavailableError
+
 
 def _pyplot():
     try:
@@ -13,8 +15,18 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'spallm-plugins[bench]'") from None
+        raise BenchUnavailableError("plots need matplotlib: pip install 'spallm-plugins[bench]'") from None
     return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    fig.axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_layer_errors(report: dict[str, Any], path: str | Path) -> Path:
@@ -33,12 +45,7 @@ def plot_layer_errors(report: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(
         f"spallm sketch: {report['config']['bits']}-bit, gpr {report['config']['groups_per_row']}, {report['config']['method']}"
     )
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_quality(results: dict[str, Any], path: str | Path) -> Path:
@@ -57,9 +64,4 @@ def plot_quality(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("bits per weight (codes + tables / scales)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"spallm bench quality: {Path(results['model']).name}")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

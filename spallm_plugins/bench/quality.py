@@ -20,6 +20,7 @@ from ..config import SketchConfig
 from ..convert import resolve_targets, sketch_model
 from ..evaluate import perplexity, read_text
 from ..models import load_model, resolve_model
+from . import BenchUnavailableError
 
 # The 16 NF4 values (QLoRA): quantiles of N(0, 1) normalised to [-1, 1], with an exact zero.
 NF4_VALUES = (
@@ -172,7 +173,7 @@ def run_quality(
         from .plots import plot_quality
 
         plot_quality(results, out_dir / "quality.png")
-    except RuntimeError as err:
+    except BenchUnavailableError as err:
         log(f"(no plot: {err})")
     return results
 

@@ -1,0 +1,125 @@
+"""Backward of the LUT linear: ``grad_x = grad_y @ W`` and the fused table gradient.
+
+The table gradient never materialises ``grad_W = grad_y^T x`` (``[N, K]``) in memory: each program
+computes one ``[BLOCK_N, BLOCK_K]`` tile of it in registers (fp32, reduced over M), bins it by code
+(``2**bits`` sums per row) and adds the bins into ``grad_tables[n, group, code]``, either with fp32
+atomics or, in deterministic mode, into per-K-block partials summed afterwards in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import table_grad_block_k
+from ._common import dot_flags, dot_operands, gather_weight_tile
+
+
+@triton.jit
+def lut_grad_input_kernel(g_ptr, codes_ptr, tables_ptr, gx_ptr, M, N, K, stride_gm, stride_cn, stride_tn, stride_xm,
+                          GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr,
+                          PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m, mask_k = offs_m < M, offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+        )
+        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
+                               GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
+        a, b = dot_operands(g, w, UPCAST)
+        acc += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
+    tl.store(gx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], acc.to(gx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])  # fmt: skip
+
+
+@triton.jit
+def lut_grad_tables_kernel(g_ptr, x_ptr, codes_ptr, out_ptr, M, N, K, stride_gm, stride_xm, stride_cn,
+                           GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr,
+                           GROUPS: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n, mask_k = offs_n < N, offs_k < K
+    grad_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
+        )
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
+        )
+        a, b = dot_operands(tl.trans(g), x, UPCAST)
+        grad_w += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
+    per_byte: tl.constexpr = 8 // BITS
+    mask = mask_n[:, None] & mask_k[None, :]
+    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + (offs_k[None, :] // per_byte), mask=mask, other=0)
+    code = (packed.to(tl.int32) >> ((offs_k[None, :] % per_byte) * BITS).to(tl.int32)) & (NUM_CODES - 1)
+    values = tl.arange(0, NUM_CODES)
+    onehot = (code[:, :, None] == values[None, None, :]) & mask[:, :, None]
+    bins = tl.sum(tl.where(onehot, grad_w[:, :, None], 0.0), axis=1)  # [BLOCK_N, NUM_CODES]
+    group = (pid_k * BLOCK_K) // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
+    if DETERMINISTIC:
+        ptrs = out_ptr + pid_k * N * NUM_CODES + offs_n[:, None] * NUM_CODES + values[None, :]
+        tl.store(ptrs, bins, mask=mask_n[:, None])
+    else:
+        ptrs = out_ptr + offs_n[:, None] * (GROUPS * NUM_CODES) + group * NUM_CODES + values[None, :]
+        tl.atomic_add(ptrs, bins, mask=mask_n[:, None])
+
+
+def lut_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int,
+                   block: tuple[int, int, int] = (64, 64, 64)) -> torch.Tensor:  # fmt: skip
+    """``grad_out [M, N] @ W [N, K]`` with W gathered on the fly."""
+    M, N = grad_out.shape
+    _, groups, num_codes = tables.shape
+    K = codes.shape[1] * 8 // bits
+    grad_out = grad_out.contiguous()
+    tables = tables.to(grad_out.dtype).contiguous()
+    gx = torch.empty(M, K, dtype=grad_out.dtype, device=grad_out.device)
+    bm, bn, bk = block
+    lut_grad_input_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+        grad_out, codes, tables, gx, M, N, K, grad_out.stride(0), codes.stride(0), tables.stride(0), gx.stride(0),
+        GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(grad_out.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return gx
+
+
+def lut_grad_tables(grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, groups: int, bits: int,
+                    deterministic: bool = False, block: tuple[int, int] = (64, 64)) -> torch.Tensor:  # fmt: skip
+    """Fused ``grad_tables [N, groups, 2**bits]`` (fp32) without a dense ``grad_W``."""
+    M, N = grad_out.shape
+    K = x.shape[1]
+    num_codes = 1 << bits
+    group_size = K // groups
+    bk = table_grad_block_k(group_size)
+    if not bk:
+        raise ValueError(f"group size {group_size} has no power-of-two divisor >= 16 for the table-gradient kernel")
+    bm, bn = block
+    grad_out, x = grad_out.contiguous(), x.contiguous().to(grad_out.dtype)
+    k_blocks = triton.cdiv(K, bk)
+    if deterministic:
+        out = torch.empty(k_blocks, N, num_codes, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.zeros(N, groups, num_codes, dtype=torch.float32, device=x.device)
+    lut_grad_tables_kernel[(triton.cdiv(N, bn), k_blocks)](
+        grad_out, x, codes, out, M, N, K, grad_out.stride(0), x.stride(0), codes.stride(0),
+        GROUP_SIZE=group_size, BITS=bits, NUM_CODES=num_codes, GROUPS=groups, DETERMINISTIC=deterministic,
+        **dot_flags(grad_out.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    if deterministic:
+        out = out.view(groups, k_blocks // groups, N, num_codes).sum(1).permute(1, 0, 2).contiguous()
+    return out

@@ -1,0 +1,122 @@
+"""Triton kernels against the PyTorch reference.
+
+Without CUDA they run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before the
+kernels are imported; about 2 ms per program instance), so shapes are small and tiles large.
+GPU tests (compiled, autotuned, larger shapes) are marked ``gpu`` and skipped without CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from spallm_plugins.format import pack_codes  # noqa: E402
+from spallm_plugins.kernels import LUTProblem  # noqa: E402
+from spallm_plugins.kernels.reference import lut_linear, lut_linear_backward  # noqa: E402
+from spallm_plugins.kernels.triton import TritonBackend  # noqa: E402
+from spallm_plugins.kernels.triton.lut_backward import lut_grad_input, lut_grad_tables  # noqa: E402
+from spallm_plugins.kernels.triton.lut_gemv import lut_gemv  # noqa: E402
+from spallm_plugins.kernels.triton.lut_matmul import lut_matmul  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|
+
+
+def problem(m, n, k, gpr, bits, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = pack_codes(torch.randint(0, 1 << bits, (n, k), generator=g), bits).to(DEVICE)
+    tables = torch.randn(n, gpr, 1 << bits, generator=g).to(dtype).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    return x, codes, tables, bias
+
+
+def assert_matches(got, reference, dtype):
+    reference = reference.float()
+    scale = reference.abs().max().clamp_min(1.0)
+    err = (got.float() - reference).abs().max()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} vs allowed {TOL[dtype] * scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("gpr", [1, 2, 4])
+def test_lut_matmul_matches_reference(dtype, bits, gpr):
+    x, codes, tables, bias = problem(33, 40, 128, gpr, bits, dtype)  # M, N not multiples of the tile
+    got = lut_matmul(x, codes, tables, bias, bits, block=(32, 32, 32))
+    assert got.dtype == dtype and got.shape == (33, 40)
+    assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("m", "split"), [(1, 1), (5, 3), (16, 2)])
+def test_lut_gemv_matches_reference(dtype, bits, m, split):
+    x, codes, tables, bias = problem(m, 37, 192, 3, bits, dtype)  # 192 / 3 groups = 64, K-split edges
+    got = lut_gemv(x, codes, tables, bias, bits, block=(32, 64, split))
+    assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
+
+
+def test_gemv_refuses_prefill_sizes():
+    x, codes, tables, _ = problem(17, 8, 64, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match="M <= 16"):
+        lut_gemv(x, codes, tables, None, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_grad_input_matches_reference(dtype, bits):
+    x, codes, tables, _ = problem(20, 40, 128, 2, bits, dtype)
+    grad = torch.randn(20, 40).to(dtype).to(DEVICE)
+    expected, _ = lut_linear_backward(grad.float(), x.float(), codes, tables.float(), bits, True, False)
+    assert_matches(lut_grad_input(grad, codes, tables, bits, block=(32, 32, 64)), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("gpr", [1, 2, 4])
+def test_fused_table_grad_matches_reference(dtype, bits, gpr):
+    x, codes, tables, _ = problem(24, 36, 128, gpr, bits, dtype)
+    grad = torch.randn(24, 36).to(dtype).to(DEVICE)
+    _, expected = lut_linear_backward(grad.float(), x.float(), codes, tables.float(), bits, False, True)
+    atomic = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=False, block=(32, 32))
+    assert atomic.dtype == torch.float32 and atomic.shape == (36, gpr, 1 << bits)
+    assert_matches(atomic, expected, dtype)
+    first = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=True, block=(32, 32))
+    again = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=True, block=(32, 32))
+    assert torch.equal(first, again)
+    assert_matches(first, expected, dtype)
+
+
+def test_backend_explains_what_it_cannot_run():
+    backend = TritonBackend()
+    ok, reason = backend.can_implement(LUTProblem("cpu", torch.float16, torch.float16, 4, 4096, 4096, 1, 1))
+    assert not ok and "runs on CUDA, not cpu" in reason
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 3, 4096, 4096, 1, 1))
+    assert not ok and "3-bit" in reason
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 4, 120, 64, 3, 32, True))
+    assert not ok and "group size 40" in reason
+    assert backend.can_implement(LUTProblem("cuda", torch.bfloat16, torch.float16, 4, 4096, 4096, 4, 256, True))[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+def test_autotuned_kernels_through_the_op_on_gpu(m):
+    from spallm_plugins.ops import lut_linear as dispatched
+
+    x, codes, tables, bias = problem(m, 1000, 1024, 4, 4, torch.float16)
+    x.requires_grad_(True)
+    tables.requires_grad_(True)
+    y = dispatched(x, codes, tables, bias, 4)
+    assert_matches(y, lut_linear(x.float(), codes, tables.float(), bias.float(), 4), torch.float16)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    gx, gt = lut_linear_backward(grad.float(), x.detach().float(), codes, tables.detach().float(), 4, True, True)
+    assert_matches(x.grad, gx, torch.float16)
+    assert_matches(tables.grad, gt, torch.float16)
