@@ -27,15 +27,16 @@ class SketchConfigError(ValueError):
 class SketchConfig:
     """How a model is (or was) sketched.
 
-    ``bits`` and ``groups_per_row`` fix the storage: each row of a target weight is split into
-    ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
-    ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
-    hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
-    The remaining fields record how the codes were found, so a checkpoint documents itself:
-    ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
-    :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
-    tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
-    the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``refit`` and ``refit_rounds``.
+        ``bits`` and ``groups_per_row`` fix the storage: each row of a target weight is split into
+        ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
+        ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
+        hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
+        The remaining fields record how the codes were found, so a checkpoint documents itself:
+        ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
+        :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
+        tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
+        the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``refit`` and ``refit_rounds``; ``kmeans_iters`` and ``kmeans_restarts`` (seeded
+    k-means++ starts besides the quantile and min-max-grid starts) with ``seed``.
     """
 
     bits: int = 4
@@ -53,6 +54,7 @@ class SketchConfig:
     refit: bool = True
     refit_rounds: int = 1
     kmeans_iters: int = 50
+    kmeans_restarts: int = 2
     seed: int = 0
     format_version: int = FORMAT_VERSION
 
@@ -99,7 +101,7 @@ class SketchConfig:
             or not 1 <= self.refit_rounds <= 8
         ):
             fail("refit_rounds", self.refit_rounds, "an integer in 1..8")
-        for key in ("nsamples", "seqlen", "kmeans_iters", "seed"):
+        for key in ("nsamples", "seqlen", "kmeans_iters", "kmeans_restarts", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(key, value, "a non-negative integer")

@@ -84,3 +84,15 @@ def test_never_worse_than_round_to_nearest_on_heavy_tailed_rows():
     assert torch.all(ours <= ((values - rtn) ** 2).sum(1) + 1e-4)
     quantile_only, qa = weighted_kmeans_1d(values, 16, init=values.sort(1).values[:, torch.linspace(4, 123, 16).long()])
     assert ours.sum() < weighted_sse(values, quantile_only, qa).sum()
+
+
+def test_kmeans_plus_plus_restarts_only_improve_and_are_seeded():
+    torch.manual_seed(4)
+    centres = torch.randn(32, 24) * 3
+    values = centres.repeat_interleave(8, dim=1) + 0.05 * torch.randn(32, 192)  # 24 tight clusters, k=16
+    sse = {r: weighted_sse(values, *weighted_kmeans_1d(values, 16, restarts=r)).sum() for r in (0, 1, 3)}
+    assert sse[1] <= sse[0] and sse[3] <= sse[1]
+    assert sse[3] < 0.9 * sse[0]
+    a = weighted_kmeans_1d(values, 16, restarts=2, seed=7)
+    b = weighted_kmeans_1d(values, 16, restarts=2, seed=7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -202,7 +202,9 @@ def sketch_linear_calibrated(
     column_weight = column_weight / column_weight.mean()
     groups = w.reshape(out_features * gpr, group_size)
     group_weights = column_weight.view(gpr, group_size).repeat(out_features, 1)
-    centroids, _ = weighted_kmeans_1d(groups, k, group_weights, iters=config.kmeans_iters)
+    centroids, _ = weighted_kmeans_1d(
+        groups, k, group_weights, iters=config.kmeans_iters, seed=config.seed, restarts=config.kmeans_restarts
+    )
     tables = centroids.to(config.torch_table_dtype()).float().view(out_features, gpr, k)
 
     def assign(t: torch.Tensor) -> torch.Tensor:

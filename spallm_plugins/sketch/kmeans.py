@@ -2,11 +2,14 @@
 
 Each row-group's values are scalars, so Lloyd's algorithm needs no distance matrix: with sorted
 centroids, the nearest one is found by ``searchsorted`` on the midpoints, and clusters are
-contiguous runs of the sorted values. Memory is O(rows * n), never O(rows * n * k). The starts are
-deterministic (weighted quantiles and the min-max grid), so the result does not depend on a seed.
+contiguous runs of the sorted values. Memory is O(rows * n), never O(rows * n * k) (k-means++
+seeding briefly holds O(rows * n * trials)). Several starts, the best kept per row; seeded, so
+deterministic.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +33,32 @@ def uniform_grid_init(v_sorted: torch.Tensor, k: int) -> torch.Tensor:
     lo, hi = v_sorted[:, :1], v_sorted[:, -1:]
     steps = (torch.arange(k, device=v_sorted.device, dtype=v_sorted.dtype) + 0.5) / k
     return lo + (hi - lo) * steps
+
+
+def kmeans_plus_plus_init(
+    values: torch.Tensor, weights: torch.Tensor, k: int, generator: torch.Generator, trials: int | None = None
+) -> torch.Tensor:
+    """Greedy weighted k-means++ seeding for every row at once (as scikit-learn seeds).
+
+    Each new centre is the best of ``trials`` candidates drawn with probability ``w * D(x)**2``,
+    "best" meaning the lowest resulting potential ``sum w * D**2``. Returns sorted ``[R, k]``.
+    """
+    rows = values.shape[0]
+    trials = trials or 2 + int(math.log(k))
+    w = weights.clamp_min(0)
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    first = torch.multinomial(w, 1, generator=generator)
+    centers = [values.gather(1, first)]
+    dist = (values - centers[0]) ** 2
+    for _ in range(1, k):
+        probs = w * dist
+        probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, w)
+        candidates = values.gather(1, torch.multinomial(probs, trials, replacement=True, generator=generator))
+        new_dist = torch.minimum(dist[:, None, :], (values[:, None, :] - candidates[:, :, None]) ** 2)
+        best = (new_dist * w[:, None, :]).sum(-1).argmin(1)
+        centers.append(candidates.gather(1, best[:, None]))
+        dist = new_dist[torch.arange(rows, device=values.device), best]
+    return torch.cat(centers, 1).sort(1).values
 
 
 def _lloyd(
@@ -59,6 +88,8 @@ def weighted_kmeans_1d(
     weights: torch.Tensor | None = None,
     iters: int = 50,
     init: torch.Tensor | None = None,
+    seed: int = 0,
+    restarts: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise ``sum_j w[r, j] * (values[r, j] - c[r, assign[r, j]])**2`` for every row ``r``.
 
@@ -70,10 +101,11 @@ def weighted_kmeans_1d(
     sorted values) and prefix sums of ``w`` and ``w * v``: O(R * k * log n) per iteration instead of
     O(R * n). Empty clusters keep their centroid; iteration stops when no cut point moves.
 
-    Lloyd only finds a local optimum, so by default it starts twice, from the weighted quantiles and
-    from the uniform min-max grid, and keeps the better result per row; the grid start guarantees a
-    result no worse than round-to-nearest on the same group. ``init`` (``[R, k]``, sorted) replaces
-    both starts.
+    Lloyd only finds a local optimum, so by default it runs from several starts and keeps the best
+    result per row: the weighted quantiles, the uniform min-max grid (which guarantees a result no
+    worse than round-to-nearest on the same group), and ``restarts`` greedy k-means++ seedings drawn
+    from a generator seeded with ``seed`` (deterministic). ``init`` (``[R, k]``, sorted) replaces
+    all starts.
     """
     values = values.float()
     w = torch.ones_like(values) if weights is None else weights.float().expand_as(values).contiguous()
@@ -85,9 +117,12 @@ def weighted_kmeans_1d(
     if init is not None:
         centroids = _lloyd(v_sorted, mass_prefix, sum_prefix, init.float(), iters)
         return centroids, assign_nearest(values, centroids)
+    generator = torch.Generator(device=values.device).manual_seed(seed)
+    starts = [lambda: weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k), lambda: uniform_grid_init(v_sorted, k)]
+    starts += [lambda: kmeans_plus_plus_init(values, w, k, generator)] * restarts
     best, best_assign, best_sse = None, None, None
-    for start in (weighted_quantile_init(v_sorted, mass_prefix[:, 1:], k), uniform_grid_init(v_sorted, k)):
-        centroids = _lloyd(v_sorted, mass_prefix, sum_prefix, start, iters)
+    for start in starts:
+        centroids = _lloyd(v_sorted, mass_prefix, sum_prefix, start(), iters)
         assign = assign_nearest(values, centroids)
         sse = weighted_sse(values, centroids, assign, w)
         if best is None:

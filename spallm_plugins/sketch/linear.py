@@ -54,7 +54,14 @@ def sketch_linear(
         diag = torch.diagonal(hessian).float().clamp_min(0)
         col_weights = (diag + 1e-8 * diag.mean().clamp_min(1e-12)).view(gpr, in_features // gpr)
         col_weights = col_weights.repeat(out_features, 1)
-    centroids, _ = weighted_kmeans_1d(groups, config.num_codes, col_weights, iters=config.kmeans_iters)
+    centroids, _ = weighted_kmeans_1d(
+        groups,
+        config.num_codes,
+        col_weights,
+        iters=config.kmeans_iters,
+        seed=config.seed,
+        restarts=config.kmeans_restarts,
+    )
     tables = centroids.to(config.torch_table_dtype())
     # Assign against the stored (rounded) table values so codes match what inference will see.
     assign = assign_nearest(groups, tables.float())
