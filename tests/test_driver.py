@@ -142,3 +142,28 @@ def test_offload_gives_the_same_sketch():
     sketch_model_calibrated(b, CONFIG, ids, offload=True, device="cpu")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
+
+
+def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, dense_dir, calib_file, monkeypatch):
+    from spallm_plugins.sketch import driver
+
+    config = CONFIG.replace(calibration=str(calib_file))
+    sketch_to_folder(dense_dir, tmp_path / "straight", config, progress=False)
+    real_write_json = driver.write_json
+    calls = {"n": 0}
+
+    def dies_on_second_commit(path, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed before progress.json of block 1")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(driver, "write_json", dies_on_second_commit)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        sketch_to_folder(dense_dir, out, config, progress=False)
+    monkeypatch.setattr(driver, "write_json", real_write_json)
+    report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)
+    assert report["resumed_from_block"] == 1
+    straight, resumed = _tensors(tmp_path / "straight"), _tensors(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -30,7 +30,6 @@ from .calibration import CalibrationError, fingerprint
 
 PARTIAL_DIR = ".spallm-partial"
 PROGRESS_FILE = "progress.json"
-HIDDEN_FILE = "hidden.safetensors"
 
 
 class ResumeError(ValueError):
@@ -181,6 +180,9 @@ class _Progress:
     def block_file(self, index: int) -> Path:
         return self.dir / f"block_{index:05d}.safetensors"
 
+    def hidden_file(self, next_block: int) -> Path:
+        return self.dir / f"inputs_{next_block:05d}.safetensors"
+
     def save(self, index: int, block_tensors: dict[str, torch.Tensor], hidden: torch.Tensor, report: dict) -> None:
         if self.dir is None:
             return
@@ -189,14 +191,15 @@ class _Progress:
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.block_file(index)) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in block_tensors.items()}, str(tmp))
-        with atomic_path(self.dir / HIDDEN_FILE) as tmp:
+        with atomic_path(self.hidden_file(index + 1)) as tmp:
             save_file({"hidden": hidden.contiguous().cpu()}, str(tmp), metadata={"next_block": str(index + 1)})
         write_json(self.dir / PROGRESS_FILE, {**self.identity, "finished_blocks": index + 1, "report": report})
+        self.hidden_file(index).unlink(missing_ok=True)  # superseded once progress.json is committed
 
     def hidden(self, finished: int) -> torch.Tensor:
         from safetensors import safe_open
 
-        path = self.dir / HIDDEN_FILE
+        path = self.hidden_file(finished)
         try:
             with safe_open(str(path), framework="pt") as f:
                 if f.metadata().get("next_block") != str(finished):
