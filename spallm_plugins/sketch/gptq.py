@@ -134,7 +134,7 @@ def refit_tables(
     codes: torch.Tensor,
     tables: torch.Tensor,
     hessian: torch.Tensor,
-    iters: int = 25,
+    iters: int = 10,
     tol: float = 1e-6,
 ) -> torch.Tensor:
     """Least-squares tables for fixed codes: minimise ``(w - S^T t) H (w - S^T t)^T`` per row.
