@@ -120,3 +120,42 @@ def test_autotuned_kernels_through_the_op_on_gpu(m):
     gx, gt = lut_linear_backward(grad.float(), x.detach().float(), codes, tables.detach().float(), 4, True, True)
     assert_matches(x.grad, gx, torch.float16)
     assert_matches(tables.grad, gt, torch.float16)
+
+
+def test_custom_ops_are_registered_with_fake_implementations():
+    from spallm_plugins.kernels.triton import ops  # noqa: F401
+
+    x, codes, tables, bias = problem(20, 24, 64, 2, 4, torch.float32)
+    y = torch.ops.spallm.lut_linear(x, codes, tables, bias, 4)
+    assert_matches(y, lut_linear(x, codes, tables, bias, 4), torch.float32)
+    y_decode = torch.ops.spallm.lut_linear(x[:3], codes, tables, None, 4)
+    assert_matches(y_decode, lut_linear(x[:3], codes, tables, None, 4), torch.float32)
+    grad = torch.randn(20, 24).to(DEVICE)
+    gx, gt = lut_linear_backward(grad, x, codes, tables, 4, True, True)
+    assert_matches(torch.ops.spallm.lut_grad_input(grad, codes, tables, 4), gx, torch.float32)
+    assert_matches(torch.ops.spallm.lut_grad_tables(grad, x, codes, 2, 4, True), gt, torch.float32)
+    torch.library.opcheck(torch.ops.spallm.lut_linear.default, (x, codes, tables, bias, 4),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    torch.library.opcheck(torch.ops.spallm.lut_grad_tables.default, (grad, x, codes, 2, 4, True),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_backend_through_the_autograd_op(deterministic):
+    from spallm_plugins.ops import lut_linear as dispatched
+
+    x, codes, tables, bias = problem(24, 20, 64, 2, 4, torch.float32)
+    x.requires_grad_(True)
+    tables.requires_grad_(True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        y = dispatched(x, codes, tables, bias, 4, backend=TritonBackend())
+        grad = torch.randn_like(y)
+        y.backward(grad)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert_matches(y, lut_linear(x.detach(), codes, tables.detach(), bias, 4), torch.float32)
+    gx, gt = lut_linear_backward(grad, x.detach(), codes, tables.detach(), 4, True, True)
+    assert_matches(x.grad, gx, torch.float32)
+    assert_matches(tables.grad, gt, torch.float32)

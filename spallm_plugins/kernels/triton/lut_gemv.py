@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gather_weight_tile
+from ._common import gather_weight_tile, interpreting
 
 CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
@@ -69,6 +69,8 @@ def lut_gemv(
     block_m = max(1, triton.next_power_of_2(M))
     args = (x, codes, tables.contiguous(), out, M, N, K, x.stride(0), codes.stride(0), tables.stride(0))
     meta = dict(GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, BLOCK_M=block_m)
+    if block is None and interpreting():
+        block = (32, 64, 2)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:
         grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), m["SPLIT_K"])  # noqa: E731
         _autotuned[grid](*args, **meta)

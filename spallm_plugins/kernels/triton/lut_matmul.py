@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, dot_operands, gather_weight_tile
+from ._common import dot_flags, dot_operands, gather_weight_tile, interpreting
 
 # Hopper (H100/H200) likes 128x128/64 tiles with 4-8 warps; Ampere 128x64/32.
 CONFIGS = [
@@ -70,6 +70,8 @@ def lut_matmul(
     args = (x, codes, tables, bias if bias is not None else tables, y, M, N, K,
             x.stride(0), codes.stride(0), tables.stride(0), y.stride(0))  # fmt: skip
     meta = dict(HAS_BIAS=bias is not None, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
+    if block is None and interpreting():
+        block = (32, 32, 32)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))  # noqa: E731
         _autotuned[grid](*args, **meta)
