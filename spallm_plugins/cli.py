@@ -184,24 +184,16 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     column_weights = torch.ones(weight.shape[1])
     if args.calib:
         from .sketch.calibration import calibration_batch
-        from .sketch.gptq import prepare_hessian
+        from .sketch.driver import HessianCollector
+        from .sketch.gptq import loss_error_aware_weights, prepare_hessian
 
         ids = calibration_batch(args.calib, tokenizer, args.nsamples, args.seqlen)
-        acc = {"sum": torch.zeros(weight.shape[1], weight.shape[1]), "n": 0}
-
-        def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, weight.shape[1]).float()
-            acc["sum"] += x.T @ x
-            acc["n"] += x.shape[0]
-
-        handle = linear.register_forward_hook(hook)
-        with torch.no_grad():
+        with HessianCollector({args.layer: linear}, block_index=-1) as collector, torch.no_grad():
             for batch in ids.split(8):
+                collector.new_batch()
                 model(batch, use_cache=False)
-        handle.remove()
-        prepared = prepare_hessian(2 * acc["sum"] / acc["n"], SketchConfig().damping)
-        column_weights = torch.diagonal(prepared.inverse_cholesky) ** (-SketchConfig().grid_exponent)
-        column_weights = column_weights / column_weights.mean()
+        prepared = prepare_hessian(collector.hessian(args.layer), SketchConfig().damping, args.layer)
+        column_weights = loss_error_aware_weights(prepared.inverse_cholesky, SketchConfig().grid_exponent)
     result = {"layer": args.layer, "weights": "loss-error-aware" if args.calib else "uniform",
               **run_kmeans_bench(weight, column_weights, k=1 << args.bits)}  # fmt: skip
     print(json.dumps(result, indent=2))

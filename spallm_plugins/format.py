@@ -58,8 +58,9 @@ def pack_codes(codes: torch.Tensor, bits: int, name: str = "codes") -> torch.Ten
     group = 8 if bits == 3 else 8 // bits
     if cols % group:
         raise ValueError(f"{name}: {cols} columns cannot be packed at {bits} bits (need a multiple of {group})")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= (1 << bits)):
-        bad = int(codes.max()) if int(codes.max()) >= (1 << bits) else int(codes.min())
+    low, high = (int(v) for v in codes.aminmax()) if codes.numel() else (0, 0)
+    if low < 0 or high >= (1 << bits):
+        bad = high if high >= (1 << bits) else low
         raise ValueError(f"{name}: code {bad} is out of range for {bits}-bit codes (expected 0..{(1 << bits) - 1})")
     c = codes.to(torch.int32)
     if bits == 3:

@@ -87,6 +87,12 @@ def prepare_hessian(
     )
 
 
+def loss_error_aware_weights(inverse_cholesky: torch.Tensor, exponent: float) -> torch.Tensor:
+    """LeanQuant's k-means column weights ``U_cc ** -p``, normalised to mean 1 (processing order)."""
+    weights = torch.diagonal(inverse_cholesky).clamp_min(1e-12) ** (-exponent)
+    return weights / weights.mean()
+
+
 def layer_loss(weight: torch.Tensor, estimate: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """Per-row output error ``(w - ŵ) H (w - ŵ)^T``."""
     diff = (weight - estimate).float()
@@ -197,9 +203,7 @@ def sketch_linear_calibrated(
     perm, upper = prepared.perm, prepared.inverse_cholesky
     inv_perm = torch.argsort(perm)
 
-    column_weight = torch.diagonal(upper).clamp_min(1e-12) ** (-config.grid_exponent)
-    column_weight = column_weight[inv_perm]  # back to original column order for the grid
-    column_weight = column_weight / column_weight.mean()
+    column_weight = loss_error_aware_weights(upper, config.grid_exponent)[inv_perm]  # original column order
     groups = w.reshape(out_features * gpr, group_size)
     group_weights = column_weight.view(gpr, group_size).repeat(out_features, 1)
     centroids, _ = weighted_kmeans_1d(

@@ -7,17 +7,19 @@ import triton.language as tl
 
 
 @triton.jit
+def unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS: tl.constexpr, NUM_CODES: tl.constexpr):
+    """The k-bit codes of a ``[BLOCK_N, BLOCK_K]`` tile, packed little-endian along k (format v1)."""
+    per_byte: tl.constexpr = 8 // BITS
+    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + (offs_k[None, :] // per_byte), mask=mask, other=0)
+    return (packed.to(tl.int32) >> ((offs_k[None, :] % per_byte) * BITS).to(tl.int32)) & (NUM_CODES - 1)
+
+
+@triton.jit
 def gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr):  # fmt: skip
-    """``W[n, k]`` for a ``[BLOCK_N, BLOCK_K]`` tile: unpack the k-bit code, then read the table value.
-
-    Codes are packed little-endian along k (format v1): ``8 // BITS`` codes per byte.
-    """
-    per_byte: tl.constexpr = 8 // BITS
+    """``W[n, k]`` for a ``[BLOCK_N, BLOCK_K]`` tile: unpack the k-bit code, then read the table value."""
     mask = mask_n[:, None] & mask_k[None, :]
-    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + (offs_k[None, :] // per_byte), mask=mask, other=0)
-    shift = ((offs_k[None, :] % per_byte) * BITS).to(tl.int32)
-    code = (packed.to(tl.int32) >> shift) & (NUM_CODES - 1)
+    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS, NUM_CODES)
     group = offs_k[None, :] // GROUP_SIZE
     return tl.load(tables_ptr + offs_n[:, None] * stride_tn + group * NUM_CODES + code, mask=mask, other=0.0)
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import table_grad_block_k
-from ._common import dot_flags, dot_operands, gather_weight_tile
+from ._common import dot_flags, dot_operands, gather_weight_tile, unpack_codes_tile
 
 
 @triton.jit
@@ -64,10 +64,8 @@ def lut_grad_tables_kernel(g_ptr, x_ptr, codes_ptr, out_ptr, M, N, K, stride_gm,
         )
         a, b = dot_operands(tl.trans(g), x, UPCAST)
         grad_w += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
-    per_byte: tl.constexpr = 8 // BITS
     mask = mask_n[:, None] & mask_k[None, :]
-    packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + (offs_k[None, :] // per_byte), mask=mask, other=0)
-    code = (packed.to(tl.int32) >> ((offs_k[None, :] % per_byte) * BITS).to(tl.int32)) & (NUM_CODES - 1)
+    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS, NUM_CODES)
     values = tl.arange(0, NUM_CODES)
     onehot = (code[:, :, None] == values[None, None, :]) & mask[:, :, None]
     bins = tl.sum(tl.where(onehot, grad_w[:, :, None], 0.0), axis=1)  # [BLOCK_N, NUM_CODES]
