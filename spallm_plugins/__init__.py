@@ -12,6 +12,7 @@ _LAZY = {
     "lut_linear": "spallm_plugins.ops",
     "validate_checkpoint": "spallm_plugins.format",
     "SpaLLMQuantConfig": "spallm_plugins.integrations.transformers",
+    "SpaLLMConfig": "spallm_plugins.integrations.peft",
 }
 
 __all__ = ["__version__", *_LAZY]

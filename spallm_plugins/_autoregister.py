@@ -12,7 +12,7 @@ import sys
 # module being imported -> integration whose register() runs right after it
 TRIGGERS = {
     "transformers.quantizers.auto": "spallm_plugins.integrations.transformers.quantizer",
-    "peft.mapping": "spallm_plugins.integrations.peft.registration",
+    "peft": "spallm_plugins.integrations.peft.registration",  # the package: PEFT is complete then
 }
 OPT_OUT_VARIABLE = "SPALLM_NO_AUTOREGISTER"
 

@@ -383,3 +383,28 @@ def validate_checkpoint(directory: str | os.PathLike, against_model: bool = True
         model, _ = meta_model_from_config(directory)
         validate_against_model(shapes, expected_shapes(model, config), str(directory))
     return config, prefixes
+
+
+# --------------------------------------------------------------------------------------------
+# identity of a set of codes (adapters name the codes they were trained on)
+
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def codes_fingerprint(named_codes: dict[str, torch.Tensor]) -> str:
+    """A digest of packed codes by module name: equal only for the same layers with the same codes.
+
+    A table set means nothing on other codes, so an adapter records the fingerprint of the codes it
+    was trained on and refuses a base whose codes differ. Names are included (sorted), so the same
+    codes under other module names also differ.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(named_codes):
+        codes = named_codes[name]
+        if codes.dtype != torch.uint8:
+            raise CheckpointError(f"codes of {name} have dtype {codes.dtype}, expected torch.uint8")
+        digest.update(f"{name}:{list(codes.shape)};".encode())
+        digest.update(codes.detach().contiguous().cpu().numpy())  # buffer protocol: no copy
+    return FINGERPRINT_PREFIX + digest.hexdigest()
