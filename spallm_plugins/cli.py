@@ -210,6 +210,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_adapter
+
+    report = merge_adapter(args.base, args.adapter, args.out)
+    kind = "tables replaced, codes copied" if report["sketched_base"] else "weights replaced by the adapter's codes"
+    print(f"merged {report['merged_layers']} layers ({kind}) -> {args.out}")
+    return 0
+
+
 QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
 
 
@@ -315,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("merge", help="merge a saved SpaLLM adapter into its base: a plain sketched checkpoint")
+    p.add_argument("base", help="the base model folder (sketched, or dense for adapters that carry codes)")
+    p.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output folder (written atomically, validated)")
+    p.set_defaults(func=cmd_merge)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")

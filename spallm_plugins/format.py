@@ -33,6 +33,13 @@ TABLES_SUFFIX = ".tables"
 BIAS_SUFFIX = ".bias"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
+# adapters (PEFT method "spallm"): table sets, and codes when their base was dense
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_KEY_PREFIX = "base_model.model."
+ADAPTER_TABLES_SUFFIX = ".spallm_tables"
+ADAPTER_CODES_SUFFIX = ".spallm_codes"
+
 
 class CheckpointError(ValueError):
     """A checkpoint on disk is not a valid SpaLLM format-v1 checkpoint; the message says where and why."""
@@ -240,6 +247,11 @@ def read_file_headers(files: list[str | os.PathLike]) -> dict[str, _TensorHeader
                 header = json.loads(fh.read(n))
         except (ValueError, OSError) as err:
             raise CheckpointError(f"{f}: not a valid safetensors file ({err})") from None
+        data_end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + data_end > f.stat().st_size:
+            raise CheckpointError(
+                f"{f}: truncated safetensors file ({f.stat().st_size} bytes, its header needs {8 + n + data_end})"
+            )
         for name, info in header.items():
             if name == "__metadata__":
                 continue

@@ -19,6 +19,7 @@ from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from spallm_plugins.config import SketchConfig
+from spallm_plugins.format import ADAPTER_WEIGHTS_NAME
 
 from .registration import PEFT_METHOD, add_enum_member
 
@@ -26,8 +27,6 @@ from .registration import PEFT_METHOD, add_enum_member
 FROM_BASE = ("bits", "groups_per_row", "table_dtype")
 # SketchConfig fields PEFT already owns, with its own semantics
 PEFT_OWNED = ("target_modules",)
-
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass

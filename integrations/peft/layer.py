@@ -114,8 +114,10 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             self.unmerge()
         super().delete_adapter(adapter_name)
-        for store in (self.spallm_codes, self.bits, self.storage_dtype):
-            store.pop(adapter_name, None)
+        if adapter_name in self.spallm_codes:
+            del self.spallm_codes[adapter_name]
+        self.bits.pop(adapter_name, None)
+        self.storage_dtype.pop(adapter_name, None)
 
     # ---------------------------------------------------------------------------------------------
     # merge
@@ -177,10 +179,10 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         return active[0] if active else None
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        # Computed in the activations' dtype, as the base layer does: the weight is gathered from
+        # (float32) tables straight into x.dtype, so a merged layer computes exactly the same.
         tables = self.tables_for(name)
-        bias = self.get_base_layer().bias
-        y = lut_linear(self._cast_input_dtype(x, tables.dtype), self.codes_for(name), tables, bias, self.bits[name])
-        return y.to(x.dtype)
+        return lut_linear(x, self.codes_for(name), tables, self.get_base_layer().bias, self.bits[name])
 
     def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         base = self.get_base_layer()
@@ -202,7 +204,7 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         if unique == [BASE_ADAPTER_NAME]:
             return self.base_layer(x)
         slot = torch.tensor([unique.index(n) for n in present], device=x.device)
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = x.dtype
         adapters = [n for n in unique if n != BASE_ADAPTER_NAME]
         codes = {id(self.codes_for(n)) for n in adapters} | (
             {id(self.get_base_layer().codes)} if BASE_ADAPTER_NAME in unique and self.is_sketched_base else set()

@@ -8,7 +8,6 @@ refused adapter leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,14 +21,22 @@ from torch import nn
 
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.convert import is_excluded, set_submodule
-from spallm_plugins.format import CheckpointError, codes_fingerprint, packed_width, read_file_headers
+from spallm_plugins.format import (
+    ADAPTER_CODES_SUFFIX,
+    ADAPTER_KEY_PREFIX,
+    ADAPTER_TABLES_SUFFIX,
+    ADAPTER_WEIGHTS_NAME,
+    CheckpointError,
+    codes_fingerprint,
+    packed_width,
+    read_file_headers,
+)
 from spallm_plugins.hooks import architecture_for
 from spallm_plugins.layer import SketchedLinear
 
-from .config import ADAPTER_WEIGHTS_NAME, FROM_BASE
+from .config import FROM_BASE
 from .layer import BASE_ADAPTER_NAME, SpaLLMLayer
 
-PEFT_KEY_PREFIX = "base_model.model."
 DEFAULT_CALIBRATION_SHAPE = (64, 256)  # nsamples x seqlen when a calibration source gives none
 
 
@@ -188,23 +195,23 @@ class SpaLLMModel(BaseTuner):
         """Every tensor the adapter needs is in ``folder``'s file, with the right shape and dtype."""
         file = folder / ADAPTER_WEIGHTS_NAME
         headers = read_file_headers([file])
-        stored = {name.removeprefix(PEFT_KEY_PREFIX): h for name, h in headers.items()}
+        stored = {name.removeprefix(ADAPTER_KEY_PREFIX): h for name, h in headers.items()}
         sketch = plan.sketch
         for key, base in plan.targets.items():
-            tables = stored.get(f"{key}.spallm_tables")
+            tables = stored.get(key + ADAPTER_TABLES_SUFFIX)
             want = (base.out_features, sketch.groups_per_row, sketch.num_codes)
             if tables is None:
-                raise CheckpointError(f"{file}: no tensor {PEFT_KEY_PREFIX}{key}.spallm_tables for target {key}")
+                raise CheckpointError(f"{file}: no tensor {ADAPTER_KEY_PREFIX}{key}.spallm_tables for target {key}")
             if tuple(tables.shape) != want:
                 raise CheckpointError(
-                    f"{file}: tensor {PEFT_KEY_PREFIX}{key}.spallm_tables has shape {list(tables.shape)}, expected "
+                    f"{file}: tensor {ADAPTER_KEY_PREFIX}{key}.spallm_tables has shape {list(tables.shape)}, expected "
                     f"{list(want)} (out_features, groups_per_row, 2**bits)"
                 )
             if tables.dtype not in ("float16", "bfloat16", "float32"):
                 raise CheckpointError(
-                    f"{file}: tensor {PEFT_KEY_PREFIX}{key}.spallm_tables has dtype {tables.dtype}, expected a float"
+                    f"{file}: tensor {ADAPTER_KEY_PREFIX}{key}.spallm_tables has dtype {tables.dtype}, expected a float"
                 )
-            codes = stored.get(f"{key}.spallm_codes")
+            codes = stored.get(key + ADAPTER_CODES_SUFFIX)
             if codes is None and not isinstance(base, SketchedLinear):
                 raise CheckpointError(
                     f"{file}: no codes for {key}, which is dense in this model: the adapter was trained on a "
@@ -214,7 +221,7 @@ class SpaLLMModel(BaseTuner):
                 want_codes = (base.out_features, packed_width(base.in_features, sketch.bits))
                 if codes.dtype != "uint8" or tuple(codes.shape) != want_codes:
                     raise CheckpointError(
-                        f"{file}: tensor {PEFT_KEY_PREFIX}{key}.spallm_codes is {codes.dtype} {list(codes.shape)}, "
+                        f"{file}: tensor {ADAPTER_KEY_PREFIX}{key}.spallm_codes is {codes.dtype} {list(codes.shape)}, "
                         f"expected uint8 {list(want_codes)}"
                     )
 
@@ -348,12 +355,3 @@ class SpaLLMModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
-
-def adapter_tensor_names(state_dict_keys: list[str]) -> dict[str, list[str]]:
-    """Group saved adapter tensor names by target module (for reports and the merge command)."""
-    groups: dict[str, list[str]] = {}
-    for key in state_dict_keys:
-        match = re.match(r"(?:base_model\.model\.)?(.*)\.spallm_(tables|codes)$", key)
-        if match:
-            groups.setdefault(match.group(1), []).append(match.group(2))
-    return groups
