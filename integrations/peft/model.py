@@ -354,4 +354,3 @@ class SpaLLMModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
-
