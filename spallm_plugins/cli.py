@@ -203,11 +203,12 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from .integrations.peft.bench import run_finetune_bench  # needs PEFT; loaded only here
+    from .integrations.peft.bench import (
+        CURVE_OPTIONS,
+        run_finetune_bench,  # needs PEFT; loaded only here
+    )
 
-    curve = {}
-    if args.curve_steps:
-        curve = {k: getattr(args, k) for k in ("curve_seqlen", "held_out", "eval_every", "spallm_lr", "lora_lr")}
+    curve = {k: getattr(args, k) for k in CURVE_OPTIONS} if args.curve_steps else {}
     summary = run_finetune_bench(
         args.model, args.out, sketched=args.sketched, groups_per_row=args.groups_per_row, batch=args.batch,
         seqlen=args.seqlen, steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
@@ -223,6 +224,14 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
         f"peak RSS {summary['peak_rss_ratio_spallm_vs_lora']:.2f}x; wrote {Path(args.out) / 'finetune.json'}"
     )
     return 0
+
+
+def _add_finetune_curve_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from .integrations.peft.bench import add_curve_options
+    except ImportError:  # PEFT missing: the command reports it when run
+        return
+    add_curve_options(p)
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -406,13 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="measured steps per variant (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--curve-data", help="instruction rows (e.g. ARC-Easy train.json) for held-out loss curves")
-    p.add_argument("--curve-steps", type=int, default=0)
-    p.add_argument("--curve-seqlen", type=int, default=256)
-    p.add_argument("--held-out", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--spallm-lr", type=float, default=1e-3)
-    p.add_argument("--lora-lr", type=float, default=3e-4)
+    _add_finetune_curve_options(p)
     p.add_argument("--out", default="bench-finetune", help="output folder for finetune.json / finetune.png")
     p.set_defaults(func=cmd_bench_finetune)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")

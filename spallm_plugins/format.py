@@ -137,6 +137,14 @@ def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
         raise
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; invalid JSON is a :class:`CheckpointError` naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -267,11 +275,7 @@ def load_quantization_config(directory: str | os.PathLike) -> SketchConfig:
         raise CheckpointError(f"{directory}: not a directory")
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({err})") from None
-    qc = cfg.get("quantization_config")
+    qc = read_json(cfg_path).get("quantization_config")
     if qc is None:
         raise CheckpointError(f"{cfg_path}: no quantization_config (not a sketched checkpoint)")
     if qc.get("quant_method") != QUANT_METHOD:

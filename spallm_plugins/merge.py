@@ -34,6 +34,7 @@ from .format import (
     codes_fingerprint,
     load_quantization_config,
     read_file_headers,
+    read_json,
     read_tensors,
     validate_checkpoint,
     write_tensors,
@@ -53,10 +54,7 @@ def read_adapter(
     for path in (cfg_path, weights):
         if not path.is_file():
             raise CheckpointError(f"{adapter_dir}: no {path.name} (expected a saved SpaLLM adapter folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({err})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type") != "SPALLM":
         raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'SPALLM'")
     fields = {k: cfg[k] for k in SketchConfig.field_names() if k in cfg and k != "target_modules"}
@@ -96,7 +94,7 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
-    base_cfg = json.loads(base_cfg_path.read_text(encoding="utf-8"))
+    base_cfg = read_json(base_cfg_path)
     sketched_base = (base_cfg.get("quantization_config") or {}).get("quant_method") == "spallm"
     tensors = read_tensors(base_dir)
     if sketched_base:

@@ -119,14 +119,13 @@ def meta_model_from_config(path: str | os.PathLike):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .format import read_json
+
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ModelNotFoundError(f"{path}: no config.json (give a model folder or a config.json file)")
-    try:
-        data = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file}: invalid JSON ({err})") from None
+    data = read_json(cfg_file)
     quant = data.pop("quantization_config", None)
     model_type = data.pop("model_type", None)
     if model_type is None:

