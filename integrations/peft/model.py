@@ -143,7 +143,7 @@ class SpaLLMModel(BaseTuner):
             setattr(config, name, value)  # saved explicitly in adapter_config.json
         plan = InjectionPlan(sketch=sketch, targets=bases, loading_from=getattr(config, "loading_from", None))
         if sketched:
-            plan.fingerprint = codes_fingerprint({k: b.codes for k, b in sketched.items()})
+            plan.fingerprint = self._fingerprint(sketched)
             expected = config.base_codes_fingerprint
             if expected is not None and expected != plan.fingerprint:
                 where = plan.loading_from or f"adapter {adapter_name!r}"
@@ -159,6 +159,14 @@ class SpaLLMModel(BaseTuner):
                 model, sketch, {k: b for k, b in bases.items() if k not in sketched}
             )
         return plan
+
+    def _fingerprint(self, sketched: dict[str, SketchedLinear]) -> str:
+        """The codes fingerprint, hashed once per set of (unchanged) code tensors, not per adapter."""
+        key = tuple((k, b.codes.data_ptr(), b.codes._version) for k, b in sorted(sketched.items()))
+        cache = self.__dict__.setdefault("_spallm_fingerprints", {})
+        if key not in cache:
+            cache[key] = codes_fingerprint({k: b.codes for k, b in sketched.items()})
+        return cache[key]
 
     @staticmethod
     def _resolve_from_base(config, sketched: dict[str, SketchedLinear]) -> dict[str, Any]:

