@@ -45,6 +45,10 @@ class CheckpointError(ValueError):
     """A checkpoint on disk is not a valid SpaLLM format-v1 checkpoint; the message says where and why."""
 
 
+class AdapterBaseMismatchError(ValueError):
+    """An adapter's table sets belong to other codes (or sketch settings) than the model it is put on."""
+
+
 def packed_width(in_features: int, bits: int) -> int:
     """Bytes per row of packed codes."""
     return in_features * bits // 8

@@ -74,3 +74,24 @@ def lut_linear(
         backend = select_backend(describe_problem(x2, codes, tables, bits))
     y = LUTLinearFunction.apply(x2, codes, tables, bias, bits, backend)
     return y.reshape(*lead, y.shape[-1])
+
+
+def lut_linear_table_sets(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table_sets: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    backend: KernelBackend | None = None,
+) -> torch.Tensor:
+    """Inference over many table sets sharing ``codes``: row ``m`` of ``x [M, in]`` uses ``table_sets[slots[m]]``.
+
+    This is multi-tenant serving's one LUT matmul per layer: the codes are read once for all tenants.
+    """
+    if backend is None:
+        backend = select_backend(describe_problem(x, codes, table_sets[0], bits))
+    forward = getattr(backend, "forward_table_sets", None)
+    if forward is None:
+        from .kernels.reference import lut_linear_table_sets as forward
+    return forward(x, codes, table_sets, slots, bias, bits)

@@ -17,11 +17,12 @@ pytest.importorskip("triton")
 
 from spallm_plugins.format import pack_codes  # noqa: E402
 from spallm_plugins.kernels import LUTProblem  # noqa: E402
-from spallm_plugins.kernels.reference import lut_linear, lut_linear_backward  # noqa: E402
+from spallm_plugins.kernels.reference import lut_linear, lut_linear_backward, lut_linear_table_sets  # noqa: E402
 from spallm_plugins.kernels.triton import TritonBackend  # noqa: E402
 from spallm_plugins.kernels.triton.lut_backward import lut_grad_input, lut_grad_tables  # noqa: E402
 from spallm_plugins.kernels.triton.lut_gemv import lut_gemv  # noqa: E402
 from spallm_plugins.kernels.triton.lut_matmul import lut_matmul  # noqa: E402
+from spallm_plugins.kernels.triton.lut_table_sets import lut_table_sets  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|
@@ -60,6 +61,20 @@ def test_lut_gemv_matches_reference(dtype, bits, m, split):
     x, codes, tables, bias = problem(m, 37, 192, 3, bits, dtype)  # 192 / 3 groups = 64, K-split edges
     got = lut_gemv(x, codes, tables, bias, bits, block=(32, 64, split))
     assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_lut_table_sets_matches_reference(dtype, bits):
+    """Mixed tiles (several slots per tile), one-slot tiles, and stale out-of-range slots (clamped)."""
+    x, codes, tables, bias = problem(21, 40, 128, 2, bits, dtype)
+    g = torch.Generator().manual_seed(1)
+    sets = torch.stack([tables, *(torch.randn(tables.shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))])
+    slots = torch.tensor([0, 2, 2, 1, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 7, -3], device=DEVICE)
+    got = lut_table_sets(x, codes, sets, slots, bias, bits, block=(8, 32, 32))
+    want = torch.cat([lut_linear(x[m : m + 1].float(), codes, sets[int(s)].float(), bias.float(), bits)
+                      for m, s in enumerate(slots.clamp(0, 2).tolist())])  # fmt: skip
+    assert_matches(got, want, dtype)
 
 
 def test_gemv_refuses_prefill_sizes():
@@ -137,6 +152,12 @@ def test_custom_ops_are_registered_with_fake_implementations():
     torch.library.opcheck(torch.ops.spallm.lut_linear.default, (x, codes, tables, bias, 4),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
     torch.library.opcheck(torch.ops.spallm.lut_grad_tables.default, (grad, x, codes, 2, 4, True),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    sets = torch.stack([tables, tables.flip(0)])
+    slots = torch.arange(20, device=DEVICE) % 2
+    got = torch.ops.spallm.lut_linear_table_sets(x, codes, sets, slots, bias, 4)
+    assert_matches(got, lut_linear_table_sets(x, codes, sets, slots, bias, 4), torch.float32)
+    torch.library.opcheck(torch.ops.spallm.lut_linear_table_sets.default, (x, codes, sets, slots, bias, 4),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 

@@ -3,7 +3,7 @@ import torch
 
 from spallm_plugins.format import pack_codes
 from spallm_plugins.kernels.reference import dequantize, table_grad
-from spallm_plugins.ops import lut_linear
+from spallm_plugins.ops import lut_linear, lut_linear_table_sets
 
 
 def random_problem(out_f=6, in_f=16, gpr=2, bits=4, dtype=torch.float64, seed=0):
@@ -68,3 +68,21 @@ def test_lower_precision_inputs_compute_in_input_dtype():
     _, packed, tables = random_problem(dtype=torch.float16)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert lut_linear(x, packed, tables, None, 4).dtype == torch.bfloat16
+
+
+def test_table_sets_forward_uses_each_rows_own_table_set():
+    _codes, packed, tables = random_problem(out_f=6, in_f=16, gpr=2)
+    sets = torch.stack([tables, tables * 2 - 1, torch.randn_like(tables)])
+    x = torch.randn(7, 16, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    slots = torch.tensor([2, 0, 0, 1, 2, 1, 0])
+    y = lut_linear_table_sets(x, packed, sets, slots, bias, 4)
+    for m, s in enumerate(slots.tolist()):
+        w = dequantize(packed, sets[s], 4)
+        torch.testing.assert_close(y[m], x[m] @ w.T + bias)
+
+
+def test_table_sets_forward_refuses_a_slot_per_row_mismatch():
+    _codes, packed, tables = random_problem()
+    with pytest.raises(ValueError, match=r"slots has shape \[2\], expected \[3\]"):
+        lut_linear_table_sets(torch.randn(3, 16, dtype=torch.float64), packed, tables[None], torch.zeros(2), None, 4)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -246,16 +247,31 @@ def _post(url: str, body: dict, timeout: float = 300) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(smollm2_sketched, tmp_path_factory):
+def smollm2_table_sets(smollm2_sketched, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("smollm2_table_sets")
+    return {
+        "set-a": train_table_set(smollm2_sketched, root / "a", seed=1, target_modules=TARGETS),
+        "set-b": train_table_set(
+            smollm2_sketched, root / "b", seed=2, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_sketched, smollm2_table_sets, tmp_path_factory):
+    """The base under its own name, table set ``set-a`` from the start; ``set-b`` is loaded at runtime."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
         sys.executable, "-m", "spallm_plugins.cli", "serve", str(smollm2_sketched), "--host", "127.0.0.1",
         "--port", str(port), "--quantization", "spallm", "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "1024", "--served-model-name", "smollm2-spallm", "--max-num-seqs", "64",
+        "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+        "--lora-modules", f"set-a={smollm2_table_sets['set-a']}",
     ]  # fmt: skip
+    env = {**_env(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -307,3 +323,173 @@ def test_server_completions_chat_and_64_concurrent(smollm2_server):
         texts = list(pool.map(lambda p: _post(f"{smollm2_server}/v1/completions", {**body, "prompt": p}), jobs))
     for prompt, resp in zip(jobs, texts):
         assert resp["choices"][0]["text"] == serial[prompt]
+
+
+# ------------------------------------------------------------------------------------------------
+# Many table sets over one served set of codes (vLLM's multi-LoRA plumbing)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+OFFLINE_TABLE_SETS = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+if __name__ == "__main__":
+    model, prompts_file, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    jobs = json.load(open(prompts_file))  # [[prompt_token_ids, adapter_path or null], ...]
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+              gpu_memory_utilization=0.5, enable_lora=True, max_loras=2, max_lora_rank=8,
+              lora_target_modules=json.loads(sys.argv[4]))
+    params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, logprobs=0)
+    paths = sorted({path for _, path in jobs if path})
+    requests = [LoRARequest(f"set{paths.index(path)}", paths.index(path) + 1, path) if path else None
+                for _, path in jobs]
+    try:
+        for request in {r.lora_int_id: r for r in requests if r is not None}.values():
+            llm.llm_engine.add_lora(request)  # what /v1/load_lora_adapter does; refusals surface here
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], params, lora_request=requests)
+    except Exception as err:
+        json.dump({"error": f"{type(err).__name__}: {err}"}, open(out_file, "w"))
+        raise SystemExit(0)
+    result = []
+    for (prompt, _), out in zip(jobs, outs):
+        lps = [None] + [entry[tok].logprob for tok, entry in zip(prompt[1:], out.prompt_logprobs[1:])]
+        result.append({"prompt_logprobs": lps, "tokens": list(out.outputs[0].token_ids)})
+    json.dump(result, open(out_file, "w"))
+"""
+
+
+def run_offline_table_sets(tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]]) -> list[dict] | dict:
+    script = tmp_path / "offline_table_sets.py"
+    script.write_text(OFFLINE_TABLE_SETS)
+    (tmp_path / "jobs.json").write_text(json.dumps([[p, str(a) if a else None] for p, a in jobs]))
+    out = tmp_path / "out-table-sets.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model), str(tmp_path / "jobs.json"), str(out), json.dumps(TARGETS)],
+        capture_output=True, text=True, env=_env(), timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"vLLM offline run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return json.loads(out.read_text())
+
+
+def train_table_set(base_dir: Path, out: Path, seed: int, target_modules: list[str]) -> Path:
+    """A few steps of table fine-tuning through our PEFT method; the adapter folder PEFT saves."""
+    from peft import get_peft_model
+
+    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.pipeline import load_sketched
+
+    base, _ = load_sketched(base_dir)
+    model = get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", target_modules=target_modules))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        ids = torch.randint(4, 60, (2, 12), generator=g)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_table_sets(tiny_sketched, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters over the tiny base (one on every linear, one on a packed subset) and their merges."""
+    from spallm_plugins.merge import merge_adapter
+
+    root = tmp_path_factory.mktemp("table_sets")
+    sets = {
+        "a": train_table_set(tiny_sketched, root / "a", seed=1, target_modules=TARGETS),
+        "b": train_table_set(tiny_sketched, root / "b", seed=2, target_modules=["q_proj", "v_proj", "up_proj"]),
+    }
+    for name, adapter in list(sets.items()):
+        merge_adapter(tiny_sketched, adapter, root / f"merged-{name}")
+        sets[f"merged-{name}"] = root / f"merged-{name}"
+    return sets
+
+
+def test_mixed_table_sets_in_one_batch_equal_their_merged_checkpoints(tmp_path, tiny_sketched, tiny_table_sets):
+    prompts = [*PROMPTS, [1, 8, 8, 30, 2, 14, 40], [1, 33, 3, 12], [1, 50, 51, 52, 9]]
+    sets = [None, tiny_table_sets["a"], tiny_table_sets["b"], tiny_table_sets["a"], tiny_table_sets["b"], None]
+    mixed = run_offline_table_sets(tmp_path, tiny_sketched, list(zip(prompts, sets)))
+    assert isinstance(mixed, list), mixed
+    (tmp_path / "base").mkdir()
+    base = run_offline(tmp_path / "base", tiny_sketched, prompts)
+    for name in ("a", "b"):
+        rows = [i for i, s in enumerate(sets) if s == tiny_table_sets[name]]
+        (tmp_path / name).mkdir()
+        assert_same([mixed[i] for i in rows], run_offline(tmp_path / name, tiny_table_sets[f"merged-{name}"],
+                                                          [prompts[i] for i in rows]))  # fmt: skip
+        assert all(mixed[i]["prompt_logprobs"] != base[i]["prompt_logprobs"] for i in rows)
+    assert_same([mixed[0], mixed[5]], [base[0], base[5]])
+
+
+def test_a_table_set_for_other_codes_is_refused(tmp_path, tiny_sketched, tiny_table_sets):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_table_sets["a"], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_codes_fingerprint"] = "sha256:" + "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    result = run_offline_table_sets(tmp_path, tiny_sketched, [(PROMPTS[0], other)])
+    assert "trained on codes with fingerprint sha256:0000" in result["error"], result
+    assert str(other) in result["error"] and "serve it with the base it was trained on" in result["error"]
+
+
+def _post_status(url: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_server_table_sets_per_request_runtime_load_and_unload(smollm2_server, smollm2_table_sets, tmp_path):
+    import shutil
+
+    url = smollm2_server
+    status, text = _post_status(f"{url}/v1/load_lora_adapter",
+                                {"lora_name": "set-b", "lora_path": str(smollm2_table_sets["set-b"])})  # fmt: skip
+    assert status == 200, text
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as resp:
+        served = {m["id"] for m in json.loads(resp.read())["data"]}
+    assert {"smollm2-spallm", "set-a", "set-b"} <= served
+
+    models = ["smollm2-spallm", "set-a", "set-b"]
+    prompts = ["The capital of France is", "Bicycles are", "One, two, three,", "My favourite food is"]
+
+    def complete(model: str, prompt: str) -> str:
+        body = {"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0}
+        return _post(f"{url}/v1/completions", body)["choices"][0]["text"]
+
+    serial = {(m, p): complete(m, p) for m in models for p in prompts}
+    for adapter in ("set-a", "set-b"):
+        assert any(serial[adapter, p] != serial["smollm2-spallm", p] for p in prompts), adapter
+    jobs = [(models[i % 3], prompts[i % 4]) for i in range(32)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda job: complete(*job), jobs))
+    assert answers == [serial[job] for job in jobs]
+
+    keep = [(models[i % 2], prompts[i % 4]) for i in range(16)]  # base and set-a, while set-b is unloaded
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        pending = [pool.submit(complete, *job) for job in keep]
+        status, text = _post_status(f"{url}/v1/unload_lora_adapter", {"lora_name": "set-b"})
+        assert status == 200, text
+        assert [f.result() for f in pending] == [serial[job] for job in keep]
+    status, text = _post_status(f"{url}/v1/completions", {"model": "set-b", "prompt": "Hi", "max_tokens": 2})
+    assert status == 404 and "set-b" in text
+
+    other = tmp_path / "other"
+    shutil.copytree(smollm2_table_sets["set-b"], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_codes_fingerprint"] = "sha256:" + "f" * 64
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    status, text = _post_status(f"{url}/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)})
+    assert status >= 400 and "trained on codes with fingerprint sha256:ffff" in text, text
+    assert complete("set-a", prompts[0]) == serial["set-a", prompts[0]]

@@ -26,6 +26,7 @@ from spallm_plugins.format import (
     ADAPTER_KEY_PREFIX,
     ADAPTER_TABLES_SUFFIX,
     ADAPTER_WEIGHTS_NAME,
+    AdapterBaseMismatchError,
     CheckpointError,
     codes_fingerprint,
     packed_width,
@@ -38,10 +39,6 @@ from .config import FROM_BASE
 from .layer import BASE_ADAPTER_NAME, SpaLLMLayer
 
 DEFAULT_CALIBRATION_SHAPE = (64, 256)  # nsamples x seqlen when a calibration source gives none
-
-
-class AdapterBaseMismatchError(ValueError):
-    """An adapter's table sets belong to codes other than this base model's."""
 
 
 @dataclass

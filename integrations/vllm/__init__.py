@@ -16,12 +16,16 @@ _registered = False
 
 
 def register() -> None:
-    """Register ``spallm`` with vLLM's quantization registry (entry point ``vllm.general_plugins``)."""
+    """Register ``spallm`` with vLLM (entry point ``vllm.general_plugins``): the quantization method and
+    the table-set wrappers/loader that serve SpaLLM adapters with ``--enable-lora``."""
     global _registered
     if _registered:
         return
     try:
         from . import quantization  # noqa: F401  (its decorator registers the config)
+        from .lora import install
+
+        install()  # per-request table sets through vLLM's multi-LoRA plumbing
     except Exception:
         logger.exception(
             "spallm: registering the 'spallm' quantization method with vLLM FAILED; sketched checkpoints "

@@ -33,7 +33,14 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from spallm_plugins.config import QUANT_METHOD, SketchConfig
 from spallm_plugins.convert import is_target
-from spallm_plugins.format import CODES_SUFFIX, packed_width, validate_checkpoint
+from spallm_plugins.format import (
+    CODES_SUFFIX,
+    AdapterBaseMismatchError,
+    codes_fingerprint,
+    packed_width,
+    safetensors_files,
+    validate_checkpoint,
+)
 from spallm_plugins.hooks import architecture_for
 from spallm_plugins.kernels import LUTProblem
 from spallm_plugins.ops import select_backend
@@ -76,6 +83,8 @@ class SpaLLMQuantizationConfig(QuantizationConfig):
         self.sketch = sketch
         self.sketched_modules: set[str] | None = None  # from the checkpoint itself, when local
         self.default_targets: tuple[str, ...] | None = None
+        self.checkpoint_dir: str | None = None
+        self._fingerprints: dict[tuple[str, ...], str] = {}
 
     def __repr__(self) -> str:
         return f"SpaLLMQuantizationConfig({self.sketch})"
@@ -105,6 +114,39 @@ class SpaLLMQuantizationConfig(QuantizationConfig):
         if os.path.isdir(model_name):
             _, prefixes = validate_checkpoint(model_name)
             self.sketched_modules = set(prefixes)
+            self.checkpoint_dir = model_name
+
+    def check_codes_fingerprint(self, modules: list[str], expected: str | None, where: str) -> None:
+        """Refuse a table set trained on other codes than the served checkpoint's (for those modules)."""
+        if expected is None:
+            raise AdapterBaseMismatchError(
+                f"{where}: adapter_config.json has no base_codes_fingerprint; cannot check its base"
+            )
+        if self.checkpoint_dir is None:
+            raise AdapterBaseMismatchError(
+                f"{where}: the served model is not a local folder, so its codes cannot be checked"
+            )
+        key = tuple(sorted(modules))
+        if key not in self._fingerprints:
+            from safetensors import safe_open
+
+            wanted = {m + CODES_SUFFIX: m for m in key}
+            codes: dict[str, torch.Tensor] = {}
+            for file in safetensors_files(self.checkpoint_dir):
+                with safe_open(str(file), framework="pt") as f:
+                    codes.update({wanted[n]: f.get_tensor(n) for n in f.keys() if n in wanted})
+            missing = sorted(set(key) - set(codes))
+            if missing:
+                raise AdapterBaseMismatchError(
+                    f"{where}: adapted layer {missing[0]} is not sketched in {self.checkpoint_dir}"
+                )
+            self._fingerprints[key] = codes_fingerprint(codes)
+        if self._fingerprints[key] != expected:
+            raise AdapterBaseMismatchError(
+                f"{where}: this table set was trained on codes with fingerprint {expected[:19]}..., but the served "
+                f"model {self.checkpoint_dir} has {self._fingerprints[key][:19]}...: serve it with the base it was "
+                "trained on"
+            )
 
     @staticmethod
     def get_checkpoint_weight_mapper():

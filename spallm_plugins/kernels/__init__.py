@@ -44,6 +44,20 @@ class KernelBackend(Protocol):
         """``x [M, in] -> y [M, out]``; codes packed uint8 ``[out, in*bits/8]``; tables ``[out, gpr, 2**bits]``."""
         ...
 
+    def forward_table_sets(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        table_sets: torch.Tensor,
+        slots: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+    ) -> torch.Tensor:
+        """Optional. Multi-tenant forward: row ``m`` uses ``table_sets[slots[m]]`` (``[S, out, gpr, 2**bits]``),
+        every set over the same codes; ``slots`` is in range (callers clamp). Backends without it fall
+        back to the reference (:func:`spallm_plugins.ops.lut_linear_table_sets`)."""
+        ...
+
     def backward(
         self,
         grad_out: torch.Tensor,

@@ -69,6 +69,31 @@ def lut_linear_backward(
     return grad_x, grad_tables
 
 
+def lut_linear_table_sets(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table_sets: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """Row ``m`` of ``x`` through the table set ``table_sets[slots[m]]``, all sets over the same ``codes``.
+
+    ``table_sets [S, out, gpr, 2**bits]``, ``slots [M]`` integer in ``[0, S)``. One LUT linear per
+    distinct slot in the batch (a host sync to find them: the reference, and the CPU path).
+    """
+    if slots.shape != (x.shape[0],):
+        raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
+    present = torch.unique(slots).tolist()
+    if len(present) == 1:
+        return lut_linear(x, codes, table_sets[present[0]], bias, bits)
+    y = x.new_empty(x.shape[0], table_sets.shape[1])
+    for slot in present:
+        rows = (slots == slot).nonzero().squeeze(1)
+        y[rows] = lut_linear(x[rows], codes, table_sets[slot], bias, bits)
+    return y
+
+
 class ReferenceBackend:
     """Always available; the fallback and the ground truth."""
 
@@ -80,6 +105,9 @@ class ReferenceBackend:
 
     def forward(self, x, codes, tables, bias, bits):
         return lut_linear(x, codes, tables, bias, bits)
+
+    def forward_table_sets(self, x, codes, table_sets, slots, bias, bits):
+        return lut_linear_table_sets(x, codes, table_sets, slots, bias, bits)
 
     def backward(self, grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad):
         return lut_linear_backward(grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad)

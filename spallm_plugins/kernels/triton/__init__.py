@@ -1,4 +1,5 @@
-"""Triton kernels for the LUT linear: fused matmul (prefill/training), GEMV (decode), fused backward.
+"""Triton kernels for the LUT linear: fused matmul (prefill/training), GEMV (decode),
+fused backward, and the multi-table-set matmul (multi-tenant serving).
 
 Importing this package does not import triton; the kernels load on first use. Each kernel file holds
 one kernel and its launcher; ``ops.py`` exposes them as ``torch.library`` custom ops
@@ -51,6 +52,11 @@ class TritonBackend:
         from . import ops  # noqa: F401  (registers torch.ops.spallm.*)
 
         return torch.ops.spallm.lut_linear(x, codes, tables, bias, bits)
+
+    def forward_table_sets(self, x, codes, table_sets, slots, bias, bits):
+        from . import ops  # noqa: F401
+
+        return torch.ops.spallm.lut_linear_table_sets(x, codes, table_sets, slots, bias, bits)
 
     def backward(self, grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad):
         from . import ops  # noqa: F401

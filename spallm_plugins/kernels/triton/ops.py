@@ -9,6 +9,7 @@ from .lut_backward import lut_grad_input as _grad_input
 from .lut_backward import lut_grad_tables as _grad_tables
 from .lut_gemv import lut_gemv
 from .lut_matmul import lut_matmul
+from .lut_table_sets import lut_table_sets
 
 
 @torch.library.custom_op("spallm::lut_linear", mutates_args=())
@@ -24,6 +25,24 @@ def lut_linear(
 @lut_linear.register_fake
 def _(x, codes, tables, bias, bits):
     return x.new_empty(x.shape[0], tables.shape[0])
+
+
+@torch.library.custom_op("spallm::lut_linear_table_sets", mutates_args=())
+def lut_linear_table_sets(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table_sets: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """``x [M, K] -> [M, N]``, row ``m`` through ``table_sets[slots[m]]``: multi-tenant serving."""
+    return lut_table_sets(x, codes, table_sets, slots, bias, bits)
+
+
+@lut_linear_table_sets.register_fake
+def _(x, codes, table_sets, slots, bias, bits):
+    return x.new_empty(x.shape[0], table_sets.shape[1])
 
 
 @torch.library.custom_op("spallm::lut_grad_input", mutates_args=())

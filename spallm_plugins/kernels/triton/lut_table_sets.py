@@ -1,0 +1,92 @@
+"""LUT matmul over many table sets sharing one set of codes: row ``m`` reads ``tables[slots[m]]``.
+
+Multi-tenant serving: every request's rows carry the slot of their table set. A program owns a
+``[BLOCK_M, BLOCK_N]`` output tile and loops over the slots present in its rows (one in the common
+case: a prefill segment, or a decode batch of one tenant), masking the other rows' inputs, so the
+code tile is unpacked once per slot and there is no host sync and no data-dependent shape: the
+launch is CUDA-graph safe. Slots are clamped in the kernel, so padded rows with stale slots are
+harmless.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dot_flags, dot_operands, gather_weight_tile, interpreting
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit
+def lut_table_sets_kernel(x_ptr, codes_ptr, tables_ptr, slots_ptr, bias_ptr, y_ptr, M, N, K, S,
+                          stride_xm, stride_cn, stride_ts, stride_tn, stride_ym,
+                          HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr,
+                          NUM_CODES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    slots = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int32)
+    slots = tl.minimum(tl.maximum(slots, 0), S - 1)
+    first = tl.min(tl.where(mask_m, slots, S), axis=0)
+    last = tl.max(tl.where(mask_m, slots, -1), axis=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for slot in range(first, last + 1):
+        rows = mask_m & (slots == slot)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=rows[:, None] & mask_k[None, :],
+                        other=0.0)  # fmt: skip
+            w = gather_weight_tile(codes_ptr, tables_ptr + slot * stride_ts, offs_n, offs_k, mask_n, mask_k,
+                                   stride_cn, stride_tn, GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
+            a, b = dot_operands(x, w, UPCAST)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+
+
+_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "BITS"])(lut_table_sets_kernel)
+
+
+def lut_table_sets(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table_sets: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    block: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """``x [M, K]`` -> ``[M, N]``, row ``m`` through ``table_sets[slots[m]]`` (``[S, N, gpr, 2**bits]``)."""
+    M, K = x.shape
+    S, N, groups, num_codes = table_sets.shape
+    x = x.contiguous()
+    table_sets = table_sets.to(x.dtype).contiguous()
+    slots = slots.contiguous()
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (x, codes, table_sets, slots, bias if bias is not None else table_sets, y, M, N, K, S,
+            x.stride(0), codes.stride(0), table_sets.stride(0), table_sets.stride(1), y.stride(0))  # fmt: skip
+    meta = dict(HAS_BIAS=bias is not None, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
+    if block is None and interpreting():
+        block = (16, 32, 32)  # the CPU interpreter cannot autotune (no device timer)
+    if block is None:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))  # noqa: E731
+        _autotuned[grid](*args, **meta)
+    else:
+        bm, bn, bk = block
+        lut_table_sets_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
+        )
+    return y
