@@ -336,9 +336,9 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 if __name__ == "__main__":
-    model, prompts_file, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    model, prompts_file, out_file, tp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
     jobs = json.load(open(prompts_file))  # [[prompt_token_ids, adapter_path or null], ...]
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0, tensor_parallel_size=tp,
               gpu_memory_utilization=0.5, enable_lora=True, max_loras=2, max_lora_rank=8,
               lora_target_modules=json.loads(sys.argv[4]))
     params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, logprobs=0)
@@ -360,14 +360,17 @@ if __name__ == "__main__":
 """
 
 
-def run_offline_table_sets(tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]]) -> list[dict] | dict:
+def run_offline_table_sets(
+    tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]], tp: int = 1
+) -> list[dict] | dict:
     script = tmp_path / "offline_table_sets.py"
     script.write_text(OFFLINE_TABLE_SETS)
     (tmp_path / "jobs.json").write_text(json.dumps([[p, str(a) if a else None] for p, a in jobs]))
-    out = tmp_path / "out-table-sets.json"
+    out = tmp_path / f"out-table-sets-tp{tp}.json"
+    env = {**_env(), "OMP_NUM_THREADS": "1"} if tp > 1 else _env()
     proc = subprocess.run(
-        [sys.executable, str(script), str(model), str(tmp_path / "jobs.json"), str(out), json.dumps(TARGETS)],
-        capture_output=True, text=True, env=_env(), timeout=900,
+        [sys.executable, str(script), str(model), str(tmp_path / "jobs.json"), str(out), json.dumps(TARGETS), str(tp)],
+        capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     if proc.returncode != 0:
         raise AssertionError(
@@ -426,6 +429,20 @@ def test_mixed_table_sets_in_one_batch_equal_their_merged_checkpoints(tmp_path, 
                                                           [prompts[i] for i in rows]))  # fmt: skip
         assert all(mixed[i]["prompt_logprobs"] != base[i]["prompt_logprobs"] for i in rows)
     assert_same([mixed[0], mixed[5]], [base[0], base[5]])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sketched", "smollm2_sketched"])
+def test_table_sets_under_tensor_parallel_3_equal_tp_1(tmp_path, request, fixture):
+    """Row-parallel tables sharded by group (tiny, groups_per_row=3) and replicated (SmolLM2, 1)."""
+    base = request.getfixturevalue(fixture)
+    adapter = train_table_set(base, tmp_path / "adapter", seed=3, target_modules=TARGETS)
+    prompts = [[1, 5, 9, 13, 7, 22, 30, 4], [1, 17, 6, 6, 28, 11], [1, 20, 21, 8, 9, 10, 12, 15]]
+    jobs = list(zip(prompts, [adapter, None, adapter]))
+    one = run_offline_table_sets(tmp_path, base, jobs)
+    three = run_offline_table_sets(tmp_path, base, jobs, tp=3)
+    assert isinstance(three, list), three
+    assert_same(three, one)
+    assert one[0]["prompt_logprobs"] != run_offline(tmp_path, base, prompts[:1])[0]["prompt_logprobs"]
 
 
 def test_a_table_set_for_other_codes_is_refused(tmp_path, tiny_sketched, tiny_table_sets):
