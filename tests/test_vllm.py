@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,17 +58,17 @@ def _env() -> dict[str, str]:
 
 
 def run_offline(tmp_path: Path, model: Path, prompts: list[list[int]], tp: int = 1) -> list[dict]:
-    script = tmp_path / "offline.py"
-    script.write_text(OFFLINE)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     out = tmp_path / f"out-tp{tp}.json"
-    env = _env()
-    if tp > 1:
-        env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(model), str(tp), str(tmp_path / "prompts.json"), str(out)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
+    return _run_vllm_script(tmp_path / "offline.py", OFFLINE, [model, tp, tmp_path / "prompts.json", out], tp, out)
+
+
+def _run_vllm_script(script: Path, text: str, args: list, tp: int, out: Path) -> Any:
+    """Run a vLLM script in a child process (one engine each); its JSON output."""
+    script.write_text(text)
+    env = {**_env(), "OMP_NUM_THREADS": "1"} if tp > 1 else _env()
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=900)  # fmt: skip
     if proc.returncode != 0:
         raise AssertionError(
             f"vLLM offline run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -112,6 +113,7 @@ def tiny_sketched(tmp_path_factory) -> Path:
     return root / "sketched"
 
 
+VLLM_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "vllm" / "table-sets-cpu.yaml"
 PROMPTS = [[1, 5, 9, 13, 7, 22, 30, 4], [1, 17, 6, 6, 28, 11], [1, 20, 21, 8, 9, 10, 12, 15, 19, 25]]
 
 
@@ -259,15 +261,14 @@ def smollm2_table_sets(smollm2_sketched, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_sketched, smollm2_table_sets, tmp_path_factory):
-    """The base under its own name, table set ``set-a`` from the start; ``set-b`` is loaded at runtime."""
+    """The base under its own name, table set ``set-a`` from the start; ``set-b`` is loaded at runtime.
+
+    Serving options come from the shipped recipe configs/vllm/table-sets-cpu.yaml."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
         sys.executable, "-m", "spallm_plugins.cli", "serve", str(smollm2_sketched), "--host", "127.0.0.1",
-        "--port", str(port), "--quantization", "spallm", "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "1024", "--served-model-name", "smollm2-spallm", "--max-num-seqs", "64",
-        "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
-        "--lora-modules", f"set-a={smollm2_table_sets['set-a']}",
+        "--port", str(port), "--served-model-name", "smollm2-spallm", "--config", str(VLLM_RECIPE), "--lora-modules", f"set-a={smollm2_table_sets['set-a']}",
     ]  # fmt: skip
     env = {**_env(), "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     with open(log, "w") as fh:
@@ -363,20 +364,10 @@ if __name__ == "__main__":
 def run_offline_table_sets(
     tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]], tp: int = 1
 ) -> list[dict] | dict:
-    script = tmp_path / "offline_table_sets.py"
-    script.write_text(OFFLINE_TABLE_SETS)
     (tmp_path / "jobs.json").write_text(json.dumps([[p, str(a) if a else None] for p, a in jobs]))
     out = tmp_path / f"out-table-sets-tp{tp}.json"
-    env = {**_env(), "OMP_NUM_THREADS": "1"} if tp > 1 else _env()
-    proc = subprocess.run(
-        [sys.executable, str(script), str(model), str(tmp_path / "jobs.json"), str(out), json.dumps(TARGETS), str(tp)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"vLLM offline run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    return json.loads(out.read_text())
+    args = [model, tmp_path / "jobs.json", out, json.dumps(TARGETS), tp]
+    return _run_vllm_script(tmp_path / "offline_table_sets.py", OFFLINE_TABLE_SETS, args, tp, out)
 
 
 def train_table_set(base_dir: Path, out: Path, seed: int, target_modules: list[str]) -> Path:
