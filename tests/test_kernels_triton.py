@@ -75,6 +75,11 @@ def test_lut_table_sets_matches_reference(dtype, bits):
     want = torch.cat([lut_linear(x[m : m + 1].float(), codes, sets[int(s)].float(), bias.float(), bits)
                       for m, s in enumerate(slots.clamp(0, 2).tolist())])  # fmt: skip
     assert_matches(got, want, dtype)
+    if dtype == torch.float32:  # float16 table sets under float32 activations, as vLLM serves them
+        got = lut_table_sets(x, codes, sets.half(), slots, bias, bits, block=(8, 32, 32))
+        assert got.dtype == torch.float32
+        want = lut_table_sets(x, codes, sets.half().float(), slots, bias, bits, block=(8, 32, 32))
+        assert_matches(got, want, dtype)
 
 
 def test_gemv_refuses_prefill_sizes():

@@ -3,6 +3,7 @@ import torch
 
 from spallm_plugins.format import pack_codes
 from spallm_plugins.kernels.reference import dequantize, table_grad
+from spallm_plugins.kernels.reference import lut_linear_table_sets as reference_table_sets
 from spallm_plugins.ops import lut_linear, lut_linear_table_sets
 
 
@@ -70,13 +71,14 @@ def test_lower_precision_inputs_compute_in_input_dtype():
     assert lut_linear(x, packed, tables, None, 4).dtype == torch.bfloat16
 
 
-def test_table_sets_forward_uses_each_rows_own_table_set():
+@pytest.mark.parametrize("graph_safe", [False, True])
+def test_table_sets_forward_uses_each_rows_own_table_set(graph_safe):
     _codes, packed, tables = random_problem(out_f=6, in_f=16, gpr=2)
     sets = torch.stack([tables, tables * 2 - 1, torch.randn_like(tables)])
     x = torch.randn(7, 16, dtype=torch.float64)
     bias = torch.randn(6, dtype=torch.float64)
     slots = torch.tensor([2, 0, 0, 1, 2, 1, 0])
-    y = lut_linear_table_sets(x, packed, sets, slots, bias, 4)
+    y = reference_table_sets(x, packed, sets, slots, bias, 4, graph_safe=graph_safe)
     for m, s in enumerate(slots.tolist()):
         w = dequantize(packed, sets[s], 4)
         torch.testing.assert_close(y[m], x[m] @ w.T + bias)

@@ -21,13 +21,24 @@ def flat_indices(codes: torch.Tensor, bits: int, groups_per_row: int) -> torch.T
     return unpacked.view(out_features * groups_per_row, in_features // groups_per_row).long()
 
 
-def dequantize(codes: torch.Tensor, tables: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Gather the dense weight ``[out, in]`` from packed codes and tables."""
+def dequantize(
+    codes: torch.Tensor,
+    tables: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype | None = None,
+    indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gather the dense weight ``[out, in]`` from packed codes and tables.
+
+    The (small) tables are cast to ``dtype`` before the gather, which is exact and much faster than
+    gathering float16 on a CPU. ``indices``: :func:`flat_indices` of ``codes``, when already at hand.
+    """
     out_features, groups_per_row, num_codes = tables.shape
-    idx = flat_indices(codes, bits, groups_per_row)
+    idx = flat_indices(codes, bits, groups_per_row) if indices is None else indices
     flat_tables = tables.reshape(out_features * groups_per_row, num_codes)
-    w = torch.gather(flat_tables, 1, idx).view(out_features, -1)
-    return w if dtype is None else w.to(dtype)
+    if dtype is not None:
+        flat_tables = flat_tables.to(dtype)
+    return torch.gather(flat_tables, 1, idx).view(out_features, -1)
 
 
 def lut_linear(
@@ -76,21 +87,32 @@ def lut_linear_table_sets(
     slots: torch.Tensor,
     bias: torch.Tensor | None,
     bits: int,
+    graph_safe: bool | None = None,
 ) -> torch.Tensor:
     """Row ``m`` of ``x`` through the table set ``table_sets[slots[m]]``, all sets over the same ``codes``.
 
     ``table_sets [S, out, gpr, 2**bits]``, ``slots [M]`` integer in ``[0, S)``. One LUT linear per
-    distinct slot in the batch (a host sync to find them: the reference, and the CPU path).
+    distinct slot in the batch (a host sync to find them: the CPU path). ``graph_safe`` (default on
+    an accelerator, where a host sync would break CUDA graphs): one masked LUT linear per slot
+    instead, slow but without syncs or data-dependent shapes.
     """
     if slots.shape != (x.shape[0],):
         raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
+    if graph_safe if graph_safe is not None else x.device.type != "cpu":
+        y = lut_linear(x, codes, table_sets[0], bias, bits)
+        for slot in range(1, table_sets.shape[0]):
+            y = torch.where((slots == slot)[:, None], lut_linear(x, codes, table_sets[slot], bias, bits), y)
+        return y
     present = torch.unique(slots).tolist()
     if len(present) == 1:
         return lut_linear(x, codes, table_sets[present[0]], bias, bits)
+    idx = flat_indices(codes, bits, table_sets.shape[2])  # unpacked once for all sets
+    b = None if bias is None else bias.to(x.dtype)
     y = x.new_empty(x.shape[0], table_sets.shape[1])
     for slot in present:
         rows = (slots == slot).nonzero().squeeze(1)
-        y[rows] = lut_linear(x[rows], codes, table_sets[slot], bias, bits)
+        w = dequantize(codes, table_sets[slot], bits, x.dtype, indices=idx)
+        y[rows] = torch.nn.functional.linear(x[rows], w, b)
     return y
 
 

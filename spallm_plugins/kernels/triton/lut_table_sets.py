@@ -73,7 +73,7 @@ def lut_table_sets(
     M, K = x.shape
     S, N, groups, num_codes = table_sets.shape
     x = x.contiguous()
-    table_sets = table_sets.to(x.dtype).contiguous()
+    table_sets = table_sets.contiguous()  # read in their own dtype; tiles are cast in registers
     slots = slots.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x, codes, table_sets, slots, bias if bias is not None else table_sets, y, M, N, K, S,
