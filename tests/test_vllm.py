@@ -436,17 +436,66 @@ def test_table_sets_under_tensor_parallel_3_equal_tp_1(tmp_path, request, fixtur
     assert one[0]["prompt_logprobs"] != run_offline(tmp_path, base, prompts[:1])[0]["prompt_logprobs"]
 
 
-def test_a_table_set_for_other_codes_is_refused(tmp_path, tiny_sketched, tiny_table_sets):
+REFUSALS = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+
+if __name__ == "__main__":
+    model, adapters_file, out_file, targets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+              gpu_memory_utilization=0.5, enable_lora=True, max_loras=2, max_lora_rank=8, lora_target_modules=targets)
+    errors = {}
+    for i, (name, path) in enumerate(json.load(open(adapters_file)).items(), start=1):
+        try:
+            llm.llm_engine.add_lora(LoRARequest(name, i, path))
+            errors[name] = None
+        except Exception as err:
+            errors[name] = str(err)
+    out = llm.generate([{"prompt_token_ids": [1, 5, 9, 13]}], SamplingParams(temperature=0.0, max_tokens=4))
+    json.dump({"errors": errors, "base_tokens": list(out[0].outputs[0].token_ids)}, open(out_file, "w"))
+"""
+
+
+def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, tiny_sketched, tiny_table_sets):
+    """Each refusal names the adapter and the reason; the engine keeps serving the base afterwards."""
     import shutil
 
-    other = tmp_path / "other"
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from spallm_plugins import SpaLLMConfig
+
+    other = tmp_path / "other-codes"
     shutil.copytree(tiny_table_sets["a"], other)
     cfg = json.loads((other / "adapter_config.json").read_text())
     cfg["base_codes_fingerprint"] = "sha256:" + "0" * 64
     (other / "adapter_config.json").write_text(json.dumps(cfg))
-    result = run_offline_table_sets(tmp_path, tiny_sketched, [(PROMPTS[0], other)])
-    assert "trained on codes with fingerprint sha256:0000" in result["error"], result
-    assert str(other) in result["error"] and "serve it with the base it was trained on" in result["error"]
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_table_sets["a"], truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_sketched.parent / "dense")
+    get_peft_model(dense, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    dense = AutoModelForCausalLM.from_pretrained(tiny_sketched.parent / "dense")
+    own_codes = tmp_path / "own-codes"
+    get_peft_model(dense, SpaLLMConfig(target_modules=["down_proj"], groups_per_row=3)).save_pretrained(own_codes)
+    adapters = {"other": other, "truncated": truncated, "lora": tmp_path / "lora", "own": own_codes,
+                "good": tiny_table_sets["a"]}  # fmt: skip
+    (tmp_path / "adapters.json").write_text(json.dumps({k: str(v) for k, v in adapters.items()}))
+    out = tmp_path / "refusals.json"
+    args = [tiny_sketched, tmp_path / "adapters.json", out, json.dumps(TARGETS)]
+    result = _run_vllm_script(tmp_path / "refusals.py", REFUSALS, args, 1, out)
+    errors = result["errors"]
+    assert errors["good"] is None
+    assert "trained on codes with fingerprint sha256:0000" in errors["other"], errors
+    assert "serve it with the base it was trained on" in errors["other"]
+    assert "truncated" in errors["truncated"] or "data" in errors["truncated"], errors
+    assert "not a SpaLLM adapter" in errors["lora"], errors
+    assert "carries its own codes" in errors["own"] and "spallm merge" in errors["own"], errors
+    for name in ("other", "truncated", "lora", "own"):
+        assert str(adapters[name]) in errors[name]
+    assert result["base_tokens"] == run_offline(tmp_path, tiny_sketched, [[1, 5, 9, 13]])[0]["tokens"][:4]
 
 
 def _post_status(url: str, body: dict) -> tuple[int, str]:
