@@ -481,10 +481,11 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     own_codes = tmp_path / "own-codes"
     get_peft_model(dense, SpaLLMConfig(target_modules=["down_proj"], groups_per_row=3)).save_pretrained(own_codes)
     adapters = {"other": other, "truncated": truncated, "lora": tmp_path / "lora", "own": own_codes,
-                "good": tiny_table_sets["a"]}  # fmt: skip
+                "unserved": tiny_table_sets["a"], "good": tiny_table_sets["b"]}  # fmt: skip
     (tmp_path / "adapters.json").write_text(json.dumps({k: str(v) for k, v in adapters.items()}))
     out = tmp_path / "refusals.json"
-    args = [tiny_sketched, tmp_path / "adapters.json", out, json.dumps(TARGETS)]
+    served = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]  # adapter a also adapts o_proj, down_proj
+    args = [tiny_sketched, tmp_path / "adapters.json", out, json.dumps(served)]
     result = _run_vllm_script(tmp_path / "refusals.py", REFUSALS, args, 1, out)
     errors = result["errors"]
     assert errors["good"] is None
@@ -493,7 +494,8 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     assert "truncated" in errors["truncated"] or "data" in errors["truncated"], errors
     assert "not a SpaLLM adapter" in errors["lora"], errors
     assert "carries its own codes" in errors["own"] and "spallm merge" in errors["own"], errors
-    for name in ("other", "truncated", "lora", "own"):
+    assert "is not served with table sets here" in errors["unserved"] and "--lora-target-modules" in errors["unserved"]
+    for name in ("other", "truncated", "lora", "own", "unserved"):
         assert str(adapters[name]) in errors[name]
     assert result["base_tokens"] == run_offline(tmp_path, tiny_sketched, [[1, 5, 9, 13]])[0]["tokens"][:4]
 

@@ -226,16 +226,15 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
     served.check_codes_fingerprint(sorted(modules), config.get("base_codes_fingerprint"), where=path)
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
-    expected = set(worker_manager._adapter_manager.supported_lora_modules)
-    for packed, parts in worker_manager._adapter_manager.packed_modules_mapping.items():
-        if packed in expected:
-            expected.update(parts)
+    manager = worker_manager._adapter_manager
+    wrapped = set(manager.modules).union(*manager.packed_modules.values())
     loras = {}
     for module, parts in sorted(modules.items()):
         name = mapper._map_name(module) if mapper is not None else module
-        if name is None or name.rsplit(".", 1)[-1] not in expected:
+        if name is None or name not in wrapped:
             raise AdapterBaseMismatchError(
-                f"{path}: adapted layer {module} is not a layer this model serves adapters on"
+                f"{path}: adapted layer {module} is not served with table sets here (it would silently keep "
+                "the base tables): add its name to --lora-target-modules"
             )
         tables = parts["tables"]
         loras[name] = LoRALayerWeights(
