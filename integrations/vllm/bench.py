@@ -110,6 +110,7 @@ def run_table_sets_bench(
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
+    from spallm_plugins.bench import BenchUnavailableError
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.hooks import architecture_for
@@ -117,6 +118,12 @@ def run_table_sets_bench(
     from spallm_plugins.models import cache_dir, load_model, resolve_model
     from spallm_plugins.pipeline import sketch_to_folder
 
+    from .serve import vllm_version
+
+    try:
+        vllm_version()  # before any work
+    except ModuleNotFoundError as err:
+        raise BenchUnavailableError(str(err)) from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dense = resolve_model(model_ref)
