@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,15 +219,21 @@ def safetensors_files(directory: str | os.PathLike, prefix: str = "model") -> li
     return sorted(directory.glob(f"{prefix}*.safetensors"))
 
 
-def read_tensors(directory: str | os.PathLike, prefix: str = "model", device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of a (possibly sharded) safetensors checkpoint."""
-    from safetensors import SafetensorError
+def read_tensors(
+    directory: str | os.PathLike, prefix: str = "model", device: str = "cpu", names: Collection[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the tensors of a (possibly sharded) safetensors checkpoint: every one, or only ``names``."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
     for f in safetensors_files(directory, prefix):
         try:
-            out.update(load_file(str(f), device=device))
+            if names is None:
+                out.update(load_file(str(f), device=device))
+                continue
+            with safe_open(str(f), framework="pt", device=device) as fh:
+                out.update({n: fh.get_tensor(n) for n in fh.keys() if n in names})
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{f}: cannot read safetensors file ({err})") from None
     return out

@@ -38,7 +38,7 @@ from spallm_plugins.format import (
     AdapterBaseMismatchError,
     codes_fingerprint,
     packed_width,
-    safetensors_files,
+    read_tensors,
     validate_checkpoint,
 )
 from spallm_plugins.hooks import architecture_for
@@ -128,13 +128,8 @@ class SpaLLMQuantizationConfig(QuantizationConfig):
             )
         key = tuple(sorted(modules))
         if key not in self._fingerprints:
-            from safetensors import safe_open
-
-            wanted = {m + CODES_SUFFIX: m for m in key}
-            codes: dict[str, torch.Tensor] = {}
-            for file in safetensors_files(self.checkpoint_dir):
-                with safe_open(str(file), framework="pt") as f:
-                    codes.update({wanted[n]: f.get_tensor(n) for n in f.keys() if n in wanted})
+            stored = read_tensors(self.checkpoint_dir, names={m + CODES_SUFFIX for m in key})
+            codes = {n.removesuffix(CODES_SUFFIX): t for n, t in stored.items()}
             missing = sorted(set(key) - set(codes))
             if missing:
                 raise AdapterBaseMismatchError(

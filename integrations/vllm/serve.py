@@ -41,7 +41,7 @@ def with_table_set_targets(argv: list[str]) -> list[str]:
     from spallm_plugins.format import validate_checkpoint
 
     try:
-        _, prefixes = validate_checkpoint(model)
+        _, prefixes = validate_checkpoint(model, against_model=False)  # headers only: vLLM checks the rest
     except ValueError:
         return argv  # not sketched (or damaged): vLLM's own loading says so
     return [*argv, "--lora-target-modules", *sorted({p.rsplit(".", 1)[-1] for p in prefixes})]
