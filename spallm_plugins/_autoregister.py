@@ -2,17 +2,18 @@
 
 The installed ``spallm_plugins_autoregister.pth`` imports this module at interpreter start. It imports
 nothing heavy: it adds a meta-path finder that, once ``transformers.quantizers.auto`` (or ``peft``)
-has finished executing, calls the matching integration's ``register()``. Set
-``SPALLM_NO_AUTOREGISTER=1`` to opt out.
+has finished executing, asks the integrations to register with that host through the
+``spallm_register_host`` hook (:func:`spallm_plugins.hooks.register_host`), so the core names no
+integration. Set ``SPALLM_NO_AUTOREGISTER=1`` to opt out.
 """
 
 import os
 import sys
 
-# module being imported -> integration whose register() runs right after it
+# module being imported -> host whose registration runs right after it
 TRIGGERS = {
-    "transformers.quantizers.auto": "spallm_plugins.integrations.transformers.quantizer",
-    "peft": "spallm_plugins.integrations.peft.registration",  # the package: PEFT is complete then
+    "transformers.quantizers.auto": "transformers",
+    "peft": "peft",  # the package: PEFT is complete then
 }
 OPT_OUT_VARIABLE = "SPALLM_NO_AUTOREGISTER"
 
@@ -23,17 +24,13 @@ def _warn(target: str, err: BaseException) -> None:
     logging.getLogger("spallm_plugins").warning("spallm: automatic registration via %s failed: %r", target, err)
 
 
-def _run_registration(target: str) -> None:
-    import importlib
-
+def _run_registration(host: str) -> None:
     try:
-        importlib.import_module(target).register()
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("spallm_plugins.integrations"):
-            return  # that integration is not part of this build
-        _warn(target, err)
+        from .hooks import register_host
+
+        register_host(host)
     except Exception as err:  # never break the host library's import
-        _warn(target, err)
+        _warn(host, err)
 
 
 class _RegisteringLoader:

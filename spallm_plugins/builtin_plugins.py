@@ -1,4 +1,7 @@
-"""The plugins that ship with spallm-plugins: the reference kernel and the known architectures."""
+"""The plugins that ship with spallm-plugins: the reference and Triton kernels, the known architectures.
+
+Registered through this package's own ``spallm`` entry point (``builtin``), like any third-party plugin.
+"""
 
 from __future__ import annotations
 

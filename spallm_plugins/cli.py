@@ -46,11 +46,12 @@ def _config_from_args(args: argparse.Namespace, base: SketchConfig | None = None
 def cmd_sketch(args: argparse.Namespace) -> int:
     from .pipeline import sketch_to_folder
 
+    options = vars(args)
+    if options.get("method", "gptq" if options.get("calibration") else "kmeans") == "gptq":
+        args.method = "gptq"
+        args.nsamples = options.get("nsamples", 64)
+        args.seqlen = options.get("seqlen", 256)
     config = _config_from_args(args)
-    if config.calibration and "method" not in vars(args):
-        config = config.replace(method="gptq")
-    if config.method == "gptq":
-        config = config.replace(nsamples=config.nsamples or 64, seqlen=config.seqlen or 256)
     report = sketch_to_folder(
         args.model,
         args.out,
@@ -144,8 +145,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> list[dict[str, Any]]:
     import torch
 
+    from .hooks import explain_backends
     from .kernels import LUTProblem
-    from .ops import explain_backends
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     _, out_f, in_f = layers[0]
@@ -216,6 +217,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     report = merge_adapter(args.base, args.adapter, args.out)
     kind = "tables replaced, codes copied" if report["sketched_base"] else "weights replaced by the adapter's codes"
     print(f"merged {report['merged_layers']} layers ({kind}) -> {args.out}")
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from .merge import record_codes_fingerprint
+
+    fingerprint = record_codes_fingerprint(args.adapter, args.base)
+    print(f"{args.adapter}: base_codes_fingerprint = {fingerprint[:19]}... (codes of {args.base})")
     return 0
 
 
@@ -365,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output folder (written atomically, validated)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("fingerprint", help="record which base's codes an old adapter (saved without one) belongs to")
+    p.add_argument("adapter", help="the adapter folder whose adapter_config.json lacks base_codes_fingerprint")
+    p.add_argument("--base", required=True, help="the sketched base it was trained on")
+    p.set_defaults(func=cmd_fingerprint)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")

@@ -19,6 +19,31 @@ TABLE_DTYPES = ("float16", "bfloat16", "float32")
 SKETCH_METHODS = ("kmeans", "gptq")
 
 
+def packing_unit(bits: int) -> tuple[int, int]:
+    """``(codes, bytes)`` of one packing unit of format v1: the one bits-to-packing rule.
+
+    4-bit: two codes per byte; 2-bit: four per byte; 3-bit: eight codes per three bytes (a 24-bit
+    word). Every packer, validator and loader derives its widths from this.
+    """
+    if bits == 3:
+        return 8, 3
+    if bits in (2, 4):
+        return 8 // bits, 1
+    raise ValueError(f"no format-v1 packing for {bits}-bit codes (expected one of {SUPPORTED_BITS})")
+
+
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per row of packed codes for a row of ``in_features`` codes."""
+    codes, nbytes = packing_unit(bits)
+    return in_features // codes * nbytes
+
+
+def unpacked_width(packed_columns: int, bits: int) -> int:
+    """``in_features`` of a row of ``packed_columns`` bytes."""
+    codes, nbytes = packing_unit(bits)
+    return packed_columns // nbytes * codes
+
+
 class SketchConfigError(ValueError):
     """A sketch configuration value or key is invalid; the message names the key and what was expected."""
 
@@ -59,6 +84,14 @@ class SketchConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if isinstance(self.modules_to_not_convert, str):  # one name, as transformers users often write it
+            self.modules_to_not_convert = [self.modules_to_not_convert]
+        elif self.modules_to_not_convert is None:  # transformers' configs write null for "none"
+            self.modules_to_not_convert = []
+        elif isinstance(self.modules_to_not_convert, tuple):
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
         self.validate()
 
     @property
@@ -77,7 +110,7 @@ class SketchConfig:
 
         if self.format_version != FORMAT_VERSION:
             fail("format_version", self.format_version, f"{FORMAT_VERSION} (the format this version reads)")
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             fail("bits", self.bits, f"one of {SUPPORTED_BITS}")
         if (
             isinstance(self.groups_per_row, bool)
@@ -93,8 +126,10 @@ class SketchConfig:
             isinstance(self.target_modules, str) or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
             fail("target_modules", self.target_modules, "null or a list of module names")
-        if not all(isinstance(t, str) for t in self.modules_to_not_convert):
-            fail("modules_to_not_convert", self.modules_to_not_convert, "a list of module names")
+        if not isinstance(self.modules_to_not_convert, list) or not all(
+            isinstance(t, str) and t for t in self.modules_to_not_convert
+        ):
+            fail("modules_to_not_convert", self.modules_to_not_convert, "a module name or a list of module names")
         if (
             isinstance(self.refit_rounds, bool)
             or not isinstance(self.refit_rounds, int)
@@ -105,6 +140,11 @@ class SketchConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(key, value, "a non-negative integer")
+        if self.method == "gptq" and (self.nsamples < 1 or self.seqlen < 1):
+            raise SketchConfigError(
+                f"SketchConfig: method 'gptq' is calibrated and needs nsamples >= 1 and seqlen >= 1 "
+                f"(got nsamples={self.nsamples}, seqlen={self.seqlen}); use method 'kmeans' for a data-free sketch"
+            )
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
             fail("damping", self.damping, "a number in [0, 1) (fraction of the mean Hessian diagonal)")
         if (
@@ -124,10 +164,10 @@ class SketchConfig:
                 f"{where}: groups_per_row={self.groups_per_row} does not divide in_features={in_features}; "
                 f"choose a groups_per_row that divides {in_features} or exclude this module"
             )
-        per_byte_multiple = 8 if self.bits == 3 else 8 // self.bits
-        if in_features % per_byte_multiple:
+        per_unit, _ = packing_unit(self.bits)
+        if in_features % per_unit:
             raise ValueError(
-                f"{where}: in_features={in_features} must be a multiple of {per_byte_multiple} "
+                f"{where}: in_features={in_features} must be a multiple of {per_unit} "
                 f"to pack {self.bits}-bit codes (format v1)"
             )
 

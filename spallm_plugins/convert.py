@@ -1,8 +1,10 @@
-"""Find a model's target linears and swap them for SketchedLinear (sketched now, or empty for loading)."""
+"""Find a model's target linears, swap them for (empty) SketchedLinear layers, plan a sketch from shapes.
+
+Model surgery only: the sketcher (:mod:`spallm_plugins.sketch`) builds sketched layers on top of this.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +51,7 @@ def resolve_targets(model: nn.Module, config: SketchConfig) -> dict[str, nn.Line
     targets = config.target_modules if config.target_modules is not None else default
     found: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, SketchedLinear):
-            continue
-        if is_target(name, config, default):
+        if isinstance(module, nn.Linear) and is_target(name, config, default):
             found[name] = module
     if not found:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -77,27 +77,6 @@ def replace_with_empty(model: nn.Module, config: SketchConfig, device: torch.dev
         set_submodule(model, name, SketchedLinear.empty_like(linear, config, device))
         names.append(name)
     return names
-
-
-def sketch_model(
-    model: nn.Module,
-    config: SketchConfig,
-    hessians: Callable[[str], torch.Tensor | None] | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Sketch every target linear in place (data-free unless ``hessians(name)`` gives one).
-
-    Returns the per-layer sketch loss. Each dense weight is freed as soon as its layer is replaced.
-    """
-    from tqdm.auto import tqdm
-
-    targets = resolve_targets(model, config)
-    losses: dict[str, float] = {}
-    for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
-        layer = SketchedLinear.from_linear(linear, config, hessian=hessians(name) if hessians else None, name=name)
-        set_submodule(model, name, layer)
-        losses[name] = layer.sketch_result.loss
-    return losses
 
 
 def sketched_layers(model: nn.Module) -> dict[str, SketchedLinear]:

@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from .config import FORMAT_VERSION, QUANT_METHOD, SketchConfig, SketchConfigError
+from .config import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    TABLE_DTYPES,
+    SketchConfig,
+    SketchConfigError,
+    packing_unit,
+    unpacked_width,
+)
 
 CODES_SUFFIX = ".codes"
 TABLES_SUFFIX = ".tables"
@@ -49,16 +57,6 @@ class AdapterBaseMismatchError(ValueError):
     """An adapter's table sets belong to other codes (or sketch settings) than the model it is put on."""
 
 
-def packed_width(in_features: int, bits: int) -> int:
-    """Bytes per row of packed codes."""
-    return in_features * bits // 8
-
-
-def unpacked_width(packed_columns: int, bits: int) -> int:
-    """``in_features`` of a row of ``packed_columns`` bytes."""
-    return packed_columns * 8 // bits
-
-
 def pack_codes(codes: torch.Tensor, bits: int, name: str = "codes") -> torch.Tensor:
     """Pack integer codes ``[rows, in]`` (values ``0..2**bits-1``) into uint8 ``[rows, in*bits//8]``."""
     if codes.dim() != 2:
@@ -66,7 +64,7 @@ def pack_codes(codes: torch.Tensor, bits: int, name: str = "codes") -> torch.Ten
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor of codes, got {codes.dtype}")
     rows, cols = codes.shape
-    group = 8 if bits == 3 else 8 // bits
+    group, _ = packing_unit(bits)
     if cols % group:
         raise ValueError(f"{name}: {cols} columns cannot be packed at {bits} bits (need a multiple of {group})")
     low, high = (int(v) for v in codes.aminmax()) if codes.numel() else (0, 0)
@@ -340,61 +338,47 @@ def validate_sketched_tensors(
                 f"{where}: tensor {tables_name} has shape {list(tshape)}, expected {list(expected)} "
                 f"(out_features, groups_per_row={config.groups_per_row}, 2**bits={config.num_codes})"
             )
-        if tdtype not in ("float16", "bfloat16", "float32"):
-            raise CheckpointError(f"{where}: tensor {tables_name} has dtype {tdtype}, expected a float dtype")
+        if tdtype not in TABLE_DTYPES:
+            raise CheckpointError(f"{where}: tensor {tables_name} has dtype {tdtype}, expected one of {TABLE_DTYPES}")
         bias_name = p + BIAS_SUFFIX
-        if bias_name in shapes and tuple(shapes[bias_name][0]) != (out_features,):
-            raise CheckpointError(
-                f"{where}: tensor {bias_name} has shape {list(shapes[bias_name][0])}, expected [{out_features}]"
-            )
+        if bias_name in shapes:
+            bshape, bdtype = shapes[bias_name]
+            if tuple(bshape) != (out_features,):
+                raise CheckpointError(
+                    f"{where}: tensor {bias_name} has shape {list(bshape)}, expected [{out_features}]"
+                )
+            if bdtype not in TABLE_DTYPES:
+                raise CheckpointError(
+                    f"{where}: tensor {bias_name} has dtype {bdtype}, expected a float dtype ({', '.join(TABLE_DTYPES)})"
+                )
     return prefixes
 
 
-def expected_shapes(model, config: SketchConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``prefix -> (codes shape, tables shape)`` that ``config`` gives the targets of ``model``."""
-    from .convert import resolve_targets
+def check_finite_tables(directory: str | os.PathLike, prefixes: Collection[str], prefix: str = "model") -> None:
+    """Refuse tables holding NaN or infinity (a damaged or diverged checkpoint), naming the tensor.
 
-    return {
-        name: (
-            (m.out_features, packed_width(m.in_features, config.bits)),
-            (m.out_features, config.groups_per_row, config.num_codes),
-        )
-        for name, m in resolve_targets(model, config).items()
-    }
-
-
-def validate_against_model(
-    shapes: dict[str, tuple[tuple[int, ...], str]],
-    expected: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
-    where: str,
-) -> None:
-    """Every linear the config selects must be stored with exactly the shapes its layer needs."""
-    stored = {n[: -len(CODES_SUFFIX)] for n in shapes if n.endswith(CODES_SUFFIX)}
-    missing = sorted(set(expected) - stored)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"{where}: no codes stored for sketched linear(s) {missing[:3]}{more}")
-    extra = sorted(stored - set(expected))
-    if extra:
-        raise CheckpointError(f"{where}: tensor {extra[0]}{CODES_SUFFIX} belongs to no linear the config selects")
-    for prefix, (codes_shape, tables_shape) in expected.items():
-        for suffix, want in ((CODES_SUFFIX, codes_shape), (TABLES_SUFFIX, tables_shape)):
-            got = tuple(shapes[prefix + suffix][0])
-            if got != want:
-                raise CheckpointError(
-                    f"{where}: tensor {prefix}{suffix} has shape {list(got)}, expected {list(want)} "
-                    f"from the model config"
-                )
+    Reads only the ``P.tables`` tensors (a few MB even for 70B models), never the codes.
+    """
+    names = {p + TABLES_SUFFIX for p in prefixes}
+    for name, tensor in read_tensors(directory, prefix, names=names).items():
+        if not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{directory}: tensor {name} holds {bad} non-finite value(s) (NaN or inf); "
+                "the checkpoint is damaged or its fine-tune diverged"
+            )
 
 
-def validate_checkpoint(directory: str | os.PathLike, against_model: bool = True) -> tuple[SketchConfig, list[str]]:
-    """Validate a sketched checkpoint folder without loading tensor data.
+def validate_checkpoint_files(
+    directory: str | os.PathLike, *, check_values: bool = True
+) -> tuple[SketchConfig, list[str]]:
+    """Validate a sketched checkpoint folder from its files alone (no model, no transformers).
 
     Checks format version and config keys, that every ``P.codes`` is packed uint8 with a matching
-    ``P.tables`` of shape ``[out, groups_per_row, 2**bits]``, group divisibility, and bias shapes;
-    with ``against_model``, also that the shapes are those the model config (built on the meta
-    device) needs. Returns the config and the sketched module prefixes; raises
-    :class:`CheckpointError` naming the file and tensor otherwise.
+    ``P.tables`` of shape ``[out, groups_per_row, 2**bits]``, group divisibility, bias shapes and
+    dtypes, and (``check_values``) that every table value is finite. Returns the config and the
+    sketched module prefixes; raises :class:`CheckpointError` naming the file and tensor otherwise.
+    Checks against the model's architecture are in :mod:`spallm_plugins.validate`.
     """
     config = load_quantization_config(directory)
     headers = read_headers(directory)
@@ -404,12 +388,86 @@ def validate_checkpoint(directory: str | os.PathLike, against_model: bool = True
     prefixes = validate_sketched_tensors(shapes, config, str(directory))
     if not prefixes:
         raise CheckpointError(f"{directory}: quantization_config says spallm but no '*.codes' tensors are stored")
-    if against_model:
-        from .models import meta_model_from_config
-
-        model, _ = meta_model_from_config(directory)
-        validate_against_model(shapes, expected_shapes(model, config), str(directory))
+    if check_values:
+        check_finite_tables(directory, prefixes)
     return config, prefixes
+
+
+def stored_sketch_tensors(directory: str | os.PathLike, prefix: str = "model") -> list[str]:
+    """Names of ``P.codes`` / ``P.tables`` tensors in a folder's safetensors files (headers only)."""
+    return sorted(n for n in read_headers(directory, prefix) if n.endswith(CODES_SUFFIX) or n.endswith(TABLES_SUFFIX))
+
+
+def refuse_sketch_without_config(directory: str | os.PathLike) -> None:
+    """A folder storing sketched tensors whose ``config.json`` lacks a SpaLLM ``quantization_config``.
+
+    transformers would load it as a dense model with random weights and only warn; every spallm
+    entry point calls this first and refuses such a folder, naming a tensor.
+    """
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file() or not safetensors_files(directory):
+        return
+    quant = read_json(cfg_path).get("quantization_config") or {}
+    if quant.get("quant_method") == QUANT_METHOD:
+        return
+    found = stored_sketch_tensors(directory)
+    if found:
+        what = f"quant_method={quant.get('quant_method')!r}" if quant else "no quantization_config"
+        raise CheckpointError(
+            f"{cfg_path}: {what}, but the weights store sketched tensors (e.g. {found[0]}); loaded as a dense "
+            "model they would be random weights. Restore the SpaLLM quantization_config (quant_method: "
+            '"spallm", bits, groups_per_row, ...) written by `spallm sketch`'
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# adapters: table sets saved by the PEFT method, read without PEFT
+
+
+def read_adapter(
+    adapter_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], SketchConfig, dict[str, dict[str, torch.Tensor]]]:
+    """``(adapter_config, sketch settings, {module: {"tables": t, "codes": c?}})`` of a saved adapter."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights = adapter_dir / ADAPTER_CONFIG_NAME, adapter_dir / ADAPTER_WEIGHTS_NAME
+    for path in (cfg_path, weights):
+        if not path.is_file():
+            raise CheckpointError(f"{adapter_dir}: no {path.name} (expected a saved SpaLLM adapter folder)")
+    cfg = read_json(cfg_path)
+    if cfg.get("peft_type") != "SPALLM":
+        raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'SPALLM'")
+    fields = {k: cfg[k] for k in SketchConfig.field_names() if k in cfg and k != "target_modules"}
+    try:
+        sketch = SketchConfig.from_dict(fields, where=str(cfg_path))
+    except SketchConfigError as err:
+        raise CheckpointError(str(err)) from None
+    read_file_headers([weights])  # names a truncated or malformed file before loading it
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(weights)).items():
+        key = name.removeprefix(ADAPTER_KEY_PREFIX)
+        for suffix, kind in ((ADAPTER_TABLES_SUFFIX, "tables"), (ADAPTER_CODES_SUFFIX, "codes")):
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[kind] = tensor
+    for module, parts in modules.items():
+        if "tables" not in parts:
+            raise CheckpointError(f"{weights}: codes for {module} but no {ADAPTER_TABLES_SUFFIX} tensor")
+        want = (parts["tables"].shape[0], sketch.groups_per_row, sketch.num_codes)
+        if tuple(parts["tables"].shape) != want or not parts["tables"].is_floating_point():
+            raise CheckpointError(
+                f"{weights}: tensor {ADAPTER_KEY_PREFIX}{module}{ADAPTER_TABLES_SUFFIX} is {parts['tables'].dtype} "
+                f"{list(parts['tables'].shape)}, expected a float tensor of shape {list(want)}"
+            )
+        if not torch.isfinite(parts["tables"]).all():
+            raise CheckpointError(
+                f"{weights}: tensor {ADAPTER_KEY_PREFIX}{module}{ADAPTER_TABLES_SUFFIX} holds non-finite values "
+                "(NaN or inf); the fine-tune diverged or the file is damaged"
+            )
+    if not modules:
+        raise CheckpointError(f"{weights}: no {ADAPTER_TABLES_SUFFIX} tensors")
+    return cfg, sketch, modules
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,3 +493,28 @@ def codes_fingerprint(named_codes: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{list(codes.shape)};".encode())
         digest.update(codes.detach().contiguous().cpu().numpy())  # buffer protocol: no copy
     return FINGERPRINT_PREFIX + digest.hexdigest()
+
+
+def check_codes_fingerprint(
+    adapter_config: dict[str, Any], base_named_codes: dict[str, torch.Tensor] | str, *, adapter: str, base: str
+) -> None:
+    """The one policy for putting a table set on a base: its recorded codes fingerprint must match.
+
+    ``base_named_codes``: the base's codes of the adapted layers (or their fingerprint, when cached).
+    An adapter without ``base_codes_fingerprint`` is refused everywhere (PEFT, merge, vLLM): its
+    tables cannot be checked against codes, and on other codes they are silent garbage.
+    """
+    expected = adapter_config.get("base_codes_fingerprint")
+    if not expected:
+        raise AdapterBaseMismatchError(
+            f"{adapter}: adapter_config.json has no base_codes_fingerprint, so the codes it was trained on cannot "
+            f"be checked against {base}. If it was trained on that base, record its fingerprint with "
+            f"`spallm fingerprint {adapter} --base BASE_DIR` (re-saves adapter_config.json)"
+        )
+    actual = base_named_codes if isinstance(base_named_codes, str) else codes_fingerprint(base_named_codes)
+    if actual != expected:
+        raise AdapterBaseMismatchError(
+            f"{adapter}: trained on codes with fingerprint {expected[:19]}..., but {base} has other codes "
+            f"({actual[:19]}...): use the base it was trained on "
+            f"({adapter_config.get('base_model_name_or_path')})"
+        )

@@ -23,6 +23,8 @@ from importlib.metadata import entry_points
 
 import pluggy
 
+from .kernels import KernelBackend, LUTProblem
+
 PROJECT = "spallm"
 ENTRY_POINT_GROUP = "spallm"
 
@@ -53,15 +55,32 @@ class SpallmHookSpecs:
     def spallm_architectures(self) -> list[ArchitectureSpec]:
         """Return architecture specs: default targets and fused-module names per model type."""
 
+    @hookspec
+    def spallm_register_host(self, host: str) -> bool | None:
+        """Register spallm with the host library ``host`` (``"transformers"``, ``"peft"``) now.
+
+        An integration that serves ``host`` registers (idempotently) and returns True; others
+        return None. This is how the core asks for registration without importing an integration.
+        """
+
+
+BUILTIN_PLUGIN = "builtin"  # this package's own entry point: the reference and Triton kernels, known architectures
+
+
+class PluginsMissingError(RuntimeError):
+    """The package's own ``spallm`` entry points are not installed (e.g. run from a source tree)."""
+
 
 @functools.cache
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager: built-ins first, then every ``spallm`` entry point."""
-    from . import builtin_plugins
+    """The process-wide plugin manager: every ``spallm`` entry point, this package's own included.
 
+    The built-in plugins come through the same entry-point group as third-party ones (no import
+    from here), so a source tree without installed metadata has none: install it (``pip install
+    --no-deps -e .``) and :func:`kernel_backends` says so otherwise.
+    """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(SpallmHookSpecs)
-    pm.register(builtin_plugins, name="spallm-builtin")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if pm.has_plugin(ep.name):
             continue
@@ -84,15 +103,38 @@ def unregister_plugin(plugin: object) -> None:
 
 
 def _plugins_changed() -> None:
-    from .ops import select_backend
-
     select_backend.cache_clear()
 
 
-def kernel_backends() -> list:
+def kernel_backends() -> list[KernelBackend]:
     """All registered kernel backends, highest priority first."""
     backends = [b for group in get_plugin_manager().hook.spallm_kernel_backends() for b in group]
+    if not backends:
+        raise PluginsMissingError(
+            "spallm: no kernel backends are registered: the package's 'spallm' entry points are missing "
+            "(running from a source tree?); install it: pip install --no-deps --no-build-isolation -e ."
+        )
     return sorted(backends, key=lambda b: -b.priority)
+
+
+def explain_backends(problem: LUTProblem) -> list[tuple[str, bool, str]]:
+    """``(name, accepted, reason)`` for every backend in priority order (for ``spallm info --kernels``)."""
+    return [(b.name, *b.can_implement(problem)) for b in kernel_backends()]
+
+
+@functools.lru_cache(maxsize=1024)
+def select_backend(problem: LUTProblem) -> KernelBackend:
+    """The highest-priority backend that accepts ``problem`` (cached per problem; cleared when plugins change)."""
+    for backend in kernel_backends():
+        ok, _ = backend.can_implement(problem)
+        if ok:
+            return backend
+    raise RuntimeError(f"no spallm kernel backend can run {problem}")
+
+
+def register_host(host: str) -> bool:
+    """Ask the integrations to register spallm with ``host`` now; True when one did."""
+    return any(get_plugin_manager().hook.spallm_register_host(host=host))
 
 
 def architectures() -> list[ArchitectureSpec]:

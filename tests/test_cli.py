@@ -37,8 +37,21 @@ def test_info_llama2_7b_table_values_from_config_alone(llama2_config, gpr, print
 
 
 def test_info_kernels_explains_the_choice(llama2_config):
+    rows = json.loads(run_cli("info", str(llama2_config), "--kernels", "--json").stdout)["kernels"]
+    cpu = [r for r in rows if r["case"].startswith("cpu ")]
+    assert {r["case"] for r in cpu} == {
+        "cpu float16 M=1 4096x4096",
+        "cpu bfloat16 M=256 4096x4096",
+        "cpu float32 M=256 4096x4096",
+    }
+    for case in {r["case"] for r in cpu}:
+        verdicts = {r["backend"]: (r["accepted"], r["reason"]) for r in cpu if r["case"] == case}
+        assert verdicts["reference"] == (True, "")
+        accepted, reason = verdicts["triton"]
+        assert not accepted and reason in ("runs on CUDA, not cpu (CPU tests use TRITON_INTERPRET=1)",
+                                           "triton is not installed (pip install 'spallm-plugins[triton]')")  # fmt: skip
     out = run_cli("info", str(llama2_config), "--kernels").stdout
-    assert "reference" in out and "ok" in out
+    assert "cpu float32 M=256 4096x4096" in out and "no: runs on CUDA, not cpu" in out
 
 
 def test_sketch_then_eval_then_info(tmp_path, dense_dir):

@@ -51,3 +51,42 @@ def test_in_features_checks():
         SketchConfig(groups_per_row=3).check_in_features(64, "model.layers.0.mlp.up_proj")
     with pytest.raises(ValueError, match="multiple of 8"):
         SketchConfig(bits=3).check_in_features(12)
+
+
+def test_modules_to_not_convert_accepts_one_name_and_null():
+    assert SketchConfig(modules_to_not_convert="lm_head").modules_to_not_convert == ["lm_head"]
+    assert SketchConfig.from_dict({"modules_to_not_convert": None}).modules_to_not_convert == []
+    with pytest.raises(SketchConfigError, match=r"modules_to_not_convert=\[3\] is invalid"):
+        SketchConfig(modules_to_not_convert=[3])
+
+
+def test_a_string_exclusion_excludes_that_module():
+    from spallm_plugins.convert import is_target
+
+    config = SketchConfig(modules_to_not_convert="lm_head")
+    assert not is_target("lm_head", config, None)
+    assert is_target("model.layers.0.mlp.up_proj", config, None)
+
+
+def test_float_bits_are_refused_up_front():
+    with pytest.raises(SketchConfigError, match=r"SketchConfig.bits=4.0 is invalid: expected one of \(2, 3, 4\)"):
+        SketchConfig(bits=4.0)
+
+
+def test_calibrated_method_needs_samples_before_any_model_is_loaded():
+    with pytest.raises(SketchConfigError, match=r"method 'gptq' is calibrated and needs nsamples >= 1"):
+        SketchConfig(method="gptq", nsamples=0, seqlen=256)
+    with pytest.raises(SketchConfigError, match=r"seqlen >= 1"):
+        SketchConfig(method="gptq", nsamples=8)
+    assert SketchConfig(method="gptq", nsamples=8, seqlen=32).method == "gptq"
+
+
+def test_packing_rule_is_defined_once():
+    from spallm_plugins.config import packed_width, packing_unit, unpacked_width
+
+    assert [packing_unit(b) for b in (2, 3, 4)] == [(4, 1), (8, 3), (2, 1)]
+    for bits in (2, 3, 4):
+        assert unpacked_width(packed_width(4096, bits), bits) == 4096
+        assert packed_width(4096, bits) == 4096 * bits // 8
+    with pytest.raises(ValueError, match="no format-v1 packing for 5-bit codes"):
+        packing_unit(5)

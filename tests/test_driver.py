@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, sample_words, tiny_llama
+from conftest import needs, run_cli, sample_words, tiny_llama
 from safetensors.torch import load_file
 
 from spallm_plugins.config import SketchConfig
-from spallm_plugins.convert import sketch_model
 from spallm_plugins.format import safetensors_files
 from spallm_plugins.pipeline import load_sketched, sketch_to_folder
+from spallm_plugins.sketch import sketch_model
 from spallm_plugins.sketch.calibration import CalibrationError
 from spallm_plugins.sketch.driver import PARTIAL_DIR, ResumeError, sketch_model_calibrated
 
@@ -97,7 +97,7 @@ def test_non_finite_activations_are_reported_with_the_layer():
 
 
 def test_cli_calibrated_sketch_with_report(tmp_path, dense_dir, calib_file):
-    pytest.importorskip("matplotlib")
+    needs("matplotlib", "pip install '.[bench]'")
     out = tmp_path / "cli"
     proc = run_cli("sketch", str(dense_dir), "--out", str(out), "--calib", str(calib_file), "--nsamples", "8",
                    "--seqlen", "32", "--bits", "4", "--gpr", "2", "--report", "--quiet")  # fmt: skip

@@ -15,10 +15,10 @@ from spallm_plugins.format import (
     read_tensors,
     safetensors_files,
     unpack_codes,
-    validate_checkpoint,
     write_json,
     write_tensors,
 )
+from spallm_plugins.validate import validate_checkpoint
 
 
 @settings(max_examples=60, deadline=None)
@@ -172,3 +172,71 @@ def test_validate_rejects_truncated_file(sketched_dir):
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         validate_checkpoint(sketched_dir)
+
+
+def test_validate_rejects_non_finite_tables_naming_the_tensor(sketched_dir):
+    name = "model.layers.1.mlp.up_proj.tables"
+    tables = torch.zeros(128, 2, 16, dtype=torch.float16)
+    tables[3, 1, 7] = float("nan")
+    _rewrite_tensor(sketched_dir, name, tables)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds 1 non-finite value"):
+        validate_checkpoint(sketched_dir)
+
+
+def test_validate_rejects_a_bias_that_is_not_float(tmp_path, sketched_dir):
+    name = "model.layers.0.self_attn.q_proj.bias"
+    (f,) = safetensors_files(sketched_dir)
+    tensors = load_file(str(f))
+    tensors[name] = torch.zeros(64, dtype=torch.int32)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {name} has dtype int32, expected a float dtype"):
+        validate_checkpoint(sketched_dir)
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["quantization_config"]
+    write_json(cfg_path, cfg)
+
+
+def test_every_entry_point_refuses_sketched_tensors_without_a_spallm_config(tmp_path, sketched_dir, dense_dir):
+    from conftest import run_cli
+
+    from spallm_plugins.merge import merge_adapter
+    from spallm_plugins.models import load_model
+    from spallm_plugins.pipeline import load_any
+
+    _drop_quantization_config(sketched_dir)
+    expected = r"config.json: no quantization_config, but the weights store sketched tensors \(e.g. model\.layers"
+    with pytest.raises(CheckpointError, match=expected):
+        load_any(sketched_dir)
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(sketched_dir)
+    with pytest.raises(CheckpointError, match=expected):
+        merge_adapter(sketched_dir, tmp_path / "no-adapter-needed", tmp_path / "out")  # checked before the adapter
+    proc = run_cli("eval", str(sketched_dir), "--seqlen", "16", "--max-windows", "1", check=False)
+    assert proc.returncode == 2 and "no quantization_config, but the weights store sketched tensors" in proc.stderr
+    assert load_model(dense_dir)[0] is not None  # a dense folder is still fine
+
+
+def test_serve_refuses_sketched_tensors_without_a_spallm_config(sketched_dir):
+    from spallm_plugins.integrations.vllm.serve import main
+
+    _drop_quantization_config(sketched_dir)
+    with pytest.raises(CheckpointError, match="no quantization_config, but the weights store sketched tensors"):
+        main(["--port", "8000", str(sketched_dir)])
+
+
+def test_serve_finds_the_model_after_options(sketched_dir):
+    from spallm_plugins.integrations.vllm.serve import served_model, with_table_set_targets
+
+    for argv in (["--port", "8000", str(sketched_dir), "--enable-lora"], [str(sketched_dir), "--enable-lora"],
+                 ["--enable-lora", "--model", str(sketched_dir)], [f"--model={sketched_dir}", "--enable-lora"]):  # fmt: skip
+        assert served_model(argv) == str(sketched_dir), argv
+        added = with_table_set_targets(argv)
+        assert added[len(argv)] == "--lora-target-modules"
+        assert sorted(added[len(argv) + 1 :]) == sorted(
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        )
+    assert served_model(["--tokenizer", str(sketched_dir), "--port", "8000"]) is None

@@ -33,7 +33,7 @@ def correlated_problem(out_f=48, in_f=64, n=2048, seed=0):
 def test_calibrated_beats_data_free_and_rtn_on_output_error():
     w, h = correlated_problem()
     for bits in (4, 3):
-        cal = sketch_linear(w, SketchConfig(bits=bits, groups_per_row=2, method="gptq"), h)
+        cal = sketch_linear(w, SketchConfig(bits=bits, groups_per_row=2, method="gptq", nsamples=1, seqlen=1), h)
         free = sketch_linear(w, SketchConfig(bits=bits, groups_per_row=2))
         cal_loss = layer_loss(w, dequantize(cal.codes, cal.tables, bits, torch.float32), h).sum()
         free_loss = layer_loss(w, dequantize(free.codes, free.tables, bits, torch.float32), h).sum()
@@ -45,7 +45,7 @@ def test_calibrated_beats_data_free_and_rtn_on_output_error():
 def test_refit_never_increases_the_loss():
     for seed in range(3):
         w, h = correlated_problem(seed=seed)
-        cfg = SketchConfig(bits=3, groups_per_row=4, method="gptq")
+        cfg = SketchConfig(bits=3, groups_per_row=4, method="gptq", nsamples=1, seqlen=1)
         with_refit = sketch_linear(w, cfg, h)
         without = sketch_linear(w, cfg.replace(refit=False), h)
         assert with_refit.loss <= with_refit.loss_before_refit
@@ -85,7 +85,7 @@ def test_error_feedback_with_identity_hessian_is_nearest_rounding():
 def test_act_order_round_trips_the_permutation():
     w, h = correlated_problem()
     h = h + torch.diag(torch.linspace(0, 5, 64))  # make the act-order permutation non-trivial
-    cfg = SketchConfig(bits=4, groups_per_row=4, method="gptq", act_order=True)
+    cfg = SketchConfig(bits=4, groups_per_row=4, method="gptq", nsamples=1, seqlen=1, act_order=True)
     result = sketch_linear(w, cfg, h)
     recomputed = layer_loss(w, dequantize(result.codes, result.tables, 4, torch.float32), h).sum()
     torch.testing.assert_close(torch.tensor(result.loss), recomputed, rtol=1e-4, atol=0)
@@ -101,7 +101,7 @@ def test_non_finite_hessian_is_refused():
     w, h = correlated_problem()
     h[3, 5] = float("nan")
     with pytest.raises(HessianError, match=r"proj: the Hessian has NaN or inf"):
-        sketch_linear(w, SketchConfig(method="gptq"), h, name="proj")
+        sketch_linear(w, SketchConfig(method="gptq", nsamples=1, seqlen=1), h, name="proj")
 
 
 def test_not_positive_definite_retries_with_more_damping_and_says_so(caplog):
@@ -109,7 +109,7 @@ def test_not_positive_definite_retries_with_more_damping_and_says_so(caplog):
     v = torch.randn(64, 3)
     h = v @ v.T - 1e-3 * torch.eye(64)  # rank 3 and slightly indefinite
     with caplog.at_level(logging.WARNING):
-        result = sketch_linear(w, SketchConfig(method="gptq", damping=0.0), h, name="proj")
+        result = sketch_linear(w, SketchConfig(method="gptq", nsamples=1, seqlen=1, damping=0.0), h, name="proj")
     assert result.damping > 0
     assert "proj: Hessian is not positive definite after damping; retrying with damping" in caplog.text
 
@@ -117,9 +117,9 @@ def test_not_positive_definite_retries_with_more_damping_and_says_so(caplog):
 def test_hopeless_hessian_gives_a_clear_error():
     w, _ = correlated_problem()
     with pytest.raises(HessianError, match="not positive definite even with damping"):
-        sketch_linear(w, SketchConfig(method="gptq"), -torch.eye(64), name="proj")
+        sketch_linear(w, SketchConfig(method="gptq", nsamples=1, seqlen=1), -torch.eye(64), name="proj")
 
 
 def test_gptq_without_a_hessian_asks_for_calibration():
     with pytest.raises(ValueError, match="needs calibration data"):
-        sketch_linear(torch.randn(8, 16), SketchConfig(method="gptq"))
+        sketch_linear(torch.randn(8, 16), SketchConfig(method="gptq", nsamples=1, seqlen=1))

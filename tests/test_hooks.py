@@ -6,10 +6,18 @@ import torch
 from conftest import run_python
 
 from spallm_plugins.format import pack_codes
-from spallm_plugins.hooks import architecture_for, hookimpl, kernel_backends, register_plugin, unregister_plugin
+from spallm_plugins.hooks import (
+    architecture_for,
+    explain_backends,
+    hookimpl,
+    kernel_backends,
+    register_plugin,
+    select_backend,
+    unregister_plugin,
+)
 from spallm_plugins.kernels import LUTProblem
 from spallm_plugins.kernels.reference import dequantize
-from spallm_plugins.ops import explain_backends, lut_linear, select_backend
+from spallm_plugins.ops import lut_linear
 
 
 class EvenRowsBackend:

@@ -9,11 +9,12 @@ import os
 
 import pytest
 import torch
+from conftest import needs
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+needs("triton", "pip install '.[triton]' (nox -s tests installs it)")
 
 from spallm_plugins.format import pack_codes  # noqa: E402
 from spallm_plugins.kernels import LUTProblem  # noqa: E402

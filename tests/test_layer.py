@@ -6,7 +6,11 @@ from torch import nn
 
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.format import unpack_codes
-from spallm_plugins.layer import SketchedLinear
+from spallm_plugins.sketch import sketch_layer
+
+
+def sketched(linear, config, **kwargs):
+    return sketch_layer(linear, config, **kwargs)[0]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -14,7 +18,7 @@ from spallm_plugins.layer import SketchedLinear
 def test_from_linear_stores_codes_and_tables(bits, gpr):
     torch.manual_seed(0)
     linear = nn.Linear(64, 24, bias=True)
-    layer = SketchedLinear.from_linear(linear, SketchConfig(bits=bits, groups_per_row=gpr))
+    layer = sketched(linear, SketchConfig(bits=bits, groups_per_row=gpr))
     assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (24, 64 * bits // 8)
     assert layer.tables.shape == (24, gpr, 1 << bits) and layer.tables.dtype == torch.float16
     assert [n for n, _ in layer.named_parameters()] == ["tables", "bias"]
@@ -36,20 +40,19 @@ def test_error_falls_with_more_groups():
     torch.manual_seed(0)
     linear = nn.Linear(256, 32)
     errs = [
-        (
-            SketchedLinear.from_linear(linear, SketchConfig(bits=2, groups_per_row=g)).dequantize(torch.float32)
-            - linear.weight
-        ).norm()
+        (sketched(linear, SketchConfig(bits=2, groups_per_row=g)).dequantize(torch.float32) - linear.weight).norm()
         for g in (1, 2, 4, 8)
     ]
     assert all(b < a for a, b in itertools.pairwise(errs))
 
 
-def test_training_updates_only_tables():
+def test_training_moves_only_the_tables():
     torch.manual_seed(0)
-    layer = SketchedLinear.from_linear(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
-    codes = layer.codes.clone()
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer = sketched(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
+    assert [n for n, p in layer.named_parameters()] == ["tables", "bias"]  # codes are a buffer, never a parameter
+    layer.bias.requires_grad_(False)  # what a table fine-tune does (PEFT marks only spallm_tables trainable)
+    codes, tables, bias = layer.codes.clone(), layer.tables.detach().clone(), layer.bias.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
     x, target = torch.randn(16, 32), torch.randn(16, 8)
     losses = []
     for _ in range(5):
@@ -59,16 +62,29 @@ def test_training_updates_only_tables():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    assert not torch.equal(layer.tables, tables)
+    assert layer.bias.grad is None and torch.equal(layer.bias, bias)
     assert torch.equal(layer.codes, codes)
+
+
+def test_from_result_takes_the_tensors_over_without_a_copy():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 8)
+    layer, result = sketch_layer(linear, SketchConfig(bits=3, groups_per_row=2))
+    assert layer.codes.data_ptr() == result.codes.data_ptr()
+    assert layer.tables.data_ptr() == result.tables.data_ptr()
+    assert layer.bias.dtype == linear.bias.dtype and layer.bias.data_ptr() != linear.bias.data_ptr()
+    assert (layer.in_features, layer.out_features, layer.bits, layer.groups_per_row) == (32, 8, 3, 2)
+    assert not hasattr(layer, "sketch_result")
 
 
 def test_groups_not_dividing_width_is_a_value_error():
     with pytest.raises(ValueError, match="groups_per_row=3 does not divide in_features=64"):
-        SketchedLinear.from_linear(nn.Linear(64, 8), SketchConfig(groups_per_row=3), name="proj")
+        sketched(nn.Linear(64, 8), SketchConfig(groups_per_row=3), name="proj")
 
 
 def test_to_linear_is_exact():
     torch.manual_seed(0)
-    layer = SketchedLinear.from_linear(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
+    layer = sketched(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer.to_linear()(x), layer(x))

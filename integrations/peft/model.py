@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule,
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from spallm_plugins.config import SketchConfig
+from spallm_plugins.config import TABLE_DTYPES, SketchConfig, packed_width
 from spallm_plugins.convert import is_excluded, set_submodule
 from spallm_plugins.format import (
     ADAPTER_CODES_SUFFIX,
@@ -28,15 +28,21 @@ from spallm_plugins.format import (
     ADAPTER_WEIGHTS_NAME,
     AdapterBaseMismatchError,
     CheckpointError,
+    check_codes_fingerprint,
     codes_fingerprint,
-    packed_width,
     read_file_headers,
 )
 from spallm_plugins.hooks import architecture_for
 from spallm_plugins.layer import SketchedLinear
+from spallm_plugins.sketch import sketch_linear
+from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch
+from spallm_plugins.sketch.driver import sketch_model_calibrated
 
 from .config import FROM_BASE
+from .constants import PREFIX
 from .layer import BASE_ADAPTER_NAME, SpaLLMLayer
+
+__all__ = ["AdapterBaseMismatchError", "SpaLLMModel"]
 
 DEFAULT_CALIBRATION_SHAPE = (64, 256)  # nsamples x seqlen when a calibration source gives none
 
@@ -75,7 +81,7 @@ class SpaLLMModel(BaseTuner):
         model.print_trainable_parameters()  # only spallm_tables
     """
 
-    prefix: str = "spallm_"
+    prefix: str = PREFIX
     tuner_layer_cls = SpaLLMLayer
     target_module_mapping: dict[str, list[str]] = {}  # defaults come from the spallm_architectures hook
 
@@ -132,7 +138,7 @@ class SpaLLMModel(BaseTuner):
                     "(narrow target_modules or add it to exclude_modules)"
                 )
         sketched = {k: b for k, b in bases.items() if isinstance(b, SketchedLinear)}
-        resolved = self._resolve_from_base(config, sketched)
+        resolved = self._resolve_from_base(config, sketched, bases)
         sketch = config.sketch_config(**resolved)
         for key, base in bases.items():
             sketch.check_in_features(base.in_features, key)
@@ -141,13 +147,12 @@ class SpaLLMModel(BaseTuner):
         plan = InjectionPlan(sketch=sketch, targets=bases, loading_from=getattr(config, "loading_from", None))
         if sketched:
             plan.fingerprint = self._fingerprint(sketched)
-            expected = config.base_codes_fingerprint
-            if expected is not None and expected != plan.fingerprint:
-                where = plan.loading_from or f"adapter {adapter_name!r}"
-                raise AdapterBaseMismatchError(
-                    f"{where}: this adapter was trained on a sketched base whose codes have fingerprint "
-                    f"{expected[:19]}..., but this model's codes have {plan.fingerprint[:19]}...: load it on the base "
-                    f"it was made for (base_model_name_or_path={config.base_model_name_or_path!r})"
+            if plan.loading_from or config.base_codes_fingerprint is not None:
+                check_codes_fingerprint(
+                    config.to_dict(),
+                    plan.fingerprint,
+                    adapter=plan.loading_from or f"adapter {adapter_name!r}",
+                    base=getattr(model, "name_or_path", None) or "this model",
                 )
         if plan.loading_from:
             self._check_adapter_file(plan, Path(plan.loading_from))
@@ -166,11 +171,25 @@ class SpaLLMModel(BaseTuner):
         return cache[key]
 
     @staticmethod
-    def _resolve_from_base(config, sketched: dict[str, SketchedLinear]) -> dict[str, Any]:
-        """bits / groups_per_row / table_dtype: from a sketched base (checked against the config)."""
+    def _resolve_from_base(config, sketched: dict[str, SketchedLinear], bases: dict[str, nn.Module]) -> dict[str, Any]:
+        """bits / groups_per_row / table_dtype: from a sketched base (checked against the config).
+
+        On a dense base, unset ``bits``/``groups_per_row`` take the core's defaults and an unset
+        ``table_dtype`` the target weights' dtype, as PEFT's adapters follow their base weights.
+        """
         if not sketched:
             defaults = SketchConfig()
-            return {k: getattr(defaults, k) for k in FROM_BASE if getattr(config, k) is None}
+            resolved = {k: getattr(defaults, k) for k in FROM_BASE if getattr(config, k) is None}
+            if "table_dtype" in resolved:
+                dtypes = sorted({str(b.weight.dtype).removeprefix("torch.") for b in bases.values()})
+                if len(dtypes) == 1 and dtypes[0] in TABLE_DTYPES:
+                    resolved["table_dtype"] = dtypes[0]
+                else:
+                    raise ValueError(
+                        f"SpaLLMConfig.table_dtype is unset and the target weights have dtype(s) {dtypes}: set "
+                        f"table_dtype to one of {TABLE_DTYPES}"
+                    )
+            return resolved
         seen = {}
         for key, base in sketched.items():
             here = {
@@ -235,12 +254,9 @@ class SpaLLMModel(BaseTuner):
         """Sketch the dense targets with calibration data, leaving the model's own layers in place."""
         from transformers import AutoTokenizer
 
-        from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch
-        from spallm_plugins.sketch.driver import sketch_model_calibrated
-
         source = getattr(model, "name_or_path", None)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except Exception as err:
             raise CalibrationError(
                 f"calibrated SpaLLM injection needs the base model's tokenizer, but {source!r} has none loadable "
@@ -296,6 +312,7 @@ class SpaLLMModel(BaseTuner):
             target.update_layer(adapter_name, inference_mode=peft_config.inference_mode, **layer_init)
             return
         new_module = SpaLLMLayer(target, adapter_name, inference_mode=peft_config.inference_mode, **layer_init)
+        new_module.module_name = current_key  # named in merge errors
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -313,8 +330,6 @@ class SpaLLMModel(BaseTuner):
             return {**init, "tables": torch.zeros(shape, dtype=storage), "codes": codes}
         sketched = plan.calibrated.get(key)
         if sketched is None:
-            from spallm_plugins.sketch import sketch_linear
-
             result = sketch_linear(base.weight, sketch, name=key)
             return {**init, "tables": result.tables, "codes": result.codes}
         return {**init, "tables": sketched.tables, "codes": sketched.codes}

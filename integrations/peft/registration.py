@@ -1,46 +1,22 @@
 """Make ``spallm`` a PEFT method: ``PeftType.SPALLM``, its config, its tuner and the ``spallm_`` prefix.
 
-Runs automatically right after ``peft.mapping`` is imported (see :mod:`spallm_plugins._autoregister`),
-so ``PeftConfig.from_pretrained`` / ``PeftModel.from_pretrained`` read ``"peft_type": "SPALLM"``
-without the user importing spallm. Importing this module imports nothing from PEFT.
+Runs automatically right after ``peft`` is imported (the ``spallm_register_host`` hook, see
+:mod:`spallm_plugins._autoregister`), so ``PeftConfig.from_pretrained`` / ``PeftModel.from_pretrained``
+read ``"peft_type": "SPALLM"`` without the user importing spallm.
 """
 
 from __future__ import annotations
 
-import enum
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 
-PEFT_METHOD = "spallm"
-PREFIX = "spallm_"
+from .config import SpaLLMConfig
+from .constants import PEFT_METHOD, PREFIX, add_enum_member, spallm_peft_type
+from .model import SpaLLMModel
+
+__all__ = ["add_enum_member", "register"]
 
 _registered = False
-
-
-def add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.Enum:
-    """Add ``name = value`` to an existing ``str`` Enum, in place; return the (new or existing) member.
-
-    PEFT's ``register_peft_method`` only accepts names already listed in its closed ``PeftType``
-    enum (PEFT 0.20 and 0.21), so an out-of-tree method has to add its member at runtime. The member
-    behaves like a declared one: attribute and item lookup, lookup by value, iteration, equality
-    with its string value, JSON serialisation.
-    """
-    existing = enum_cls.__members__.get(name)
-    if existing is not None:
-        if existing.value != value:
-            raise ValueError(f"{enum_cls.__name__}.{name} already exists with value {existing.value!r}, not {value!r}")
-        return existing
-    if value in enum_cls._value2member_map_:
-        raise ValueError(f"{enum_cls.__name__} already has a member with value {value!r}")
-    member = str.__new__(enum_cls, value)
-    member._name_ = name
-    member._value_ = value
-    member.__objclass__ = enum_cls
-    if hasattr(enum_cls, "_sort_order_") or any(hasattr(m, "_sort_order_") for m in enum_cls):
-        member._sort_order_ = len(enum_cls._member_names_)
-    enum_cls._member_names_.append(name)
-    enum_cls._member_map_[name] = member
-    enum_cls._value2member_map_[value] = member
-    type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ refuses new member-like names
-    return member
 
 
 def register() -> None:
@@ -48,14 +24,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-    from peft.utils.peft_types import PeftType
-
-    peft_type = add_enum_member(PeftType, PEFT_METHOD.upper(), PEFT_METHOD.upper())
-    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
-        from .config import SpaLLMConfig
-        from .model import SpaLLMModel
-
+    if spallm_peft_type() not in PEFT_TYPE_TO_TUNER_MAPPING:
         register_peft_method(name=PEFT_METHOD, config_cls=SpaLLMConfig, model_cls=SpaLLMModel, prefix=PREFIX)
     _registered = True

@@ -35,6 +35,21 @@ class SpaLLMQuantConfig(QuantizationConfigMixin):
             return getattr(sketch, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A sketch field set on this object goes to (and is validated by) the one SketchConfig, so
+        ``to_dict()`` always reports what is used; transformers' ``update()`` uses this too."""
+        if name in SketchConfig.field_names() and "sketch" in self.__dict__:
+            self.__dict__["sketch"] = self.sketch.replace(**{name: value})
+            return
+        super().__setattr__(name, value)
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the sketch fields among ``kwargs`` (validated together); return the keys that are not fields."""
+        fields = {k: v for k, v in kwargs.items() if k in SketchConfig.field_names()}
+        if fields:
+            self.__dict__["sketch"] = self.sketch.replace(**fields)
+        return {k: v for k, v in kwargs.items() if k not in fields}
+
     def to_dict(self) -> dict[str, Any]:
         return self.sketch.to_quantization_config()
 

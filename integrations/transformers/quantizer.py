@@ -14,13 +14,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 
 from spallm_plugins.config import QUANT_METHOD
-from spallm_plugins.convert import replace_with_empty, set_submodule, sketch_model, sketched_layers
-from spallm_plugins.format import (
-    expected_shapes,
-    read_file_headers,
-    validate_against_model,
-    validate_sketched_tensors,
-)
+from spallm_plugins.convert import replace_with_empty, set_submodule, sketched_layers
+from spallm_plugins.format import TABLES_SUFFIX, CheckpointError, read_file_headers, validate_sketched_tensors
+from spallm_plugins.sketch import sketch_model
+from spallm_plugins.validate import expected_shapes, validate_against_model
 
 from .config import SpaLLMQuantConfig
 
@@ -35,7 +32,21 @@ class SpaLLMHfQuantizer(HfQuantizer):
     quantization_config: SpaLLMQuantConfig
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        return None
+        """Refuse a ``device_map`` that offloads to the CPU or disk beside an accelerator.
+
+        accelerate's offload keeps offloaded weights on the meta device until a forward pass, so
+        sketch-on-load would read meta tensors and pre-sketched codes would never reach the LUT op.
+        """
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            values = {str(v) for v in device_map.values()}
+            offloaded = sorted(k for k, v in device_map.items() if str(v) in ("cpu", "disk"))
+            if "disk" in values or (offloaded and values != {"cpu"}):
+                raise ValueError(
+                    f"spallm: device_map offloads {offloaded[:3]} to {'disk' if 'disk' in values else 'cpu'}; "
+                    "SpaLLM layers cannot be offloaded (sketching and the LUT op need their weights resident). "
+                    "Put the whole model on one device, or shard it with FSDP / vLLM instead"
+                )
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False
@@ -58,6 +69,12 @@ class SpaLLMHfQuantizer(HfQuantizer):
         sketch = self.quantization_config.sketch
         if not self.pre_quantized:
             sketch_model(model, sketch)
+        for name, layer in sketched_layers(model).items():
+            if layer.tables.device.type != "meta" and not torch.isfinite(layer.tables).all():
+                raise CheckpointError(
+                    f"tensor {name}{TABLES_SUFFIX} holds non-finite values (NaN or inf): the checkpoint is damaged "
+                    "or its fine-tune diverged"
+                )
         table_dtype = sketch.torch_table_dtype()
         for layer in sketched_layers(model).values():
             if layer.tables.dtype != table_dtype:

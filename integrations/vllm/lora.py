@@ -199,7 +199,7 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
 
-    from spallm_plugins.merge import read_adapter
+    from spallm_plugins.format import read_adapter
 
     model = worker_manager._adapter_manager.model
     served = served_quant_config(model)
@@ -223,7 +223,7 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
             f"{path}: carries its own codes (for {own_codes[0]}, ...): it was trained on a dense base, so it is "
             "not a table set over the served codes; serve `spallm merge BASE ADAPTER --out DIR` instead"
         )
-    served.check_codes_fingerprint(sorted(modules), config.get("base_codes_fingerprint"), where=path)
+    served.check_codes_fingerprint(sorted(modules), config, where=path)
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
     manager = worker_manager._adapter_manager

@@ -31,19 +31,18 @@ from vllm.model_executor.parameter import (
 )
 from vllm.model_executor.utils import set_weight_attrs
 
-from spallm_plugins.config import QUANT_METHOD, SketchConfig
+from spallm_plugins.config import QUANT_METHOD, SketchConfig, packed_width, packing_unit
 from spallm_plugins.convert import is_target
 from spallm_plugins.format import (
     CODES_SUFFIX,
     AdapterBaseMismatchError,
+    check_codes_fingerprint,
     codes_fingerprint,
-    packed_width,
     read_tensors,
-    validate_checkpoint,
+    validate_checkpoint_files,
 )
-from spallm_plugins.hooks import architecture_for
+from spallm_plugins.hooks import architecture_for, select_backend
 from spallm_plugins.kernels import LUTProblem
-from spallm_plugins.ops import select_backend
 
 CODES_PARAM = "qweight"
 
@@ -112,16 +111,14 @@ class SpaLLMQuantizationConfig(QuantizationConfig):
         spec = architecture_for(getattr(hf_config, "model_type", None))
         self.default_targets = spec.target_modules if spec else None
         if os.path.isdir(model_name):
-            _, prefixes = validate_checkpoint(model_name)
+            _, prefixes = validate_checkpoint_files(model_name)
             self.sketched_modules = set(prefixes)
             self.checkpoint_dir = model_name
 
-    def check_codes_fingerprint(self, modules: list[str], expected: str | None, where: str) -> None:
-        """Refuse a table set trained on other codes than the served checkpoint's (for those modules)."""
-        if expected is None:
-            raise AdapterBaseMismatchError(
-                f"{where}: adapter_config.json has no base_codes_fingerprint; cannot check its base"
-            )
+    def check_codes_fingerprint(self, modules: list[str], adapter_config: dict[str, Any], where: str) -> None:
+        """Refuse a table set trained on other codes than the served checkpoint's (the core's one policy)."""
+        if not adapter_config.get("base_codes_fingerprint"):
+            check_codes_fingerprint(adapter_config, "", adapter=where, base=str(self.checkpoint_dir))
         if self.checkpoint_dir is None:
             raise AdapterBaseMismatchError(
                 f"{where}: the served model is not a local folder, so its codes cannot be checked"
@@ -136,18 +133,13 @@ class SpaLLMQuantizationConfig(QuantizationConfig):
                     f"{where}: adapted layer {missing[0]} is not sketched in {self.checkpoint_dir}"
                 )
             self._fingerprints[key] = codes_fingerprint(codes)
-        if self._fingerprints[key] != expected:
-            raise AdapterBaseMismatchError(
-                f"{where}: this table set was trained on codes with fingerprint {expected[:19]}..., but the served "
-                f"model {self.checkpoint_dir} has {self._fingerprints[key][:19]}...: serve it with the base it was "
-                "trained on"
-            )
+        check_codes_fingerprint(adapter_config, self._fingerprints[key], adapter=where, base=self.checkpoint_dir)
 
     @staticmethod
     def get_checkpoint_weight_mapper():
         from vllm.model_executor.models.utils import WeightsMapper
 
-        return WeightsMapper(orig_to_new_suffix={CODES_SUFFIX: "." + CODES_PARAM, ".g_idx": None})
+        return WeightsMapper(orig_to_new_suffix={CODES_SUFFIX: "." + CODES_PARAM})
 
     def _shard_sketched(self, name: str) -> bool:
         if self.sketched_modules is not None:
@@ -195,7 +187,7 @@ class SpaLLMLinearMethod(LinearMethodBase):
         sketch.check_in_features(input_size, name)
         weight_loader = extra_weight_attrs.pop("weight_loader")
         rows = sum(output_partition_sizes)
-        per_byte = 8 if sketch.bits == 3 else 8 // sketch.bits
+        per_byte, unit_bytes = packing_unit(sketch.bits)
         if input_size_per_partition % per_byte:
             raise TensorParallelError(
                 f"spallm: {name}: {input_size_per_partition} input columns per tensor-parallel rank is not a "
@@ -207,7 +199,7 @@ class SpaLLMLinearMethod(LinearMethodBase):
                 sketch.groups_per_row, input_size, input_size_per_partition, get_tensor_model_parallel_rank()
             )
         codes_data = torch.empty(rows, packed_width(input_size_per_partition, sketch.bits), dtype=torch.uint8)
-        if sketch.bits == 3:  # 8 codes per 3 bytes: no integer packing factor
+        if unit_bytes != 1:  # 3-bit: 8 codes per 3 bytes, no integer packing factor
             codes = ModelWeightParameter(data=codes_data, input_dim=1, output_dim=0, weight_loader=weight_loader)
         else:
             codes = PackedvLLMParameter(

@@ -12,6 +12,8 @@ import importlib.metadata as metadata
 import sys
 from pathlib import Path
 
+from spallm_plugins.format import refuse_sketch_without_config, validate_checkpoint_files
+
 _real_version = metadata.version
 
 
@@ -29,19 +31,40 @@ def vllm_version() -> str:
         ) from None
 
 
+# vLLM options whose value may be a local folder that is not the model
+PATH_VALUED_OPTIONS = ("--tokenizer", "--download-dir", "--lora-modules", "--chat-template", "--speculative-config")
+
+
+def served_model(argv: list[str]) -> str | None:
+    """The local model folder of ``vllm serve`` arguments: ``--model DIR`` or the positional model.
+
+    Options may come before the model (``--port 8000 DIR``), so the positional is the first argument
+    that is a folder with a ``config.json`` and is not the value of a path-valued option.
+    """
+    for i, arg in enumerate(argv):
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") or (i and argv[i - 1] in PATH_VALUED_OPTIONS):
+            continue
+        if (Path(arg) / "config.json").is_file():
+            return arg
+    return None
+
+
 def with_table_set_targets(argv: list[str]) -> list[str]:
     """With ``--enable-lora`` on a local sketched folder and no ``--lora-target-modules``, limit LoRA
     wrapping to the sketched linears (names like ``q_proj``): table sets live there, and vLLM would
     otherwise also wrap ``lm_head`` and the embeddings for nothing."""
     if "--enable-lora" not in argv or any(a.startswith("--lora-target-modules") for a in argv):
         return argv
-    model = next((a for a in argv if not a.startswith("-")), None)
-    if model is None or not (Path(model) / "config.json").is_file():
+    model = served_model(argv)
+    if model is None:
         return argv
-    from spallm_plugins.format import validate_checkpoint
-
     try:
-        _, prefixes = validate_checkpoint(model, against_model=False)  # headers only: vLLM checks the rest
+        _, prefixes = validate_checkpoint_files(model, check_values=False)  # headers only: vLLM checks the rest
     except ValueError:
         return argv  # not sketched (or damaged): vLLM's own loading says so
     return [*argv, "--lora-target-modules", *sorted({p.rsplit(".", 1)[-1] for p in prefixes})]
@@ -49,6 +72,9 @@ def with_table_set_targets(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Run ``vllm serve ARGV...`` (the OpenAI-compatible server) in this process."""
+    model = served_model(argv)
+    if model is not None:
+        refuse_sketch_without_config(model)  # vLLM would serve its sketched tensors as random dense weights
     vllm_version()
     argv = with_table_set_targets(argv)
 

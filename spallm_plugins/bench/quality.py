@@ -9,7 +9,6 @@ the table refit. Every row reports bits per sketched weight (codes + tables) and
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from ..config import SketchConfig
-from ..convert import resolve_targets, sketch_model
+from ..convert import resolve_targets
 from ..evaluate import perplexity, read_text
 from ..models import load_model, resolve_model
 from . import BenchUnavailableError
@@ -107,6 +106,7 @@ def run_quality(
     log=print,
 ) -> dict[str, Any]:
     """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)."""
+    from ..sketch import sketch_model
     from ..sketch.calibration import calibration_batch
     from ..sketch.driver import sketch_model_calibrated
 
@@ -176,7 +176,3 @@ def run_quality(
     except BenchUnavailableError as err:
         log(f"(no plot: {err})")
     return results
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

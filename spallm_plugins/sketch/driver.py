@@ -27,6 +27,7 @@ from ..convert import resolve_targets, set_submodule
 from ..format import atomic_path, write_json
 from ..layer import SketchedLinear
 from .calibration import CalibrationError, fingerprint
+from .model import sketch_layer
 
 PARTIAL_DIR = ".spallm-partial"
 PROGRESS_FILE = "progress.json"
@@ -303,8 +304,7 @@ def sketch_model_calibrated(
             bar.set_postfix_str(rel_name)
             layer_start = time.perf_counter()
             hessian = collector.hessian(rel_name)
-            layer = SketchedLinear.from_linear(linear, config, hessian=hessian, name=name)
-            result = layer.sketch_result
+            layer, result = sketch_layer(linear, config, hessian=hessian, name=name)
             set_submodule(block, rel_name, layer)
             block_tensors[f"{name}.codes"] = layer.codes
             block_tensors[f"{name}.tables"] = layer.tables.detach()

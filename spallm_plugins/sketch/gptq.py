@@ -29,7 +29,7 @@ import torch
 from ..config import SketchConfig
 from ..format import pack_codes
 from .kmeans import weighted_kmeans_1d
-from .linear import SketchResult
+from .result import SketchResult
 
 logger = logging.getLogger(__name__)
 MAX_DAMPING_RETRIES = 6

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..config import SketchConfig
 from ..format import pack_codes
+from .gptq import layer_loss, sketch_linear_calibrated
 from .kmeans import assign_nearest, weighted_kmeans_1d
-
-
-@dataclass
-class SketchResult:
-    codes: torch.Tensor  # packed uint8 [out, in*bits/8]
-    tables: torch.Tensor  # [out, groups_per_row, 2**bits] in the config's table dtype
-    loss: float  # output error sum_r (w - ŵ) H (w - ŵ)^T with a Hessian, else squared weight error
-    loss_before_refit: float | None = None
-    refit_rows: int = 0  # rows whose refit tables were kept
-    damping: float | None = None  # damping finally used (after retries)
+from .result import SketchResult
 
 
 def row_groups(weight: torch.Tensor, groups_per_row: int) -> torch.Tensor:
@@ -43,8 +33,6 @@ def sketch_linear(
             raise ValueError(
                 f"{name}: sketch method 'gptq' needs calibration data (a Hessian); use method 'kmeans' without"
             )
-        from .gptq import sketch_linear_calibrated
-
         return sketch_linear_calibrated(weight, config, hessian, name)
     gpr = config.groups_per_row
     w = weight.detach().float()
@@ -69,8 +57,6 @@ def sketch_linear(
     if hessian is None:
         loss = float(((groups - recon) ** 2).sum())
     else:
-        from .gptq import layer_loss
-
         loss = float(layer_loss(w, recon.view(out_features, in_features), hessian.float()).sum())
     codes = pack_codes(assign.view(out_features, in_features), config.bits, name=f"{name}.codes")
     return SketchResult(codes=codes, tables=tables.view(out_features, gpr, config.num_codes), loss=loss)

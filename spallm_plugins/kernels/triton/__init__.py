@@ -13,19 +13,9 @@ import importlib.util
 import torch
 
 from .. import LUTProblem
+from .tiles import table_grad_block_k
 
-GEMV_MAX_ROWS = 16
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def table_grad_block_k(group_size: int, preferred: int = 64) -> int:
-    """Largest power-of-two BLOCK_K <= preferred that divides the group size (>= 16), or 0 if none."""
-    bk = preferred
-    while bk >= 16:
-        if group_size % bk == 0:
-            return bk
-        bk //= 2
-    return 0
 
 
 class TritonBackend:

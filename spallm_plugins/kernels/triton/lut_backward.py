@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import table_grad_block_k
 from ._common import dot_flags, dot_operands, gather_weight_tile, unpack_codes_tile
+from .tiles import table_grad_block_k
 
 
 @triton.jit

@@ -64,10 +64,10 @@ def lut_gemv(
     if M > 16:
         raise ValueError(f"lut_gemv is for decode (M <= 16), got M={M}; use lut_matmul")
     N, groups, num_codes = tables.shape
-    x = x.contiguous()
+    x, codes, tables = x.contiguous(), codes.contiguous(), tables.contiguous()  # the kernel assumes unit inner strides
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     block_m = max(1, triton.next_power_of_2(M))
-    args = (x, codes, tables.contiguous(), out, M, N, K, x.stride(0), codes.stride(0), tables.stride(0))
+    args = (x, codes, tables, out, M, N, K, x.stride(0), codes.stride(0), tables.stride(0))
     meta = dict(GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, BLOCK_M=block_m)
     if block is None and interpreting():
         block = (32, 64, 2)  # the CPU interpreter cannot autotune (no device timer)

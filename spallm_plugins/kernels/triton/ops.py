@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import GEMV_MAX_ROWS
 from .lut_backward import lut_grad_input as _grad_input
 from .lut_backward import lut_grad_tables as _grad_tables
 from .lut_gemv import lut_gemv
 from .lut_matmul import lut_matmul
 from .lut_table_sets import lut_table_sets
+from .tiles import GEMV_MAX_ROWS
 
 
 @torch.library.custom_op("spallm::lut_linear", mutates_args=())

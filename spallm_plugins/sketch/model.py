@@ -1,0 +1,48 @@
+"""Sketch layers and whole models in memory: the sketcher builds ``SketchedLinear`` layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import SketchConfig
+from ..convert import resolve_targets, set_submodule
+from ..layer import SketchedLinear
+from .linear import sketch_linear
+from .result import SketchResult
+
+
+def sketch_layer(
+    linear: nn.Linear, config: SketchConfig, hessian: torch.Tensor | None = None, name: str = "layer"
+) -> tuple[SketchedLinear, SketchResult]:
+    """Sketch a dense ``nn.Linear`` (read, not modified) into a ``SketchedLinear``.
+
+    Returns the layer and the sketch's result (losses, refit statistics, for reports); the layer
+    holds the result's codes and tables themselves, not a copy. The bias keeps its dtype.
+    """
+    result = sketch_linear(linear.weight, config, hessian=hessian, name=name)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return SketchedLinear.from_result(result, config, bias=bias), result
+
+
+def sketch_model(
+    model: nn.Module,
+    config: SketchConfig,
+    hessians: Callable[[str], torch.Tensor | None] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Sketch every target linear in place (data-free unless ``hessians(name)`` gives one).
+
+    Returns the per-layer sketch loss. Each dense weight is freed as soon as its layer is replaced.
+    """
+    from tqdm.auto import tqdm
+
+    targets = resolve_targets(model, config)
+    losses: dict[str, float] = {}
+    for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
+        layer, result = sketch_layer(linear, config, hessian=hessians(name) if hessians else None, name=name)
+        set_submodule(model, name, layer)
+        losses[name] = result.loss
+    return losses
