@@ -211,18 +211,18 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
         config, sketch, modules = read_adapter(path)
     except CheckpointError as err:
         raise AdapterBaseMismatchError(str(err)) from None
-    for name in ("bits", "groups_per_row", "table_dtype"):
-        if getattr(sketch, name) != getattr(served.sketch, name):
-            raise AdapterBaseMismatchError(
-                f"{path}: adapter has {name}={getattr(sketch, name)!r} but the served model has "
-                f"{getattr(served.sketch, name)!r}"
-            )
     own_codes = sorted(m for m, parts in modules.items() if "codes" in parts)
     if own_codes:
         raise AdapterBaseMismatchError(
             f"{path}: carries its own codes (for {own_codes[0]}, ...): it was trained on a dense base, so it is "
             "not a table set over the served codes; serve `spallm merge BASE ADAPTER --out DIR` instead"
         )
+    for name in ("bits", "groups_per_row", "table_dtype"):
+        if getattr(sketch, name) != getattr(served.sketch, name):
+            raise AdapterBaseMismatchError(
+                f"{path}: adapter has {name}={getattr(sketch, name)!r} but the served model has "
+                f"{getattr(served.sketch, name)!r}"
+            )
     served.check_codes_fingerprint(sorted(modules), config, where=path)
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     mapper = mapper.get_rename_mapper() if mapper is not None else None
