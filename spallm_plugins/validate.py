@@ -53,15 +53,16 @@ def validate_against_model(
                 )
 
 
-def validate_checkpoint(directory: str | os.PathLike) -> tuple[SketchConfig, list[str]]:
+def validate_checkpoint(directory: str | os.PathLike, *, check_values: bool = True) -> tuple[SketchConfig, list[str]]:
     """Validate a sketched checkpoint folder without loading the codes.
 
     The file-level checks (:func:`~spallm_plugins.format.validate_checkpoint_files`: config keys and
     version, packed codes, table shapes and finite values, bias shapes and dtypes), then the shapes
     the model config (built on the meta device) needs. Returns the config and the sketched module
     prefixes; raises :class:`~spallm_plugins.format.CheckpointError` naming the file and tensor.
+    ``check_values=False`` skips reading the tables, for callers that check the loaded values anyway.
     """
-    config, prefixes = validate_checkpoint_files(directory)
+    config, prefixes = validate_checkpoint_files(directory, check_values=check_values)
     shapes = {n: (h.shape, h.dtype) for n, h in read_headers(directory).items()}
     model, _ = meta_model_from_config(directory)
     validate_against_model(shapes, expected_shapes(model, config), str(directory))
