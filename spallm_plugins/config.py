@@ -16,6 +16,8 @@ FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4)
 MAX_GROUPS_PER_ROW = 8
 TABLE_DTYPES = ("float16", "bfloat16", "float32")
+# what a sketch may store the layers it leaves dense in (embeddings, norms, lm_head, biases)
+DENSE_DTYPES = ("float32", "bfloat16", "float16")
 SKETCH_METHODS = ("kmeans", "gptq")
 
 

@@ -16,6 +16,7 @@ renamed into place, so a killed or failed write leaves the destination as it was
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -102,27 +103,86 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 # atomic file and directory writes
 
 
+TEMPORARY_MARK = ".tmp-"  # .{name}.tmp-{pid}-{random}: a folder or file being written
+REPLACED_MARK = ".old-"  # .{name}.old-{pid}-{random}: the previous content, removed once the new one is in place
+
+
+class OutputError(ValueError):
+    """An output location cannot be written without losing data, or at all; the message names the path."""
+
+
+class OutputSpaceError(OutputError):
+    """The device ran out of space while an output was written (nothing partial is left at the destination)."""
+
+
+def output_path(dest: str | os.PathLike) -> Path:
+    """``dest`` as an absolute path with ``.`` and ``..`` folded, so ``--out .`` has a name and a parent."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(dest))))
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for "no space left" from the OS or from safetensors (which reports it as its own error type)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return type(err).__name__ == "SafetensorError" and "No space left" in str(err)
+
+
+def _space_error(dest: Path) -> OutputSpaceError:
+    try:
+        free = f"{shutil.disk_usage(dest.parent).free / (1 << 20):.1f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    return OutputSpaceError(
+        f"{dest}: no space left on the device while writing it ({free}); nothing partial was left there: "
+        "free some space or choose another location, then run again (a calibrated sketch continues with --resume)"
+    )
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give a folder written by libraries that use private temporaries (0600 files) the umask's modes."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``dest``; on success rename it onto ``dest``, on error delete it.
 
     For directories the previous ``dest`` is moved aside first and removed only after the new one is
-    in place, so at every instant ``dest`` is either the complete old or the complete new content.
+    in place, so at every instant ``dest`` is either the complete old or the complete new content
+    (a kill between the two renames leaves the old content under ``.NAME.old-*``, which the next
+    :func:`spallm_plugins.outputs.remove_stale_temporaries` puts back). Temporaries carry the writer's
+    pid, so a later run can tell a killed writer's leftovers from a live one's. The result gets the
+    permissions the umask allows (as ``mkdir`` would), not ``mkdtemp``'s private 0700.
     """
-    dest = Path(dest)
+    dest = output_path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}{TEMPORARY_MARK}{os.getpid()}-"
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
         if is_dir:
+            _apply_umask(tmp)
             old = None
             if dest.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}{REPLACED_MARK}{os.getpid()}-", dir=dest.parent))
                 os.rmdir(old)
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -132,11 +192,13 @@ def atomic_path(dest: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as err:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        if is_disk_full(err):
+            raise _space_error(dest) from err
         raise
 
 

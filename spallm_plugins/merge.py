@@ -31,9 +31,11 @@ from .format import (
     read_json,
     read_tensors,
     refuse_sketch_without_config,
+    safetensors_files,
     write_json,
     write_tensors,
 )
+from .outputs import prepare_output_dir
 from .validate import validate_checkpoint
 
 MERGE_REPORT_NAME = "merge_report.json"
@@ -56,16 +58,27 @@ def sketched_base_for(
     return base_sketch
 
 
-def merge_adapter(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+def merge_adapter(
+    base_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> dict:
     """Write ``base_dir`` with the adapter's tables merged in as a sketched checkpoint at ``out_dir``.
 
     Everything is checked before anything is written; ``out_dir`` appears only complete and validated.
+    ``out_dir`` must be new or empty (or ``overwrite``), and never the base or the adapter.
     Returns a small report (also saved as ``merge_report.json``).
     """
     base_dir = Path(base_dir)
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
+    out_dir = prepare_output_dir(
+        out_dir, overwrite=overwrite, sources=[base_dir, adapter_dir],
+        need_bytes=sum(f.stat().st_size for f in safetensors_files(base_dir)),
+    )  # fmt: skip
     refuse_sketch_without_config(base_dir)
     adapter_cfg, sketch, modules = read_adapter(adapter_dir)
     base_cfg = read_json(base_cfg_path)

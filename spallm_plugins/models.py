@@ -22,6 +22,43 @@ class ModelNotFoundError(FileNotFoundError):
     """A model reference that is neither a local folder, a GGUF file, nor the embedded default."""
 
 
+class GGUFFileError(ValueError):
+    """A ``.gguf`` file that is not a GGUF file, or one whose header or tensor data cannot be read."""
+
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+GGUF_EXPECTED = "expected a complete GGUF v2/v3 file"
+
+
+def check_gguf_header(gguf: Path) -> None:
+    """Raise :class:`GGUFFileError` (naming the file) unless ``gguf`` starts like a GGUF v2/v3 file."""
+    with open(gguf, "rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise GGUFFileError(
+            f"{gguf}: not a GGUF file (expected the magic bytes 'GGUF' at offset 0, found {head[:4]!r})"
+        )
+    if len(head) < 8:
+        raise GGUFFileError(f"{gguf}: damaged GGUF file (it ends inside the header; {GGUF_EXPECTED})")
+    version = int.from_bytes(head[4:], "little")
+    if version not in GGUF_VERSIONS and int.from_bytes(head[4:], "big") not in GGUF_VERSIONS:
+        raise GGUFFileError(f"{gguf}: unsupported GGUF version {version} ({GGUF_EXPECTED})")
+
+
+def _gguf_damage(gguf: Path) -> str | None:
+    """Why the ``gguf`` reader cannot parse the file's header and tensor table, or ``None`` when it can."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        GGUFReader(gguf)
+    except Exception as err:  # the reader fails with whatever numpy or struct raise on bad offsets
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def cache_dir() -> Path:
     """Where converted models and quickstart outputs live (``$SPALLM_HOME``, else ``~/.cache/spallm``)."""
     return Path(os.environ.get("SPALLM_HOME") or Path.home() / ".cache" / "spallm")
@@ -46,13 +83,24 @@ def find_smollm2_gguf() -> Path:
 def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> Path:
     """Convert a GGUF file into a plain HF checkpoint folder (fp32 safetensors + tokenizer), atomically.
 
+    Raises :class:`GGUFFileError`, naming the file, when it is not a GGUF file or cannot be read.
     The SmolLM2 GGUF declares ``eos_token='<|im_start|>'``; with ``fix_chatml_eos`` the ChatML end
     marker ``<|im_end|>`` becomes eos (and pad), as in the original release, so generation stops.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf = Path(gguf)
+    check_gguf_header(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception:
+        damage = _gguf_damage(gguf)  # only diagnosed on failure: a good file is not parsed twice
+        if damage is None:
+            raise
+        raise GGUFFileError(
+            f"{gguf}: damaged GGUF file (header or tensor data could not be read: {damage}; {GGUF_EXPECTED})"
+        ) from None
     if fix_chatml_eos and "<|im_end|>" in tokenizer.get_vocab():
         tokenizer.eos_token = "<|im_end|>"
         tokenizer.pad_token = "<|im_end|>"

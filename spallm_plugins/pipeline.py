@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .config import SketchConfig
-from .convert import sketched_layers
-from .format import QUANT_METHOD, CheckpointError, atomic_path, read_json, refuse_sketch_without_config
+from .config import DENSE_DTYPES, SketchConfig
+from .convert import plan_sketch, sketched_layers
+from .format import (
+    CODES_SUFFIX,
+    QUANT_METHOD,
+    TABLES_SUFFIX,
+    CheckpointError,
+    atomic_path,
+    read_headers,
+    read_json,
+    refuse_sketch_without_config,
+)
 from .hooks import register_host
-from .models import load_model, resolve_model
+from .layer import SketchedLinear
+from .models import load_model, meta_model_from_config, resolve_model
+from .outputs import prepare_output_dir
 from .sketch import sketch_model
 from .sketch.calibration import CalibrationError, calibration_batch
 from .sketch.driver import PARTIAL_DIR, sketch_model_calibrated
@@ -25,13 +38,82 @@ from .validate import validate_checkpoint
 REPORT_NAME = "sketch_report.json"
 
 
-def save_sketched_model(model, tokenizer, out_dir: str | os.PathLike, config: SketchConfig, report: dict | None = None):
-    """Write a sketched model as a format-v1 checkpoint folder, atomically and validated.
+# data-free settings whose perplexity is known to be far from the original (SmolLM2-135M: 2-bit gpr 1
+# 854,472 and 3-bit 282 against 27.9; 4-bit is usable data-free)
+POOR_WITHOUT_CALIBRATION_BITS = (2, 3)
 
-    The folder is assembled under a temporary name, validated, and only then renamed onto
-    ``out_dir``: an interrupted or failed save leaves ``out_dir`` exactly as it was.
-    """
-    out_dir = Path(out_dir)
+
+def source_dense_dtype(source: str | os.PathLike) -> str:
+    """The dtype a dense checkpoint stores its weights in (``config.json``'s ``dtype``), else float32."""
+    cfg = Path(source) / "config.json"
+    data = read_json(cfg) if cfg.is_file() else {}
+    stored = str(data.get("dtype") or data.get("torch_dtype") or "float32").removeprefix("torch.")
+    return stored if stored in DENSE_DTYPES else "float32"
+
+
+def stored_dense_rest(folder: str | os.PathLike) -> tuple[int, str] | None:
+    """``(bytes, dtype)`` of the tensors a sketched checkpoint keeps dense, read from its safetensors
+    headers (the most common dtype among them); ``None`` when the folder holds no weights."""
+    from collections import Counter
+
+    try:
+        headers = read_headers(folder)
+    except CheckpointError:
+        return None
+    rest = [h for name, h in headers.items() if not name.endswith((CODES_SUFFIX, TABLES_SUFFIX))]
+    if not rest:
+        return None
+    sizes: Counter[str] = Counter()
+    total = 0
+    for h in rest:
+        nbytes = math.prod(h.shape) * getattr(torch, h.dtype).itemsize
+        sizes[h.dtype] += nbytes
+        total += nbytes
+    return total, sizes.most_common(1)[0][0]
+
+
+def check_dense_dtype(dense_dtype: str) -> torch.dtype:
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense_dtype: expected one of {', '.join(DENSE_DTYPES)}, got {dense_dtype!r}")
+    return getattr(torch, dense_dtype)
+
+
+def estimate_output_bytes(source: str | os.PathLike, config: SketchConfig, dense_dtype: str) -> int:
+    """The bytes a sketch of ``source`` writes (codes, tables, the dense rest in ``dense_dtype``), from
+    ``config.json`` alone: what ``spallm info`` reports, used to check the free space before any work."""
+    model, _ = meta_model_from_config(source)
+    plan = plan_sketch(model, config, dense_dtype_bytes=check_dense_dtype(dense_dtype).itemsize)
+    return plan.code_bytes + plan.table_bytes + plan.dense_rest_bytes
+
+
+def warn_if_poor_without_calibration(config: SketchConfig) -> str | None:
+    """A warning line for data-free settings known to lose most of the model's quality (or ``None``)."""
+    if config.method == "gptq" or config.bits not in POOR_WITHOUT_CALIBRATION_BITS:
+        return None
+    message = (
+        f"spallm: a data-free {config.bits}-bit sketch loses most of the model's quality (SmolLM2-135M: "
+        f"perplexity {'854,472' if config.bits == 2 else '282'} against 27.9 dense); calibrate it with "
+        "--calib FILE (calibration text, e.g. a .txt or instruction rows), or use --bits 4"
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    return message
+
+
+def cast_dense_rest(model: torch.nn.Module, dense_dtype: str) -> None:
+    """Cast everything a sketch leaves dense (embeddings, norms, lm_head, biases) to ``dense_dtype``;
+    the tables keep their own dtype and the codes stay uint8."""
+    dtype = check_dense_dtype(dense_dtype)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and not (isinstance(module, SketchedLinear) and name == "tables"):
+                param.data = param.data.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point():
+                setattr(module, name, buf.to(dtype))
+    model.config.dtype = dtype
+
+
+def _write_sketched(model, tokenizer, out_dir: Path, config: SketchConfig, report: dict | None) -> None:
     model.config.quantization_config = config.to_quantization_config()
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
@@ -40,6 +122,25 @@ def save_sketched_model(model, tokenizer, out_dir: str | os.PathLike, config: Sk
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         validate_checkpoint(tmp)
+
+
+def save_sketched_model(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    config: SketchConfig,
+    report: dict | None = None,
+    *,
+    overwrite: bool = False,
+):
+    """Write a sketched model as a format-v1 checkpoint folder, atomically and validated.
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (see :func:`spallm_plugins.outputs.prepare_output_dir`).
+    The folder is assembled under a temporary name, validated, and only then renamed onto
+    ``out_dir``: an interrupted or failed save leaves ``out_dir`` exactly as it was.
+    """
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
+    _write_sketched(model, tokenizer, out_dir, config, report)
     return out_dir
 
 
@@ -53,26 +154,38 @@ def sketch_to_folder(
     device: str = "cpu",
     offload: bool = False,
     on_block_done=None,
+    overwrite: bool = False,
+    dense_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
 
     ``method="kmeans"`` is data-free. ``method="gptq"`` reads ``config.calibration`` (packed into
     ``nsamples`` x ``seqlen`` tokens) and sketches block by block, persisting progress under
     ``out_dir/.spallm-partial`` so that ``resume=True`` continues a killed run. The checkpoint
-    appears in ``out_dir`` only when complete.
+    appears in ``out_dir`` only when complete. Before any work, ``out_dir`` is checked: new or empty
+    (or ``overwrite``), never the source, writable, with room for the output. ``dense_dtype`` is the
+    dtype of what stays dense (default: the source's stored dtype).
     """
     source = resolve_model(model_ref)
+    dense_dtype = dense_dtype or source_dense_dtype(source)
+    check_dense_dtype(dense_dtype)
+    sources = [source, *([model_ref] if Path(model_ref).exists() else [])]
+    out_dir = prepare_output_dir(
+        out_dir, overwrite=overwrite, sources=sources, own_entries={PARTIAL_DIR},
+        need_bytes=estimate_output_bytes(source, config, dense_dtype),
+    )  # fmt: skip
+    if config.method == "gptq" and not config.calibration:
+        raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
+    poor = warn_if_poor_without_calibration(config)
     model, tokenizer = load_model(source, dtype=torch.float32)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
     if config.method == "gptq":
-        if not config.calibration:
-            raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
         if tokenizer is None:
             raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
         ids = calibration_batch(config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed)
         details = sketch_model_calibrated(
-            model, config, ids, partial_dir=Path(out_dir) / PARTIAL_DIR, resume=resume, device=device,
+            model, config, ids, partial_dir=out_dir / PARTIAL_DIR, resume=resume, device=device,
             offload=offload, progress=progress, on_block_done=on_block_done,
         )  # fmt: skip
         model.to("cpu")
@@ -80,16 +193,19 @@ def sketch_to_folder(
         losses = sketch_model(model, config, progress=progress)
         details = {"layers": {name: {"loss": loss} for name, loss in losses.items()}}
     seconds = time.perf_counter() - start
+    cast_dense_rest(model, dense_dtype)
     report = {
         "source": str(source),
         "spallm_plugins_version": __version__,
         "torch_version": torch.__version__,
         "machine": platform.machine(),
         "config": config.to_dict(),
+        "dense_dtype": dense_dtype,
         "sketch_seconds": round(seconds, 3),
+        **({"warning": poor} if poor else {}),
         **details,
     }
-    save_sketched_model(model, tokenizer, out_dir, config, report)
+    _write_sketched(model, tokenizer, out_dir, config, report)
     return report
 
 

@@ -118,18 +118,21 @@ def sketched_default_model(out: Path, groups_per_row: int) -> Path:
     return out
 
 
-def run_python(code: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, *args: str, env: dict | None = None, check: bool = True, cwd: str | Path | None = None
+) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (same environment, same site-packages)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=600
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=600, cwd=cwd
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_python(
-        "import sys; from spallm_plugins.cli import main; sys.exit(main(sys.argv[1:]))", *args, check=check
-    )
+CLI_CODE = "import sys; from spallm_plugins.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    return run_python(CLI_CODE, *args, check=check, cwd=cwd)

@@ -96,3 +96,56 @@ def test_bench_kernels_without_cuda_says_so():
         pytest.skip("this machine has CUDA")
     proc = run_cli("bench", "kernels", check=False)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--seqlen", "0"), ("--seqlen", "-5"), ("--max-windows", "0")])
+def test_eval_rejects_window_options_that_predict_nothing(tmp_path, option, value):
+    proc = run_cli("eval", str(tmp_path), option, value, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"spallm eval: error: argument {option}:") and repr(value) in last
+
+
+GGUF_HEADER = b"GGUF" + (3).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"hello world\n", "not a GGUF file (expected the magic bytes 'GGUF' at offset 0, found b'hell')"),
+        (b"", "not a GGUF file (expected the magic bytes 'GGUF' at offset 0, found b'')"),
+        (GGUF_HEADER + (10**6).to_bytes(8, "little") * 2 + bytes(range(64)), "damaged GGUF file"),
+        (GGUF_HEADER + bytes(range(7, 256, 3)) * 4, "damaged GGUF file"),
+    ],
+    ids=["text", "empty", "counts-past-the-end", "garbage"],
+)
+def test_eval_of_a_bad_gguf_file_names_it_and_what_was_expected(tmp_path, monkeypatch, content, expected):
+    monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(content)
+    proc = run_cli("eval", str(bad), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"spallm eval: error: {bad}: {expected}"), last
+    assert not (tmp_path / "home" / "models" / "x").exists()
+
+
+def test_sketch_of_a_damaged_gguf_file_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(GGUF_HEADER + (10**6).to_bytes(8, "little") * 2)
+    proc = run_cli("sketch", str(bad), "--out", str(tmp_path / "out"), "--quiet", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"spallm sketch: error: {bad}: damaged GGUF file (") and "GGUF v2/v3" in last, last
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_shows_a_progress_bar_unless_quiet(tmp_path, dense_dir):
+    text = tmp_path / "text.txt"
+    text.write_text(sample_words(200))
+    loud = run_cli("eval", str(dense_dir), "--text", str(text), "--seqlen", "64")
+    assert f"perplexity {dense_dir}" in loud.stderr and "4/4" in loud.stderr and "window" in loud.stderr
+    quiet = run_cli("eval", str(dense_dir), "--text", str(text), "--seqlen", "64", "--quiet")
+    assert quiet.stderr == "" and quiet.stdout == loud.stdout
+    assert f"{dense_dir}: perplexity" in quiet.stdout

@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 from conftest import sample_words, tiny_llama, tiny_tokenizer
 
-from spallm_plugins.evaluate import perplexity, sample_text
+from spallm_plugins.evaluate import generate_answer, perplexity, sample_text
 
 
 def test_perplexity_is_exp_of_mean_token_nll_over_windows():
@@ -25,3 +26,39 @@ def test_perplexity_is_exp_of_mean_token_nll_over_windows():
 def test_bundled_sample_text_is_installed():
     text = sample_text()
     assert len(text.split()) > 500 and "bicycle" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"seqlen": 0}, "seqlen=0"),
+        ({"seqlen": -5}, "seqlen=-5"),
+        ({"seqlen": 1}, "seqlen=1"),
+        ({"max_windows": 0}, "max_windows=0"),
+        ({"max_windows": -2}, "max_windows=-2"),
+    ],
+)
+def test_perplexity_rejects_windows_that_predict_nothing(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        perplexity(tiny_llama(), tiny_tokenizer(), sample_words(50), **kwargs)
+
+
+def test_perplexity_progress_bar_goes_to_stderr_only_when_asked(capsys):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    text = sample_words(50)
+    quiet = perplexity(model, tok, text, seqlen=16)
+    assert capsys.readouterr().err == ""
+    loud = perplexity(model, tok, text, seqlen=16, progress=True, desc="perplexity tiny")
+    captured = capsys.readouterr()
+    assert loud == quiet and captured.out == ""
+    assert "perplexity tiny" in captured.err and "4/4" in captured.err and "window" in captured.err
+
+
+def test_generate_answer_progress_counts_new_tokens_and_keeps_the_greedy_answer(capsys):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    quiet = generate_answer(model, tok, "the bicycle", max_new_tokens=6)
+    assert capsys.readouterr().err == ""
+    loud = generate_answer(model, tok, "the bicycle", max_new_tokens=6, progress=True)
+    captured = capsys.readouterr()
+    assert loud == quiet and quiet
+    assert "generating" in captured.err and "6/6" in captured.err and "token" in captured.err

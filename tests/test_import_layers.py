@@ -19,7 +19,7 @@ INTEGRATIONS = Path(spallm_plugins.integrations.__file__).parent
 # lowest first; a module may import only modules of its own rank or below (and no circle)
 RANKS = [
     ("config",),
-    ("format",),
+    ("format", "outputs"),
     ("kernels",),
     ("hooks",),
     ("ops", "layer", "convert"),

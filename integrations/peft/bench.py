@@ -124,16 +124,19 @@ def run_finetune_bench(
     gradient_checkpointing: bool = False,
     curve_data: str | None = None,
     curve_steps: int = 0,
+    overwrite: bool = False,
     **curve_options: Any,
 ) -> dict[str, Any]:
-    """Run the three variants side by side (one child process each) and write ``finetune.json``."""
+    """Run the three variants side by side (one child process each) and write ``finetune.json`` into
+    ``out_dir`` (new or empty unless ``overwrite``)."""
     import torch
 
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.models import cache_dir, load_model, resolve_model
+    from spallm_plugins.outputs import prepare_output_dir
     from spallm_plugins.pipeline import sketch_to_folder
 
-    out_dir = Path(out_dir)
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     dense = resolve_model(model_ref)
     if sketched is None:
@@ -237,7 +240,7 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
     summary = run_finetune_bench(
         args.model, args.out, sketched=args.sketched, groups_per_row=args.groups_per_row, batch=args.batch,
         seqlen=args.seqlen, steps=args.steps, warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing,
-        curve_data=args.curve_data, curve_steps=args.curve_steps, **curve,
+        curve_data=args.curve_data, curve_steps=args.curve_steps, overwrite=args.overwrite, **curve,
     )  # fmt: skip
     for name, v in summary["variants"].items():
         print(
@@ -253,6 +256,8 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
 
 def add_commands(commands, bench) -> None:
     """``spallm bench finetune`` (entry point ``spallm.cli``: the core CLI does not import PEFT)."""
+    from spallm_plugins.cli import add_output_options
+
     p = bench.add_parser("finetune", help="SpaLLM tables vs LoRA (same trainable size) vs full fine-tuning")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--sketched", help="sketched base to adapt (default: sketch the model data-free once, cached)")
@@ -263,7 +268,7 @@ def add_commands(commands, bench) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
     add_curve_options(p)
-    p.add_argument("--out", default="bench-finetune", help="output folder for finetune.json / finetune.png")
+    add_output_options(p, default="bench-finetune", what="finetune.json / finetune.png")
     p.set_defaults(func=cmd_bench_finetune)
 
 

@@ -106,7 +106,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_table_sets_bench(
     model_ref: str, out_dir: str | Path, *, groups_per_row: int = 4, requests: int = 24, prompt_len: int = 32,
-    new_tokens: int = 32, repeats: int = 3,
+    new_tokens: int = 32, repeats: int = 3, overwrite: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -116,6 +116,7 @@ def run_table_sets_bench(
     from spallm_plugins.hooks import architecture_for
     from spallm_plugins.integrations.peft.bench import lora_rank_matching
     from spallm_plugins.models import cache_dir, load_model, resolve_model
+    from spallm_plugins.outputs import prepare_output_dir
     from spallm_plugins.pipeline import sketch_to_folder
 
     from .serve import vllm_version
@@ -124,7 +125,7 @@ def run_table_sets_bench(
         vllm_version()  # before any work
     except ModuleNotFoundError as err:
         raise BenchUnavailableError(str(err)) from None
-    out_dir = Path(out_dir)
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     dense = resolve_model(model_ref)
     sketch = SketchConfig(bits=4, groups_per_row=groups_per_row)
@@ -179,7 +180,7 @@ def cmd_bench_table_sets(args: argparse.Namespace) -> int:
 
     s = run_table_sets_bench(
         args.model, args.out, groups_per_row=args.groups_per_row, requests=args.requests,
-        prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+        prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite,
     )  # fmt: skip
     print(
         f"one table-set slot {human_bytes(s['table_set_slot_bytes'])} vs one LoRA slot at the same trainable size "
@@ -196,6 +197,8 @@ def cmd_bench_table_sets(args: argparse.Namespace) -> int:
 
 def add_commands(commands, bench) -> None:
     """``spallm bench table-sets`` (entry point ``spallm.cli``: the core CLI does not import vLLM)."""
+    from spallm_plugins.cli import add_output_options
+
     p = bench.add_parser("table-sets", help="vLLM: memory per table set vs per LoRA, tokens/s with 1 vs 3 sets")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
@@ -203,7 +206,7 @@ def add_commands(commands, bench) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench-table-sets", help="output folder for table_sets.json")
+    add_output_options(p, default="bench-table-sets", what="table_sets.json and two table sets")
     p.set_defaults(func=cmd_bench_table_sets)
 
 

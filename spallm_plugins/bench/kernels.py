@@ -36,12 +36,17 @@ def _time_ms(fn, warmup: int = 10, reps: int = 50) -> float:
 
 
 def run_kernel_bench(
-    shapes=SHAPES, rows=ROWS, bits: int = 4, groups_per_row: int = 4, out_dir: str | Path = "bench-kernels", log=print
-) -> dict[str, Any]:
+    shapes=SHAPES, rows=ROWS, bits: int = 4, groups_per_row: int = 4, out_dir: str | Path = "bench-kernels", log=print,
+    *, overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Time the kernels (CUDA only) and write ``kernels.json`` into ``out_dir`` (new or empty unless ``overwrite``)."""
+    from ..outputs import prepare_output_dir
+
     if not torch.cuda.is_available():
         raise BenchUnavailableError(
             "spallm bench kernels needs a CUDA GPU (the kernels' CPU tests run under TRITON_INTERPRET=1)"
         )
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     from ..format import pack_codes
     from ..kernels.reference import dequantize
     from ..kernels.triton import ops  # noqa: F401
@@ -81,8 +86,6 @@ def run_kernel_bench(
         results.setdefault("training", []).append({"N": n, "K": k, "M": 2048, "lut_fwd_bwd_ms": t_train,
                                                    "dense_fwd_bwd_ms": t_dense, "ratio": t_train / t_dense})  # fmt: skip
         log(f"train N={n} K={k}: lut fwd+bwd {t_train:.3f} ms vs dense {t_dense:.3f} ms (x{t_train / t_dense:.2f})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     from ..format import write_json
 
     write_json(out_dir / "kernels.json", results)

@@ -104,8 +104,14 @@ def run_quality(
     grid_exponent: float | None = None,
     out_dir: str | Path = "bench-quality",
     log=print,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)."""
+    """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)
+    into ``out_dir``, which must be new or empty unless ``overwrite``."""
+    from ..outputs import prepare_output_dir
+
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     from ..sketch import sketch_model
     from ..sketch.calibration import calibration_batch
     from ..sketch.driver import sketch_model_calibrated
@@ -164,8 +170,6 @@ def run_quality(
     if original:
         for row in results["rows"]:
             row["ratio_to_original"] = round(row["perplexity"] / original, 4)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     from ..format import write_json
 
     write_json(out_dir / "quality.json", results)
