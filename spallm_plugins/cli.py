@@ -1,4 +1,4 @@
-"""``spallm``: sketch, evaluate and inspect SpaLLM checkpoints; ``spallm quickstart`` runs it all."""
+"""spallm: sketch, evaluate and inspect SpaLLM checkpoints; spallm quickstart runs it all end to end."""
 
 from __future__ import annotations
 
@@ -417,13 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=float, default=argparse.SUPPRESS, help="fraction of mean diag(H) (default 0.01)")
     p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=argparse.SUPPRESS,
                    help="p in the loss-error-aware k-means weights U_cc^-p")  # fmt: skip
-    p.add_argument("--act-order", dest="act_order", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--act-order", dest="act_order", action="store_true", default=argparse.SUPPRESS,
+                   help="assign codes in order of descending Hessian diagonal (GPTQ's act-order)")  # fmt: skip
     p.add_argument("--no-refit", dest="refit", action="store_false", default=argparse.SUPPRESS,
                    help="skip the closed-form table refit")  # fmt: skip
     p.add_argument("--refit-rounds", dest="refit_rounds", type=int, default=argparse.SUPPRESS,
                    help="alternate code assignment and table refit this many times (default 1)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                   help="seed of k-means starts and calibration shuffling (default 0)")  # fmt: skip
+    p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS,
+                   help="Lloyd iterations of the weighted k-means (default 50)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
     p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
     p.add_argument("--offload", action="store_true", help="keep blocks on the CPU except the one being sketched")
@@ -462,28 +465,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="dense model to sketch (default smollm2)")
     p.add_argument("--text", help="held-out text (default: the bundled English sample)")
     p.add_argument("--calib", help="calibration data for the calibrated variants")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=256)
-    p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None)
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=256,
+                   help="perplexity window in tokens (default 256)")  # fmt: skip
+    p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None,
+                   help="p of the calibrated variants' k-means weights (default: SketchConfig's)")  # fmt: skip
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
     add_output_options(p, default="bench-quality", what="quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--layer", default="model.layers.0.mlp.up_proj")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--model", default="smollm2", help="dense model (default smollm2)")
+    p.add_argument("--layer", default="model.layers.0.mlp.up_proj", help="the linear whose weight is clustered")
+    p.add_argument("--bits", type=int, default=4, help="bits per code (default 4)")
     p.add_argument("--calib", help="derive loss-error-aware column weights from this calibration data")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=cmd_bench_kmeans)
     p = bench.add_parser("kernels", help="Triton kernels vs cuBLAS fp16 and dequantize+matmul (needs CUDA)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4, help="bits per code (default 4)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="table groups per row (default 4)")  # fmt: skip
     add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
 
@@ -494,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $SPALLM_HOME/quickstart/..., replaced each run)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (and OUT-adapter)")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4 (default 4)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="table groups per row, 1..8 (default 4)")  # fmt: skip
     p.add_argument("--calib", help="calibrate on this data (64 x 256 tokens) instead of sketching data-free")
     p.add_argument("--finetune-steps", type=int, default=20, help="table fine-tune steps through PEFT (0: skip)")
     p.set_defaults(func=cmd_quickstart)

@@ -225,12 +225,12 @@ CURVE_OPTIONS = ("curve_seqlen", "held_out", "eval_every", "spallm_lr", "lora_lr
 def add_curve_options(p: argparse.ArgumentParser) -> None:
     """Options of the held-out loss curves (shared by ``spallm bench finetune`` and the child runs)."""
     p.add_argument("--curve-data", help="instruction rows (e.g. ARC-Easy train.json) for held-out loss curves")
-    p.add_argument("--curve-steps", type=int, default=0)
-    p.add_argument("--curve-seqlen", type=int, default=256)
-    p.add_argument("--held-out", type=int, default=64)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--spallm-lr", type=float, default=1e-3)
-    p.add_argument("--lora-lr", type=float, default=3e-4)
+    p.add_argument("--curve-steps", type=int, default=0, help="training steps of each curve (0: no curves)")
+    p.add_argument("--curve-seqlen", type=int, default=256, help="tokens per curve training row (default 256)")
+    p.add_argument("--held-out", type=int, default=64, help="rows kept out of training for the curves (default 64)")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between held-out evaluations (default 25)")
+    p.add_argument("--spallm-lr", type=float, default=1e-3, help="SpaLLM's learning rate for the curves")
+    p.add_argument("--lora-lr", type=float, default=3e-4, help="LoRA's learning rate for the curves")
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
@@ -259,14 +259,15 @@ def add_commands(commands, bench) -> None:
     from spallm_plugins.cli import add_output_options
 
     p = bench.add_parser("finetune", help="SpaLLM tables vs LoRA (same trainable size) vs full fine-tuning")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default="smollm2", help="dense model (default smollm2)")
     p.add_argument("--sketched", help="sketched base to adapt (default: sketch the model data-free once, cached)")
-    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="SpaLLM table groups per row; LoRA's rank is matched to it (default 4)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=8, help="measured steps per variant (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default 2)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     add_curve_options(p)
     add_output_options(p, default="bench-finetune", what="finetune.json / finetune.png")
     p.set_defaults(func=cmd_bench_finetune)

@@ -200,12 +200,13 @@ def add_commands(commands, bench) -> None:
     from spallm_plugins.cli import add_output_options
 
     p = bench.add_parser("table-sets", help="vLLM: memory per table set vs per LoRA, tokens/s with 1 vs 3 sets")
-    p.add_argument("--model", default="smollm2")
-    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4)
-    p.add_argument("--requests", type=int, default=24)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default="smollm2", help="dense model, sketched data-free once (default smollm2)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="table groups per row (default 4)")  # fmt: skip
+    p.add_argument("--requests", type=int, default=24, help="requests per measurement (default 24)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per case, the fastest kept (default 3)")
     add_output_options(p, default="bench-table-sets", what="table_sets.json and two table sets")
     p.set_defaults(func=cmd_bench_table_sets)
 
