@@ -234,3 +234,29 @@ def test_a_disk_that_fills_up_while_writing_leaves_nothing_that_looks_complete(t
     lines = proc.stdout.splitlines()
     assert lines[0].startswith(f"{out / 'model.safetensors'}: no space left on the device"), lines
     assert lines[1:] == []  # the folder holds no partial shard and no temporary
+
+
+def test_quickstart_benchmarks_and_the_python_api_follow_the_same_rule(tmp_path, sketched_dir):
+    from spallm_plugins.format import OutputError, load_quantization_config
+    from spallm_plugins.pipeline import load_sketched, save_sketched_model
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    adapter_taken = tmp_path / "fresh-adapter"
+    adapter_taken.mkdir()
+    (adapter_taken / "keep.txt").write_text("mine too")
+    one_error_line(run_cli("quickstart", "--out", str(taken), check=False), str(taken), "--overwrite")
+    one_error_line(run_cli("quickstart", "--out", str(tmp_path / "fresh"), check=False), str(adapter_taken))
+    for bench in ("quality", "kernels"):
+        proc = run_cli("bench", bench, "--out", str(taken), check=False)
+        if bench == "kernels" and "needs a CUDA GPU" in proc.stderr:
+            continue  # refused earlier, for want of a GPU: nothing written either
+        one_error_line(proc, str(taken), "already exists and is not empty")
+    model, tokenizer = load_sketched(sketched_dir)
+    config = load_quantization_config(sketched_dir)
+    with pytest.raises(OutputError, match="already exists and is not empty"):
+        save_sketched_model(model, tokenizer, taken, config)
+    save_sketched_model(model, tokenizer, taken, config, overwrite=True)
+    assert (taken / "config.json").is_file() and not (taken / "keep.txt").exists()
+    assert (adapter_taken / "keep.txt").read_text() == "mine too" and not (tmp_path / "fresh").exists()
