@@ -280,6 +280,15 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from .bench.scale import run_scale_bench
+
+    run_scale_bench(args.out, layers=tuple(args.layers), nsamples=args.nsamples, seqlen=args.seqlen,
+                    groups_per_row=args.groups_per_row, modes=tuple(args.modes), overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {Path(args.out) / 'scale.json'}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
@@ -431,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lloyd iterations of the weighted k-means (default 50)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
     p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
-    p.add_argument("--offload", action="store_true", help="keep blocks on the CPU except the one being sketched")
+    p.add_argument("--offload", action="store_true",
+                   help="no effect: the sketch streams, one block in memory at a time (kept for old scripts)")  # fmt: skip
     p.add_argument("--report", action="store_true", help="also draw sketch_report.png (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sketch)
@@ -494,6 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table groups per row (default 4)")  # fmt: skip
     add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
+
+    p = bench.add_parser("scale", help="peak memory and time of streaming sketches of Llama-2-7B-shaped models")
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layers of each model (2 4 8)")
+    p.add_argument("--modes", nargs="+", choices=["data-free", "calibrated"], default=["data-free", "calibrated"],
+                   help="sketch each model data-free, calibrated, or both (default both)")  # fmt: skip
+    p.add_argument("--nsamples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="table groups per row (default 4)")  # fmt: skip
+    add_output_options(p, default="bench-scale", what="scale.json (the models are made and removed under OUT/work)")
+    p.set_defaults(func=cmd_bench_scale)
 
     p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
     p.add_argument(

@@ -146,18 +146,24 @@ def resolve_model(ref: str | os.PathLike) -> Path:
 
 def load_model(ref: str | os.PathLike, *, dtype=None, **kwargs):
     """``(model, tokenizer)`` from a local reference; tokenizer is ``None`` when the folder has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(ref)
     refuse_sketch_without_config(path)
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    return model.eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a model folder, or ``None`` when it has none."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.eval(), tokenizer
+        return None
 
 
 def meta_model_from_config(path: str | os.PathLike):

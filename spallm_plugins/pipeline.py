@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .config import DENSE_DTYPES, SketchConfig
-from .convert import plan_sketch, sketched_layers
+from .convert import plan_sketch, resolve_targets, sketched_layers
 from .format import (
     CODES_SUFFIX,
     QUANT_METHOD,
@@ -28,11 +28,12 @@ from .format import (
 )
 from .hooks import register_host
 from .layer import SketchedLinear
-from .models import load_model, meta_model_from_config, resolve_model
+from .models import load_model, load_tokenizer, meta_model_from_config, resolve_model
 from .outputs import prepare_output_dir
 from .sketch import sketch_model
 from .sketch.calibration import CalibrationError, calibration_batch
-from .sketch.driver import PARTIAL_DIR, sketch_model_calibrated
+from .sketch.driver import PARTIAL_DIR, find_blocks
+from .streaming import sketch_streaming
 from .validate import validate_checkpoint
 
 REPORT_NAME = "sketch_report.json"
@@ -177,36 +178,59 @@ def sketch_to_folder(
     if config.method == "gptq" and not config.calibration:
         raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
     poor = warn_if_poor_without_calibration(config)
-    model, tokenizer = load_model(source, dtype=torch.float32)
-    torch.manual_seed(config.seed)
-    start = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    ids = None
     if config.method == "gptq":
         if tokenizer is None:
             raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
         ids = calibration_batch(config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed)
-        details = sketch_model_calibrated(
-            model, config, ids, partial_dir=out_dir / PARTIAL_DIR, resume=resume, device=device,
-            offload=offload, progress=progress, on_block_done=on_block_done,
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+
+    def full_report(details: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "source": str(source),
+            "spallm_plugins_version": __version__,
+            "torch_version": torch.__version__,
+            "machine": platform.machine(),
+            "config": config.to_dict(),
+            "dense_dtype": dense_dtype,
+            "streamed": streamed,
+            "sketch_seconds": round(time.perf_counter() - start, 3),
+            **({"warning": poor} if poor else {}),
+            **details,
+        }
+
+    def finish(tmp: Path, details: dict[str, Any]) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(full_report(details), indent=2) + "\n", encoding="utf-8")
+
+    streamed = ids is not None or blocks_hold_targets(source, config)
+    if streamed:
+        details = sketch_streaming(
+            source, out_dir, config, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume, device=device,
+            progress=progress, on_block_done=on_block_done, partial_name=PARTIAL_DIR, finish=finish,
         )  # fmt: skip
-        model.to("cpu")
-    else:
-        losses = sketch_model(model, config, progress=progress)
-        details = {"layers": {name: {"loss": loss} for name, loss in losses.items()}}
-    seconds = time.perf_counter() - start
+        return full_report(details)
+    # data-free with targets outside the decoder blocks (e.g. lm_head): the whole model in memory
+    model, _ = load_model(source, dtype=torch.float32)
+    losses = sketch_model(model, config, progress=progress)
+    details = {"layers": {name: {"loss": loss} for name, loss in losses.items()}}
     cast_dense_rest(model, dense_dtype)
-    report = {
-        "source": str(source),
-        "spallm_plugins_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": platform.machine(),
-        "config": config.to_dict(),
-        "dense_dtype": dense_dtype,
-        "sketch_seconds": round(seconds, 3),
-        **({"warning": poor} if poor else {}),
-        **details,
-    }
+    report = full_report(details)
     _write_sketched(model, tokenizer, out_dir, config, report)
     return report
+
+
+def blocks_hold_targets(source: str | os.PathLike, config: SketchConfig) -> bool:
+    """Whether every linear ``config`` selects lies inside the decoder blocks (so the sketch can stream)."""
+    model, _ = meta_model_from_config(source)
+    try:
+        find_blocks(model, resolve_targets(model, config))
+    except ValueError:
+        return False
+    return True
 
 
 def load_sketched(path: str | os.PathLike, **kwargs):

@@ -136,3 +136,27 @@ CLI_CODE = "import sys; from spallm_plugins.cli import main; sys.exit(main(sys.a
 
 def run_cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     return run_python(CLI_CODE, *args, check=check, cwd=cwd)
+
+
+def shard_of(folder: Path, name: str) -> Path:
+    """The safetensors file of ``folder`` that holds tensor ``name`` (for a new tensor: the file holding
+    its layer's codes or weight)."""
+    from spallm_plugins.format import read_headers
+
+    headers = read_headers(folder)
+    module = name.rsplit(".", 1)[0]
+    for candidate in (name, module + ".codes", module + ".weight"):
+        if candidate in headers:
+            return headers[candidate].file
+    raise AssertionError(f"{folder}: no file holds {name} or its layer")
+
+
+def rewrite_tensor(folder: Path, name: str, change) -> None:
+    """Replace tensor ``name`` (or add it) in the shard of ``folder`` that holds it: ``change(tensors)``
+    edits the shard's dict of tensors in place."""
+    from safetensors.torch import load_file, save_file
+
+    file = shard_of(folder, name)
+    tensors = load_file(str(file))
+    change(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})

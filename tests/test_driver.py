@@ -145,24 +145,25 @@ def test_offload_gives_the_same_sketch():
 
 
 def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, dense_dir, calib_file, monkeypatch):
-    from spallm_plugins.sketch import driver
+    from spallm_plugins import streaming
 
     config = CONFIG.replace(calibration=str(calib_file))
     sketch_to_folder(dense_dir, tmp_path / "straight", config, progress=False)
-    real_write_json = driver.write_json
+    real_write_json = streaming.write_json
     calls = {"n": 0}
 
-    def dies_on_second_commit(path, data):
+    def dies_on_third_commit(path, data):  # commits: the tensors outside the blocks, block 0, block 1
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise KeyboardInterrupt("killed before progress.json of block 1")
         real_write_json(path, data)
 
-    monkeypatch.setattr(driver, "write_json", dies_on_second_commit)
+    monkeypatch.setattr(streaming, "write_json", dies_on_third_commit)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         sketch_to_folder(dense_dir, out, config, progress=False)
-    monkeypatch.setattr(driver, "write_json", real_write_json)
+    assert (out / PARTIAL_DIR / "inputs_00002.safetensors").is_file()  # saved, but block 1 not committed
+    monkeypatch.setattr(streaming, "write_json", real_write_json)
     report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)
     assert report["resumed_from_block"] == 1
     straight, resumed = _tensors(tmp_path / "straight"), _tensors(out)

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_tensor, shard_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from spallm_plugins.format import (
     CheckpointError,
+    OutputSpaceError,
     atomic_path,
     pack_codes,
     read_tensors,
@@ -80,7 +82,7 @@ def test_atomic_file_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputSpaceError, match=f"{target}: no space left on the device while writing it"):
         write_tensors(tmp_path, {"a": torch.zeros(3)})
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
@@ -108,11 +110,11 @@ def _rewrite_config(folder: Path, **changes):
 
 
 def _rewrite_tensor(folder: Path, name: str, value: torch.Tensor):
-    (f,) = safetensors_files(folder)
-    tensors = load_file(str(f))
-    assert name in tensors
-    tensors[name] = value
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    def change(tensors):
+        assert name in tensors
+        tensors[name] = value
+
+    rewrite_tensor(folder, name, change)
 
 
 def test_validate_accepts_a_fresh_sketch(sketched_dir):
@@ -168,7 +170,7 @@ def test_validate_rejects_folder_without_config(tmp_path):
 
 
 def test_validate_rejects_truncated_file(sketched_dir):
-    (f,) = safetensors_files(sketched_dir)
+    f = shard_of(sketched_dir, "model.layers.0.mlp.up_proj.codes")
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         validate_checkpoint(sketched_dir)
@@ -185,10 +187,7 @@ def test_validate_rejects_non_finite_tables_naming_the_tensor(sketched_dir):
 
 def test_validate_rejects_a_bias_that_is_not_float(tmp_path, sketched_dir):
     name = "model.layers.0.self_attn.q_proj.bias"
-    (f,) = safetensors_files(sketched_dir)
-    tensors = load_file(str(f))
-    tensors[name] = torch.zeros(64, dtype=torch.int32)
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    rewrite_tensor(sketched_dir, name, lambda tensors: tensors.update({name: torch.zeros(64, dtype=torch.int32)}))
     with pytest.raises(CheckpointError, match=rf"tensor {name} has dtype int32, expected a float dtype"):
         validate_checkpoint(sketched_dir)
 

@@ -25,7 +25,7 @@ RANKS = [
     ("ops", "layer", "convert"),
     ("sketch",),
     ("models", "validate", "evaluate"),
-    ("pipeline", "merge", "cli", "bench", "builtin_plugins", "_autoregister"),
+    ("streaming", "pipeline", "merge", "cli", "bench", "builtin_plugins", "_autoregister"),
 ]
 # the package's root names integration classes lazily, for users (README "Python" says why)
 ROOT_LAZY_EXPORTS = {"spallm_plugins.integrations.transformers", "spallm_plugins.integrations.peft"}

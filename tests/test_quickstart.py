@@ -32,3 +32,6 @@ def test_quickstart_end_to_end(tmp_path, monkeypatch, smollm2_available):
     assert tuned["loss_last"] < tuned["loss_first"] and tuned["held_out_loss_after"] < tuned["held_out_loss_before"]
     assert tuned["trainable_table_values"] == summary["table_values"]
     assert tuned["answer_after"].startswith("SpaLLM says:") and "before:" in proc.stdout
+    # the fine-tune must not cost the model its general English (issue #18): the bundled text, never trained on
+    assert tuned["perplexity_before"] == pytest.approx(summary["perplexity_sketched"], rel=1e-3)  # starts as the base
+    assert tuned["perplexity_after"] <= 1.3 * summary["perplexity_sketched"]

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import run_python, tiny_llama
+from conftest import rewrite_tensor, run_python, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.convert import NoTargetsError, sketched_layers
-from spallm_plugins.format import CheckpointError, safetensors_files
+from spallm_plugins.format import CheckpointError, OutputError, OutputSpaceError
 from spallm_plugins.integrations.transformers import SpaLLMQuantConfig, register
 from spallm_plugins.layer import SketchedLinear
 from spallm_plugins.pipeline import save_sketched_model, sketch_to_folder
@@ -83,12 +83,8 @@ def test_wrong_format_version_fails_at_load(sketched_dir):
 
 
 def test_codes_shape_mismatch_fails_at_load_naming_the_tensor(sketched_dir):
-    from safetensors.torch import load_file, save_file
-
-    (f,) = safetensors_files(sketched_dir)
-    tensors = load_file(str(f))
-    tensors["model.layers.0.self_attn.o_proj.codes"] = torch.zeros(64, 16, dtype=torch.uint8)
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    name = "model.layers.0.self_attn.o_proj.codes"
+    rewrite_tensor(sketched_dir, name, lambda tensors: tensors.update({name: torch.zeros(64, 16, dtype=torch.uint8)}))
     with pytest.raises(
         CheckpointError, match=r"model.layers.0.self_attn.o_proj.codes has shape \[64, 16\], expected \[64, 32\]"
     ):
@@ -114,8 +110,10 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, sketched_dir, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model), "save_pretrained", killed)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match="already exists and is not empty"):
         save_sketched_model(model, None, sketched_dir, SketchConfig(bits=2))
+    with pytest.raises(OutputSpaceError, match=f"{sketched_dir}: no space left on the device"):
+        save_sketched_model(model, None, sketched_dir, SketchConfig(bits=2), overwrite=True)
     assert {p.name: p.read_bytes() for p in sketched_dir.iterdir()} == before
     assert sorted(p.name for p in sketched_dir.parent.iterdir()) == ["dense", "sketched"]
 
@@ -142,12 +140,8 @@ def test_tables_keep_their_dtype_when_the_model_loads_in_bfloat16(sketched_dir):
 
 
 def test_non_finite_tables_fail_at_load_naming_the_tensor(sketched_dir):
-    from safetensors.torch import load_file, save_file
-
-    (f,) = safetensors_files(sketched_dir)
-    tensors = load_file(str(f))
-    tensors["model.layers.0.mlp.gate_proj.tables"][5, 0, 2] = float("inf")
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    name = "model.layers.0.mlp.gate_proj.tables"
+    rewrite_tensor(sketched_dir, name, lambda tensors: tensors[name].__setitem__((5, 0, 2), float("inf")))
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.gate_proj\.tables holds non-finite"):
         AutoModelForCausalLM.from_pretrained(sketched_dir)
 

@@ -224,6 +224,73 @@ class _Progress:
             ) from None
 
 
+def peak_memory() -> dict[str, int]:
+    """Peak resident memory of this process so far (and peak CUDA memory when a GPU is in use), in bytes."""
+    import resource
+
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+    return peak
+
+
+@torch.no_grad()
+def sketch_block(
+    block: nn.Module,
+    index: int,
+    prefix: str,
+    local: dict[str, nn.Linear],
+    hidden: list[torch.Tensor],
+    kwargs_list: list[dict[str, Any]],
+    config: SketchConfig,
+    report: dict[str, Any],
+    timings: dict[str, float],
+    bar=None,
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Sketch the linears ``local`` (names relative to ``block``) of one decoder block with calibration.
+
+    Captures their Hessians from ``hidden`` (the block's inputs, per batch), replaces them in ``block``
+    by ``SketchedLinear`` layers, and returns the sketched tensors (full names under ``prefix``) and the
+    block's outputs through the *sketched* block: the next block's inputs. ``report`` and ``timings``
+    are updated in place.
+    """
+    t0 = time.perf_counter()
+    with HessianCollector(local, index) as collector:
+        for h, kw in zip(hidden, kwargs_list):
+            collector.new_batch()
+            block(h, **kw)
+    t1 = time.perf_counter()
+    block_tensors: dict[str, torch.Tensor] = {}
+    for rel_name, linear in local.items():
+        name = f"{prefix}.{rel_name}"
+        if bar is not None:
+            bar.set_postfix_str(rel_name)
+        layer_start = time.perf_counter()
+        layer, result = sketch_layer(linear, config, hessian=collector.hessian(rel_name), name=name)
+        set_submodule(block, rel_name, layer)
+        block_tensors[f"{name}.codes"] = layer.codes
+        block_tensors[f"{name}.tables"] = layer.tables.detach()
+        if layer.bias is not None:
+            block_tensors[f"{name}.bias"] = layer.bias.detach()
+        report["layers"][name] = {
+            "loss": result.loss,
+            "loss_before_refit": result.loss_before_refit,
+            "refit_rows": result.refit_rows,
+            "rows": linear.out_features,
+            "damping": result.damping,
+            "seconds": round(time.perf_counter() - layer_start, 4),
+        }
+    del collector
+    t2 = time.perf_counter()
+    hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
+    t3 = time.perf_counter()
+    timings["hessian"] += t1 - t0
+    timings["sketch"] += t2 - t1
+    timings["propagate"] += t3 - t2
+    report["blocks"].append({"index": index, "seconds": round(t3 - t0, 3), **peak_memory()})
+    return block_tensors, hidden
+
+
 @torch.no_grad()
 def sketch_model_calibrated(
     model: nn.Module,
@@ -280,8 +347,8 @@ def sketch_model_calibrated(
                 layer = SketchedLinear.empty_like(linear, config, device="cpu" if offload else device)
                 layer.codes.copy_(tensors[f"{name}.codes"])
                 layer.tables.copy_(tensors[f"{name}.tables"])
-                if layer.bias is not None:
-                    layer.bias.copy_(tensors[f"{name}.bias"])
+                if layer.bias is not None:  # the stored bias keeps the model's dtype, as in an uninterrupted run
+                    layer.bias = nn.Parameter(tensors[f"{name}.bias"].to(layer.codes.device))
                 set_submodule(model, name, layer)
 
     bar = tqdm(total=len(blocks), initial=finished, desc="sketching blocks", unit="block", disable=not progress)
@@ -289,43 +356,9 @@ def sketch_model_calibrated(
         block = blocks[index]
         prefix = f"{blocks_name}.{index}"
         block.to(device)
-        in_block = {name: m for name, m in targets.items() if name.startswith(prefix + ".")}
-        local = {_rel(name, prefix): m for name, m in in_block.items()}
-
-        t0 = time.perf_counter()
-        with HessianCollector(local, index) as collector:
-            for h, kw in zip(hidden, kwargs_list):
-                collector.new_batch()
-                block(h, **kw)
-        t1 = time.perf_counter()
-        block_tensors: dict[str, torch.Tensor] = {}
-        for rel_name, linear in local.items():
-            name = f"{prefix}.{rel_name}"
-            bar.set_postfix_str(rel_name)
-            layer_start = time.perf_counter()
-            hessian = collector.hessian(rel_name)
-            layer, result = sketch_layer(linear, config, hessian=hessian, name=name)
-            set_submodule(block, rel_name, layer)
-            block_tensors[f"{name}.codes"] = layer.codes
-            block_tensors[f"{name}.tables"] = layer.tables.detach()
-            if layer.bias is not None:
-                block_tensors[f"{name}.bias"] = layer.bias.detach()
-            report["layers"][name] = {
-                "loss": result.loss,
-                "loss_before_refit": result.loss_before_refit,
-                "refit_rows": result.refit_rows,
-                "rows": linear.out_features,
-                "damping": result.damping,
-                "seconds": round(time.perf_counter() - layer_start, 4),
-            }
-        del collector
-        t2 = time.perf_counter()
-        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
-        t3 = time.perf_counter()
-        timings["hessian"] += t1 - t0
-        timings["sketch"] += t2 - t1
-        timings["propagate"] += t3 - t2
-        report["blocks"].append({"index": index, "seconds": round(t3 - t0, 3)})
+        local = {_rel(name, prefix): m for name, m in targets.items() if name.startswith(prefix + ".")}
+        block_tensors, hidden = sketch_block(block, index, prefix, local, hidden, kwargs_list, config, report,
+                                             timings, bar=bar)  # fmt: skip
         if offload:
             block.to("cpu")
         store.save(index, block_tensors, torch.cat(hidden), report)

@@ -1,0 +1,375 @@
+"""The streaming sketcher: memory set by one decoder block, never by the model.
+
+The model is built on the meta device from ``config.json`` (no weights). The source checkpoint's
+safetensors are read tensor by tensor, in their stored dtype, only when needed:
+
+* calibrated: the embedding alone runs the calibration tokens up to the first block (its inputs are
+  kept, ``[nsamples, seqlen, hidden]`` in float32); then, block by block, that block's tensors are
+  read (computed in float32), its linears sketched with Hessians from the inputs, the inputs run
+  through the *sketched* block to become the next block's, and the block written as its own shard
+  and returned to the meta device. Data-free: the same per block, without activations.
+* everything outside the blocks (embeddings, final norm, ``lm_head``) is copied through one tensor
+  at a time, in the dense dtype, each as its own shard.
+
+Shards and progress go to ``OUT/.spallm-partial`` (``progress.json``, written last, is the commit
+point of a block), so ``resume`` continues a killed run and gives the same bytes. The final folder
+(shards linked from the partial folder, index, config, tokenizer, report) is assembled under a
+temporary name, validated, and renamed onto ``OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SketchConfig
+from .convert import resolve_targets, set_submodule
+from .format import (
+    SAFETENSORS_INDEX,
+    CheckpointError,
+    atomic_path,
+    read_file_headers,
+    read_json,
+    safetensors_files,
+    write_json,
+)
+from .layer import SketchedLinear
+from .sketch.calibration import fingerprint
+from .sketch.driver import (
+    PROGRESS_FILE,
+    ResumeError,
+    capture_block_inputs,
+    find_blocks,
+    peak_memory,
+    sketch_block,
+)
+from .sketch.model import sketch_layer
+from .validate import validate_checkpoint
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class TensorSource:
+    """The tensors of a safetensors checkpoint folder, read one at a time by name.
+
+    Every shard's header is checked up front (the index against the shards, truncation), so a damaged
+    source fails before any work, with the file and tensor named. ``on_read(name)`` is called after
+    each read (tests use it to prove the memory bound).
+    """
+
+    def __init__(self, folder: str | os.PathLike, on_read: Callable[[str], None] | None = None):
+        self.folder = Path(folder)
+        self.files = safetensors_files(self.folder)
+        if not self.files:
+            raise CheckpointError(f"{self.folder}: no safetensors weights (model.safetensors or an index)")
+        self.headers = read_file_headers(self.files)
+        index = self.folder / SAFETENSORS_INDEX
+        if index.is_file():
+            for name, file in read_json(index)["weight_map"].items():
+                header = self.headers.get(name)
+                if header is None or header.file.name != file:
+                    raise CheckpointError(f"{index}: lists tensor {name} in {file}, which does not hold it")
+        self.on_read = on_read
+
+    def read(self, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype; ``like`` (a skeleton parameter) is checked against it."""
+        from safetensors import SafetensorError, safe_open
+
+        header = self.headers.get(name)
+        if header is None:
+            raise CheckpointError(f"{self.folder}: no tensor {name} in the checkpoint (the architecture needs it)")
+        if like is not None:
+            if tuple(header.shape) != tuple(like.shape):
+                raise CheckpointError(
+                    f"{header.file}: tensor {name} has shape {list(header.shape)}, the model's config needs "
+                    f"{list(like.shape)}"
+                )
+            if like.is_floating_point() and header.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{header.file}: tensor {name} has dtype {header.dtype}, expected a float dtype "
+                    f"({', '.join(FLOAT_DTYPES)})"
+                )
+        try:
+            with safe_open(str(header.file), framework="pt") as fh:
+                tensor = fh.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{header.file}: cannot read tensor {name} ({err})") from None
+        if self.on_read is not None:
+            self.on_read(name)
+        return tensor
+
+
+def meta_skeleton(source: str | os.PathLike) -> nn.Module:
+    """The model of ``source/config.json`` with parameters on the meta device and real buffers (rotary
+    frequencies), in float32; no weights are read and no remote code is run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _to_meta(module: nn.Module) -> None:
+    for sub in module.modules():
+        for key, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+
+
+def _materialize(module: nn.Module, prefix: str, source: TensorSource, dtype: torch.dtype, device) -> None:
+    """Read the parameters of ``module`` (checkpoint names under ``prefix``) into it as ``dtype``."""
+    for name, param in list(module.named_parameters()):
+        full = f"{prefix}.{name}" if prefix else name
+        _set_tensor(module, name, source.read(full, like=param).to(device=device, dtype=dtype))
+
+
+class _Store:
+    """``OUT/.spallm-partial``: one shard per block and per dense tensor outside the blocks, the next
+    block's inputs, and ``progress.json`` (the commit point, written last)."""
+
+    def __init__(self, directory: Path, identity: dict[str, Any]):
+        self.dir, self.identity = directory, identity
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.dir / PROGRESS_FILE
+        if not path.is_file():
+            return None
+        try:
+            progress = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ResumeError(f"{path}: damaged ({err}); remove {self.dir} to start over") from None
+        for key, value in self.identity.items():
+            if progress.get(key) != value:
+                raise ResumeError(
+                    f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}; "
+                    f"remove {self.dir} or run without --resume"
+                )
+        return progress
+
+    def shard(self, kind: str, index: int) -> Path:
+        return self.dir / f"{kind}_{index:05d}.safetensors"
+
+    def inputs(self, next_block: int) -> Path:
+        return self.dir / f"inputs_{next_block:05d}.safetensors"
+
+    def write_shard(self, kind: str, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.shard(kind, index)) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                      metadata={"format": "pt"})  # fmt: skip
+
+    def write_inputs(self, next_block: int, hidden: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(self.inputs(next_block)) as tmp:
+            save_file({"hidden": hidden.contiguous().cpu()}, str(tmp), metadata={"next_block": str(next_block)})
+
+    def read_inputs(self, next_block: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self.inputs(next_block)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if fh.metadata().get("next_block") != str(next_block):
+                    raise ResumeError(f"{path}: holds inputs of another block than progress.json says")
+                return fh.get_tensor("hidden")
+        except ResumeError:
+            raise
+        except Exception as err:
+            raise ResumeError(
+                f"{path}: cannot read saved activations ({err}); remove {self.dir} to start over"
+            ) from None
+
+    def commit(self, state: dict[str, Any]) -> None:
+        write_json(self.dir / PROGRESS_FILE, {**self.identity, **state})
+
+
+def _block_shard(block: nn.Module, prefix: str, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Everything a sketched block stores: codes and tables as they are, the rest in the dense dtype."""
+    sketched = {name for name, m in block.named_modules() if isinstance(m, SketchedLinear)}
+    tensors = {}
+    for name, tensor in block.state_dict(keep_vars=True).items():
+        module_name, _, attr = name.rpartition(".")
+        keep = module_name in sketched and attr in ("codes", "tables")
+        tensors[f"{prefix}.{name}"] = tensor.detach() if keep else tensor.detach().to(dense_dtype)
+    return tensors
+
+
+def _outside_tensors(model: nn.Module, blocks_name: str) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers outside the decoder blocks, as ``save_pretrained`` names them."""
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    return [
+        (name, tensor)
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if not name.startswith(blocks_name + ".") and name not in tied
+    ]
+
+
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[key] = buf.to(device)
+
+
+@torch.no_grad()
+def sketch_streaming(
+    source: str | os.PathLike,
+    out_dir: Path,
+    config: SketchConfig,
+    *,
+    dense_dtype: str,
+    calibration_ids: torch.Tensor | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    batch_size: int = 8,
+    on_block_done: Callable[[int], None] | None = None,
+    on_read: Callable[[str, nn.Module], None] | None = None,
+    partial_name: str = ".spallm-partial",
+    finish: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Sketch the checkpoint folder ``source`` into ``out_dir`` block by block; return the report.
+
+    ``calibration_ids`` (``[nsamples, seqlen]``) select the calibrated method; without them the sketch
+    is data-free. ``finish(tmp, report)`` writes the extra files of the output (tokenizer, report) into
+    the temporary folder before it is validated and renamed onto ``out_dir``. ``on_read(name, model)``
+    is called after each tensor read from the source (tests use it to check the memory bound).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    dense = getattr(torch, dense_dtype)
+    source = Path(source)
+    model = meta_skeleton(source)
+    reader = TensorSource(source, on_read=None if on_read is None else (lambda name: on_read(name, model)))
+    _buffers_to(model, device)
+    targets = resolve_targets(model, config)
+    blocks_name, blocks = find_blocks(model, targets)
+    identity: dict[str, Any] = {"config": config.to_dict(), "dense_dtype": dense_dtype, "source": str(source)}
+    if calibration_ids is not None:
+        identity["calibration_fingerprint"] = fingerprint(calibration_ids)
+    store = _Store(out_dir / partial_name, identity)
+    saved = store.load() if resume else None
+    if not resume and store.dir.exists():
+        shutil.rmtree(store.dir)
+    state: dict[str, Any] = saved or {"finished_blocks": 0, "outside": [], "report": {"layers": {}, "blocks": []}}
+    finished = state["finished_blocks"]
+    report = state["report"]
+    timings = {"read": 0.0, "capture": 0.0, "hessian": 0.0, "sketch": 0.0, "propagate": 0.0, "write": 0.0}
+
+    outside = _outside_tensors(model, blocks_name)
+    if not state["outside"]:
+        start = time.perf_counter()
+        for i, (name, like) in enumerate(outside):
+            store.write_shard("outside", i, {name: reader.read(name, like=like).to(dense)})
+        state["outside"] = [name for name, _ in outside]
+        store.commit(state)
+        timings["write"] += time.perf_counter() - start
+
+    hidden: list[torch.Tensor] = []
+    kwargs_list: list[dict[str, Any]] = []
+    if calibration_ids is not None:
+        start = time.perf_counter()
+        embeddings = model.get_input_embeddings()
+        embed_name = next(n for n, m in model.named_modules() if m is embeddings)
+        _materialize(embeddings, embed_name, reader, torch.float32, device)
+        hidden, kwargs_list = capture_block_inputs(model, blocks, calibration_ids, batch_size, device)
+        _to_meta(embeddings)
+        if finished:
+            saved_hidden = store.read_inputs(finished).to(device)
+            hidden = list(saved_hidden.split([h.shape[0] for h in hidden]))
+        timings["capture"] += time.perf_counter() - start
+
+    bar = tqdm(total=len(blocks), initial=finished, desc="sketching blocks", unit="block", disable=not progress)
+    for index in range(finished, len(blocks)):
+        block = blocks[index]
+        prefix = f"{blocks_name}.{index}"
+        start = time.perf_counter()
+        _materialize(block, prefix, reader, torch.float32, device)
+        timings["read"] += time.perf_counter() - start
+        local = {name[len(prefix) + 1 :]: m for name, m in targets.items() if name.startswith(prefix + ".")}
+        if calibration_ids is not None:
+            _, hidden = sketch_block(block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar=bar)
+        else:
+            start = time.perf_counter()
+            for rel_name, linear in local.items():
+                bar.set_postfix_str(rel_name)
+                layer, result = sketch_layer(linear, config, name=f"{prefix}.{rel_name}")
+                set_submodule(block, rel_name, layer)
+                report["layers"][f"{prefix}.{rel_name}"] = {"loss": result.loss}
+            report["blocks"].append({"index": index, "seconds": round(time.perf_counter() - start, 3), **peak_memory()})
+            timings["sketch"] += time.perf_counter() - start
+        start = time.perf_counter()
+        store.write_shard("block", index, _block_shard(block, prefix, dense))
+        if calibration_ids is not None:
+            store.write_inputs(index + 1, torch.cat(hidden))
+        state.update(finished_blocks=index + 1, report=report)
+        store.commit(state)
+        store.inputs(index).unlink(missing_ok=True)  # superseded once progress.json is committed
+        _to_meta(block)
+        timings["write"] += time.perf_counter() - start
+        bar.update(1)
+        if on_block_done is not None:
+            on_block_done(index)
+    bar.close()
+    del hidden
+
+    report["seconds"] = {k: round(v, 3) for k, v in timings.items()}  # this process only
+    report["resumed_from_block"] = finished
+    report.update(peak_memory())
+    shards = [store.shard("outside", i) for i in range(len(state["outside"]))]
+    shards += [store.shard("block", i) for i in range(len(blocks))]
+    _assemble(model, source, out_dir, config, dense_dtype, shards, lambda tmp: finish and finish(tmp, report))
+    return report
+
+
+def _assemble(model, source: Path, out_dir: Path, config: SketchConfig, dense_dtype: str, shards, finish) -> None:
+    """Link the shards into a temporary folder with index and config, validate it, rename it onto ``out_dir``."""
+    from safetensors import safe_open
+
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, name in zip(shards, names, strict=True):
+        with safe_open(str(shard), framework="pt") as fh:
+            for key in fh.keys():
+                weight_map[key] = name
+        total += shard.stat().st_size
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for shard, name in zip(shards, names, strict=True):
+            try:
+                os.link(shard, tmp / name)  # the partial folder stays intact until the rename
+            except OSError:
+                shutil.copyfile(shard, tmp / name)
+        write_json(tmp / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        model.config.quantization_config = config.to_quantization_config()
+        model.config.dtype = getattr(torch, dense_dtype)
+        model.config.use_cache = read_json(source / "config.json").get("use_cache", True)
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and (source / "generation_config.json").is_file():
+            shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
+        finish(tmp)
+        validate_checkpoint(tmp)

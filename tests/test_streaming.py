@@ -1,0 +1,232 @@
+"""The streaming sketcher (#13): identical bytes to the in-memory sketch, one block resident at a time,
+resume at and inside block boundaries (bias model included), and damaged sources named clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import sample_words, tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.format import CheckpointError, safetensors_files
+from spallm_plugins.models import load_tokenizer
+from spallm_plugins.pipeline import cast_dense_rest, load_sketched, sketch_to_folder
+from spallm_plugins.sketch import sketch_model
+from spallm_plugins.sketch.calibration import calibration_batch
+from spallm_plugins.sketch.driver import PARTIAL_DIR, sketch_model_calibrated
+
+DATA_FREE = SketchConfig(bits=4, groups_per_row=2)
+CALIBRATED = SketchConfig(bits=3, groups_per_row=2, method="gptq", nsamples=8, seqlen=32)
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # visible biases (q/k/v have one)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model
+
+
+def save_sharded(model, path, dtype=None):
+    """A dense checkpoint in several shards, with a tokenizer."""
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, max_shard_size="30KB")
+    tiny_tokenizer().save_pretrained(path)
+    assert len(safetensors_files(path)) >= 3
+    return path
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": sample_words(60, seed=i)}) for i in range(20)))
+    return path
+
+
+def tensors(folder):
+    out = {}
+    for f in safetensors_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+def in_memory(folder, config, ids=None, dense_dtype="float32"):
+    """The sketch the streaming one replaces: the whole model in float32, sketched in place."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if ids is None:
+        sketch_model(model, config)
+    else:
+        sketch_model_calibrated(model, config, ids)
+    cast_dense_rest(model, dense_dtype)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    return {k: v.detach() for k, v in model.state_dict().items() if k not in tied}
+
+
+def assert_same(expected, folder):
+    got = tensors(folder)
+    assert set(got) == set(expected), sorted(set(got) ^ set(expected))
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_data_free_equals_the_in_memory_sketch(tmp_path, dtype):
+    source = save_sharded(tiny_llama(), tmp_path / "dense", dtype)
+    report = sketch_to_folder(source, tmp_path / "out", DATA_FREE, progress=False)
+    dense_dtype = str(dtype).removeprefix("torch.")
+    assert report["streamed"] and report["dense_dtype"] == dense_dtype
+    assert_same(in_memory(source, DATA_FREE, dense_dtype=dense_dtype), tmp_path / "out")
+    assert len(report["blocks"]) == 2 and all(b["peak_rss_bytes"] > 0 for b in report["blocks"])
+    load_sketched(tmp_path / "out")
+
+
+def test_streaming_calibrated_equals_the_in_memory_sketch_with_biases_and_tied_embeddings(tmp_path, calib_file):
+    source = save_sharded(tiny_qwen2(), tmp_path / "dense")
+    config = CALIBRATED.replace(calibration=str(calib_file))
+    sketch_to_folder(source, tmp_path / "out", config, progress=False)
+    ids = calibration_batch(str(calib_file), load_tokenizer(source), config.nsamples, config.seqlen, config.seed)
+    expected = in_memory(source, config, ids)
+    assert "lm_head.weight" not in expected and "model.layers.0.self_attn.q_proj.bias" in expected
+    assert_same(expected, tmp_path / "out")
+    model, _ = load_sketched(tmp_path / "out")
+    assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_no_two_blocks_are_ever_resident(tmp_path, calib_file):
+    from spallm_plugins.streaming import sketch_streaming
+
+    source = save_sharded(tiny_llama(num_hidden_layers=4), tmp_path / "dense")
+    reads: list[int] = []
+
+    def check(name, model):
+        if not name.startswith("model.layers."):
+            return
+        index = int(name.split(".")[2])
+        reads.append(index)
+        for i, block in enumerate(model.model.layers):
+            resident = [n for n, p in block.named_parameters() if p.device.type != "meta"]
+            assert i == index or not resident, f"reading block {index} while block {i} holds {resident[:2]}"
+
+    ids = calibration_batch(str(calib_file), tiny_tokenizer(), 8, 32)
+    for calibration in (None, ids):
+        reads.clear()
+        out = tmp_path / ("calibrated" if calibration is not None else "data-free")
+        sketch_streaming(source, out, CALIBRATED if calibration is not None else DATA_FREE,
+                         dense_dtype="float32", calibration_ids=calibration, on_read=check)  # fmt: skip
+        assert reads == sorted(reads) and set(reads) == {0, 1, 2, 3}
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["block boundary", "inside a block"])
+def test_resume_after_a_kill_gives_the_same_bytes_with_biases(tmp_path, calib_file, where):
+    from spallm_plugins import streaming
+
+    source = save_sharded(tiny_qwen2(), tmp_path / "dense")
+    config = CALIBRATED.replace(calibration=str(calib_file))
+    sketch_to_folder(source, tmp_path / "straight", config, progress=False)
+    out = tmp_path / "resumed"
+
+    def kill_after_block_0(index):
+        if index == 0:
+            raise Killed
+
+    def kill_inside_block_1(name, model):
+        if name.startswith("model.layers.1.mlp"):
+            raise Killed
+
+    kwargs = {"on_block_done": kill_after_block_0} if where == "block boundary" else {}
+    original = streaming.TensorSource.read
+    if where == "inside a block":
+
+        def read(self, name, like=None):
+            tensor = original(self, name, like)
+            kill_inside_block_1(name, None)
+            return tensor
+
+        streaming.TensorSource.read = read
+    try:
+        with pytest.raises(Killed):
+            sketch_to_folder(source, out, config, progress=False, **kwargs)
+    finally:
+        streaming.TensorSource.read = original
+    assert not (out / "config.json").exists() and (out / PARTIAL_DIR / "progress.json").is_file()
+    report = sketch_to_folder(source, out, config, progress=False, resume=True)
+    assert report["resumed_from_block"] == 1 and not (out / PARTIAL_DIR).exists()
+    straight, resumed = tensors(tmp_path / "straight"), tensors(out)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert straight[name].dtype == resumed[name].dtype and torch.equal(straight[name], resumed[name]), name
+
+
+def _damage(source, kind):
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = source / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    if kind == "missing shard":
+        shard.unlink()
+        return str(shard.name)
+    if kind == "tensor not in its shard":
+        other = next(f for f in sorted(set(index["weight_map"].values())) if f != shard.name)
+        index["weight_map"]["model.layers.1.mlp.up_proj.weight"] = other
+        (source / "model.safetensors.index.json").write_text(json.dumps(index))
+        return "model.layers.1.mlp.up_proj.weight"
+    if kind == "truncated shard":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) - 100])
+        return f"{shard.name}: truncated"
+    if kind == "unexpected dtype":
+        held = load_file(str(shard))
+        held["model.layers.1.mlp.up_proj.weight"] = torch.ones_like(held["model.layers.1.mlp.up_proj.weight"],
+                                                                    dtype=torch.int32)  # fmt: skip
+        save_file(held, str(shard), metadata={"format": "pt"})
+        return "model.layers.1.mlp.up_proj.weight has dtype int32, expected a float dtype"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing shard", "tensor not in its shard", "truncated shard", "unexpected dtype"])
+def test_a_damaged_source_is_named_and_resume_continues_once_fixed(tmp_path, calib_file, kind):
+    import shutil
+
+    source = save_sharded(tiny_llama(), tmp_path / "dense")
+    backup = tmp_path / "backup"
+    shutil.copytree(source, backup)
+    expected = _damage(source, kind)
+    config = CALIBRATED.replace(calibration=str(calib_file))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=expected.replace(".", r"\.")):
+        sketch_to_folder(source, out, config, progress=False)
+    assert not (out / "config.json").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    shutil.rmtree(source)
+    shutil.copytree(backup, source)
+    sketch_to_folder(source, out, config, progress=False, resume=True)
+    load_sketched(out)
+
+
+def test_bench_scale_makes_sharded_checkpoints_and_measures_each_sketch(tmp_path):
+    from spallm_plugins.bench.scale import run_scale_bench
+
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": 4100}  # fmt: skip
+    results = run_scale_bench(tmp_path / "bench", layers=(1, 3), nsamples=4, seqlen=32, groups_per_row=2,
+                              shape=tiny, log=lambda line: None)  # fmt: skip
+    rows = {(r["layers"], r["mode"]): r for r in results["rows"]}
+    assert set(rows) == {(1, "data-free"), (1, "calibrated"), (3, "data-free"), (3, "calibrated")}
+    assert all(r["peak_rss_bytes"] > 50 << 20 and r["seconds_per_block"] > 0 for r in rows.values())
+    assert rows[(3, "calibrated")]["blocks"] == 3
+    assert set(results["peak_rss_growth_bytes_first_to_last"]) == {"data-free", "calibrated"}
+    assert json.loads((tmp_path / "bench" / "scale.json").read_text())["rows"] == results["rows"]
