@@ -392,6 +392,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"[5/{steps}] fine-tuning the tables with PEFT (adapter 'spallm', {args.finetune_steps} steps)")
         tuned = quickstart_finetune(out, adapter_dir, steps=args.finetune_steps)
         print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
+        print(
+            f"      general-text perplexity {ppl_s:.2f} -> {tuned['perplexity_after']:.2f} "
+            f"(x{tuned['perplexity_after'] / ppl_s:.3f}: what the fine-tune cost the model's general English)"
+        )
         print(f"      Q: {tuned['question']}")
         print(f"      before: {tuned['answer_before']}")
         print(f"      after:  {tuned['answer_after']}")
