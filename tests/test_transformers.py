@@ -48,6 +48,19 @@ def test_sketch_on_load_from_dense_folder(dense_dir):
         assert torch.equal(layer.tables, manual.get_submodule(name).tables)
 
 
+def test_sketch_on_load_of_a_model_larger_than_memory_is_refused_up_front(dense_dir, monkeypatch):
+    from spallm_plugins.integrations.transformers import quantizer
+
+    dense_bytes = sum(p.numel() * 4 for p in tiny_llama().parameters())
+    monkeypatch.setattr(quantizer, "available_memory_bytes", lambda: dense_bytes - 1)  # a machine just too small
+    with pytest.raises(ValueError, match=rf"spallm sketch {dense_dir} --out SKETCHED_DIR") as err:
+        AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=SpaLLMQuantConfig(bits=4))
+    assert "needs the whole dense model in memory" in str(err.value)
+    monkeypatch.setattr(quantizer, "available_memory_bytes", lambda: dense_bytes)  # just enough
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=SpaLLMQuantConfig(bits=4))
+    assert len(sketched_layers(model)) == 14
+
+
 def test_save_pretrained_round_trip_in_a_fresh_process(tmp_path, dense_dir):
     qc = SpaLLMQuantConfig(bits=4, groups_per_row=4)
     model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=qc)

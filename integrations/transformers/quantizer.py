@@ -53,6 +53,7 @@ class SpaLLMHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if not self.pre_quantized:
+            refuse_dense_larger_than_memory(model, checkpoint_files)
             return model
         sketch = self.quantization_config.sketch
         if checkpoint_files:
@@ -92,6 +93,34 @@ class SpaLLMHfQuantizer(HfQuantizer):
         for name, layer in sketched_layers(model).items():
             set_submodule(model, name, layer.to_linear(dtype))
         return model
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says a new allocation can use now (``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def refuse_dense_larger_than_memory(model, checkpoint_files) -> None:
+    """Sketch-on-load holds the whole dense model first: refuse up front when it cannot fit, and name the
+    streaming command, instead of being killed for memory halfway through loading."""
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = available_memory_bytes()
+    if available is None or needed <= available:
+        return
+    source = str(checkpoint_files[0].rsplit("/", 1)[0]) if checkpoint_files else "MODEL_DIR"
+    raise ValueError(
+        f"spallm: sketching while loading needs the whole dense model in memory ({needed / 2**30:.1f} GiB as "
+        f"{next(model.parameters()).dtype}), and {available / 2**30:.1f} GiB are available. Sketch it by "
+        f"streaming, one decoder block at a time, then load the result: spallm sketch {source} --out "
+        f"SKETCHED_DIR (add --calib FILE to calibrate)"
+    )
 
 
 _registered = False
