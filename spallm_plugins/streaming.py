@@ -19,7 +19,6 @@ temporary name, validated, and renamed onto ``OUT``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -45,7 +44,7 @@ from .layer import SketchedLinear
 from .sketch.calibration import fingerprint
 from .sketch.driver import (
     PROGRESS_FILE,
-    ResumeError,
+    ProgressStore,
     capture_block_inputs,
     find_blocks,
     peak_memory,
@@ -143,34 +142,16 @@ def _materialize(module: nn.Module, prefix: str, source: TensorSource, dtype: to
         _set_tensor(module, name, source.read(full, like=param).to(device=device, dtype=dtype))
 
 
-class _Store:
+class _Store(ProgressStore):
     """``OUT/.spallm-partial``: one shard per block and per dense tensor outside the blocks, the next
-    block's inputs, and ``progress.json`` (the commit point, written last)."""
+    block's inputs, and ``progress.json`` (the commit point, written last). Loading and the inputs files
+    are the calibrated driver's; the identity adds the dense dtype and the source."""
 
     def __init__(self, directory: Path, identity: dict[str, Any]):
         self.dir, self.identity = directory, identity
 
-    def load(self) -> dict[str, Any] | None:
-        path = self.dir / PROGRESS_FILE
-        if not path.is_file():
-            return None
-        try:
-            progress = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ResumeError(f"{path}: damaged ({err}); remove {self.dir} to start over") from None
-        for key, value in self.identity.items():
-            if progress.get(key) != value:
-                raise ResumeError(
-                    f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}; "
-                    f"remove {self.dir} or run without --resume"
-                )
-        return progress
-
     def shard(self, kind: str, index: int) -> Path:
         return self.dir / f"{kind}_{index:05d}.safetensors"
-
-    def inputs(self, next_block: int) -> Path:
-        return self.dir / f"inputs_{next_block:05d}.safetensors"
 
     def write_shard(self, kind: str, index: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -183,24 +164,8 @@ class _Store:
     def write_inputs(self, next_block: int, hidden: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        with atomic_path(self.inputs(next_block)) as tmp:
+        with atomic_path(self.hidden_file(next_block)) as tmp:
             save_file({"hidden": hidden.contiguous().cpu()}, str(tmp), metadata={"next_block": str(next_block)})
-
-    def read_inputs(self, next_block: int) -> torch.Tensor:
-        from safetensors import safe_open
-
-        path = self.inputs(next_block)
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                if fh.metadata().get("next_block") != str(next_block):
-                    raise ResumeError(f"{path}: holds inputs of another block than progress.json says")
-                return fh.get_tensor("hidden")
-        except ResumeError:
-            raise
-        except Exception as err:
-            raise ResumeError(
-                f"{path}: cannot read saved activations ({err}); remove {self.dir} to start over"
-            ) from None
 
     def commit(self, state: dict[str, Any]) -> None:
         write_json(self.dir / PROGRESS_FILE, {**self.identity, **state})
@@ -299,7 +264,7 @@ def sketch_streaming(
         hidden, kwargs_list = capture_block_inputs(model, blocks, calibration_ids, batch_size, device)
         _to_meta(embeddings)
         if finished:
-            saved_hidden = store.read_inputs(finished).to(device)
+            saved_hidden = store.hidden(finished).to(device)
             hidden = list(saved_hidden.split([h.shape[0] for h in hidden]))
         timings["capture"] += time.perf_counter() - start
 
@@ -328,7 +293,7 @@ def sketch_streaming(
             store.write_inputs(index + 1, torch.cat(hidden))
         state.update(finished_blocks=index + 1, report=report)
         store.commit(state)
-        store.inputs(index).unlink(missing_ok=True)  # superseded once progress.json is committed
+        store.hidden_file(index).unlink(missing_ok=True)  # superseded once progress.json is committed
         _to_meta(block)
         timings["write"] += time.perf_counter() - start
         bar.update(1)

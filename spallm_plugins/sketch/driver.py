@@ -156,7 +156,7 @@ def _rel(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :]
 
 
-class _Progress:
+class ProgressStore:
     """Reads and writes ``<out>/.spallm-partial``; every file is written atomically."""
 
     def __init__(self, directory: Path | None, config: SketchConfig, calib_fingerprint: str):
@@ -315,7 +315,7 @@ def sketch_model_calibrated(
     device = torch.device(device)
     targets = resolve_targets(model, config)
     blocks_name, blocks = find_blocks(model, targets)
-    store = _Progress(Path(partial_dir) if partial_dir else None, config, fingerprint(calibration_ids))
+    store = ProgressStore(Path(partial_dir) if partial_dir else None, config, fingerprint(calibration_ids))
     saved = store.load() if resume else None
     if not resume and store.dir is not None and store.dir.exists():
         import shutil
