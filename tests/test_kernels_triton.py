@@ -5,7 +5,9 @@ kernels are imported; about 2 ms per program instance), so shapes are small and 
 GPU tests (compiled, autotuned, larger shapes) are marked ``gpu`` and skipped without CUDA.
 """
 
+import importlib
 import os
+import pkgutil
 
 import pytest
 import torch
@@ -20,10 +22,14 @@ from spallm_plugins.format import pack_codes  # noqa: E402
 from spallm_plugins.kernels import LUTProblem  # noqa: E402
 from spallm_plugins.kernels.reference import lut_linear, lut_linear_backward, lut_linear_table_sets  # noqa: E402
 from spallm_plugins.kernels.triton import TritonBackend  # noqa: E402
+from spallm_plugins.kernels.triton import lut_gemv as gemv_module  # noqa: E402
+from spallm_plugins.kernels.triton import lut_matmul as matmul_module  # noqa: E402
+from spallm_plugins.kernels.triton import lut_table_sets as table_sets_module  # noqa: E402
 from spallm_plugins.kernels.triton.lut_backward import lut_grad_input, lut_grad_tables  # noqa: E402
 from spallm_plugins.kernels.triton.lut_gemv import lut_gemv  # noqa: E402
 from spallm_plugins.kernels.triton.lut_matmul import lut_matmul  # noqa: E402
 from spallm_plugins.kernels.triton.lut_table_sets import lut_table_sets  # noqa: E402
+from spallm_plugins.kernels.triton.tiles import m_bucket  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|
@@ -114,15 +120,133 @@ def test_fused_table_grad_matches_reference(dtype, bits, gpr):
     assert_matches(first, expected, dtype)
 
 
-def test_backend_explains_what_it_cannot_run():
+def test_backend_explains_what_it_cannot_run(monkeypatch):
+    import spallm_plugins.kernels.triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "cuda_capability", lambda: (9, 0))
     backend = TritonBackend()
     ok, reason = backend.can_implement(LUTProblem("cpu", torch.float16, torch.float16, 4, 4096, 4096, 1, 1))
     assert not ok and "runs on CUDA, not cpu" in reason
     ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 3, 4096, 4096, 1, 1))
-    assert not ok and "3-bit" in reason
+    assert not ok and "no kernel for 3-bit codes" in reason
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float64, torch.float16, 4, 4096, 4096, 1, 1))
+    assert not ok and "activations in torch.float64" in reason
     ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 4, 120, 64, 3, 32, True))
     assert not ok and "group size 40" in reason
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 4, 4096, 64, 3, 32))
+    assert not ok and "not a multiple of groups_per_row 3" in reason
     assert backend.can_implement(LUTProblem("cuda", torch.bfloat16, torch.float16, 4, 4096, 4096, 4, 256, True))[0]
+
+    monkeypatch.setattr(triton_backend, "cuda_capability", lambda: (7, 5))
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.bfloat16, torch.float16, 4, 4096, 4096, 4, 256))
+    assert not ok and "bfloat16 kernels need compute capability 8.0 (sm80)" in reason and "7.5 (sm75)" in reason
+    assert backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 4, 4096, 4096, 4, 256))[0]
+    monkeypatch.setattr(triton_backend, "cuda_capability", lambda: (6, 1))
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float32, torch.float16, 4, 4096, 4096, 4, 256))
+    assert not ok and "float32 kernels need compute capability 7.0 (sm70)" in reason
+    ok, reason = backend.can_implement(LUTProblem("cpu", torch.bfloat16, torch.float16, 4, 4096, 4096, 4, 256))
+    assert not ok and "runs on CUDA, not cpu" in reason  # the device is only asked about CUDA problems
+
+
+def autotuners():
+    """Every ``triton.autotune`` object defined in a module of the Triton kernel package."""
+    from triton.runtime.autotuner import Autotuner
+
+    package = importlib.import_module("spallm_plugins.kernels.triton")
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, Autotuner):
+                found[f"{info.name}.{name}"] = value
+    return found
+
+
+def test_autotuned_kernels_key_on_the_row_bucket_never_on_m():
+    tuners = autotuners()
+    assert set(tuners) == {"lut_gemv._autotuned", "lut_matmul._autotuned", "lut_table_sets._autotuned"}
+    for name, tuner in tuners.items():
+        assert "M" not in tuner.keys, name
+        assert "M_BUCKET" in tuner.keys and set(tuner.keys) <= set(tuner.arg_names), name
+
+
+def launch_matmul(m, bits):
+    x, codes, tables, bias = problem(m, 24, 64, 2, bits, torch.float32)
+    return matmul_module.lut_matmul(x, codes, tables, bias, bits), lut_linear(x, codes, tables, bias, bits)
+
+
+def launch_gemv(m, bits):
+    x, codes, tables, bias = problem(m, 24, 64, 2, bits, torch.float32)
+    return gemv_module.lut_gemv(x, codes, tables, bias, bits), lut_linear(x, codes, tables, bias, bits)
+
+
+def launch_table_sets(m, bits):
+    x, codes, tables, bias = problem(m, 24, 64, 2, bits, torch.float32)
+    sets, slots = torch.stack([tables, -tables]), torch.arange(m, device=DEVICE) % 2
+    got = table_sets_module.lut_table_sets(x, codes, sets, slots, bias, bits)
+    return got, lut_linear_table_sets(x, codes, sets, slots, bias, bits)
+
+
+@pytest.mark.parametrize(
+    ("module", "launch", "same_bucket", "next_bucket"),
+    [
+        (matmul_module, launch_matmul, (20, 40), 70),
+        (gemv_module, launch_gemv, (2, 4), 5),
+        (table_sets_module, launch_table_sets, (20, 40), 70),
+    ],
+)
+def test_autotune_benchmarks_once_per_row_bucket(monkeypatch, module, launch, same_bucket, next_bucket):
+    """The real autotuner (its benchmark timer faked: the interpreter has none) tunes a new M only
+    when it opens a new bucket, and the tuned launch still matches the reference."""
+    timed = []
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(module._autotuned, "cache", {})
+    monkeypatch.setitem(module._autotuned.__dict__, "do_bench", lambda call, quantiles: timed.append(1) or [1.0] * 3)
+    for m in same_bucket:
+        got, want = launch(m, 4)
+        assert_matches(got, want, torch.float32)
+    assert len(module._autotuned.cache) == 1 and len(timed) == len(module.CONFIGS)
+    assert next(iter(module._autotuned.cache))[0] == m_bucket(same_bucket[0])
+    launch(next_bucket, 4)
+    assert len(module._autotuned.cache) == 2 and len(timed) == 2 * len(module.CONFIGS)
+
+
+def strided(t, dim=-1):
+    """A non-contiguous view equal to ``t``: every other element of a twice-as-wide buffer along ``dim``."""
+    shape = list(t.shape)
+    shape[dim] *= 2
+    wide = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    index = [slice(None)] * t.dim()
+    index[dim] = slice(None, None, 2)
+    wide[tuple(index)] = t
+    view = wide[tuple(index)]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_launchers_read_non_contiguous_inputs(bits):
+    """Views with other strides than their shape implies (a transposed or sliced tables, x, codes,
+    bias, slots): each launcher must hand the kernel the strides of the tensor it hands it."""
+    x, codes, tables, bias = problem(20, 24, 128, 2, bits, torch.float32)
+    x_t = x.t().contiguous().t()
+    tables_t = tables.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_t.is_contiguous() and not tables_t.is_contiguous()
+    args = (strided(codes), tables_t, strided(bias), bits)
+    assert_matches(lut_matmul(x_t, *args, block=(32, 32, 32)), lut_linear(x, codes, tables, bias, bits), torch.float32)
+    want = lut_linear(x[:5], codes, tables, bias, bits)
+    assert_matches(lut_gemv(strided(x[:5]), *args, block=(32, 64, 2)), want, torch.float32)
+    sets = torch.stack([tables, tables.flip(0)])
+    slots = torch.arange(20, device=DEVICE) % 2
+    got = lut_table_sets(x_t, strided(codes), sets.transpose(1, 2).contiguous().transpose(1, 2), strided(slots),
+                         strided(bias), bits, block=(16, 32, 32))  # fmt: skip
+    assert_matches(got, lut_linear_table_sets(x, codes, sets, slots, bias, bits), torch.float32)
+    grad = torch.randn(20, 24).to(DEVICE)
+    gx, gt = lut_linear_backward(grad, x, codes, tables, bits, True, True)
+    assert_matches(lut_grad_input(grad.t().contiguous().t(), strided(codes), tables_t, bits, block=(32, 32, 64)), gx,
+                   torch.float32)  # fmt: skip
+    got = lut_grad_tables(strided(grad), x_t, strided(codes), 2, bits, deterministic=True, block=(32, 32))
+    assert_matches(got, gt, torch.float32)
 
 
 @pytest.mark.gpu

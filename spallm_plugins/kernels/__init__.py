@@ -31,11 +31,28 @@ class LUTProblem:
 
 @runtime_checkable
 class KernelBackend(Protocol):
+    """``min_capability``: the lowest CUDA compute capability (``major * 10 + minor``, 80 = sm80) at which
+    the backend runs anything, 0 when it needs no GPU; ``can_implement`` still refuses per dtype. vLLM
+    asks a quantization method for one such number (``get_min_capability``). Backends written before
+    it may lack it: read it with :func:`backend_min_capability`."""
+
     name: str
     priority: int
+    min_capability: int
 
     def can_implement(self, problem: LUTProblem) -> tuple[bool, str]:
         """Return ``(True, "")`` or ``(False, reason)``; the reason is shown by ``spallm info --kernels``."""
+        ...
+
+    def prepare_weights(
+        self, codes: torch.Tensor, tables: torch.Tensor, bits: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional. Load-time layout step (vLLM's ``process_weights_after_loading``): called once after
+        the weights are loaded, it returns ``(codes, tables)`` in the layout this backend's ``forward``
+        and ``backward`` read, e.g. codes interleaved for wide loads. What it returns is only
+        meaningful to this backend, so a layer that keeps it must keep calling this backend (or keep the
+        format-v1 tensors too). Call it through :func:`prepare_weights`, which is the identity for
+        backends without it."""
         ...
 
     def forward(
@@ -70,3 +87,16 @@ class KernelBackend(Protocol):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return ``(grad_x [M, in], grad_tables [out, gpr, 2**bits] accumulated in at least float32)``; ``None`` where not needed."""
         ...
+
+
+def backend_min_capability(backend: object) -> int:
+    """``backend.min_capability``, 0 for a backend that does not declare one."""
+    return int(getattr(backend, "min_capability", 0))
+
+
+def prepare_weights(
+    backend: object, codes: torch.Tensor, tables: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend.prepare_weights(codes, tables, bits)``, or the tensors unchanged if it has no such step."""
+    prepare = getattr(backend, "prepare_weights", None)
+    return (codes, tables) if prepare is None else prepare(codes, tables, bits)

@@ -121,9 +121,13 @@ class ReferenceBackend:
 
     name = "reference"
     priority = 0
+    min_capability = 0
 
     def can_implement(self, problem: LUTProblem) -> tuple[bool, str]:
         return True, ""
+
+    def prepare_weights(self, codes, tables, bits):
+        return codes, tables
 
     def forward(self, x, codes, tables, bias, bits):
         return lut_linear(x, codes, tables, bias, bits)

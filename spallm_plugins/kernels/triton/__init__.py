@@ -16,6 +16,44 @@ from .. import LUTProblem
 from .tiles import table_grad_block_k
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_BITS = (2, 4)
+# bf16 tiles need sm80 (Ampere); fp16 and fp32 compile from sm70 (Volta) on.
+MIN_CAPABILITY = {torch.float16: 70, torch.float32: 70, torch.bfloat16: 80}
+MAX_INDEX = 2**31 - 1  # the kernels compute element offsets in int32
+
+
+def capability_refusal(capability: tuple[int, int], dtype: torch.dtype) -> str:
+    """Why a CUDA device of compute capability ``(major, minor)`` cannot run the kernels in ``dtype``
+    ("" when it can). Separate from the device query so the rule is testable without a GPU."""
+    need = MIN_CAPABILITY[dtype]
+    have = capability[0] * 10 + capability[1]
+    if have >= need:
+        return ""
+    return (
+        f"{str(dtype).removeprefix('torch.')} kernels need compute capability {need // 10}.{need % 10} (sm{need}) "
+        f"or newer; this GPU is {capability[0]}.{capability[1]} (sm{have})"
+    )
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability, or None without CUDA (a problem described for
+    CUDA on a CPU-only host is judged on everything but the device)."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def shape_refusal(problem: LUTProblem) -> str:
+    """Why the kernels cannot tile ``problem``'s shape ("" when they can)."""
+    if problem.groups_per_row < 1 or problem.in_features % problem.groups_per_row:
+        return f"in_features {problem.in_features} is not a multiple of groups_per_row {problem.groups_per_row}"
+    if problem.in_features * problem.bits % 8:
+        return f"in_features {problem.in_features} does not fill whole bytes of {problem.bits}-bit codes"
+    largest = problem.rows * max(problem.in_features, problem.out_features)
+    if largest > MAX_INDEX:
+        return f"{problem.rows} rows make a {largest}-element operand; the kernels index in int32 (< 2**31)"
+    group_size = problem.in_features // problem.groups_per_row
+    if problem.needs_grad and not table_grad_block_k(group_size):
+        return f"group size {group_size} has no power-of-two divisor >= 16 (table-gradient tiles)"
+    return ""
 
 
 class TritonBackend:
@@ -23,20 +61,24 @@ class TritonBackend:
 
     name = "triton"
     priority = 10
+    min_capability = min(MIN_CAPABILITY.values())
 
     def can_implement(self, problem: LUTProblem) -> tuple[bool, str]:
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed (pip install 'spallm-plugins[triton]')"
         if problem.device_type != "cuda":
             return False, f"runs on CUDA, not {problem.device_type} (CPU tests use TRITON_INTERPRET=1)"
-        if problem.bits not in (2, 4):
+        if problem.bits not in SUPPORTED_BITS:
             return False, f"no kernel for {problem.bits}-bit codes (2 and 4 have one)"
         if problem.dtype not in SUPPORTED_DTYPES:
             return False, f"activations in {problem.dtype} (supported: float16, bfloat16, float32)"
-        group_size = problem.in_features // problem.groups_per_row
-        if problem.needs_grad and not table_grad_block_k(group_size):
-            return False, f"group size {group_size} has no power-of-two divisor >= 16 (table-gradient tiles)"
-        return True, ""
+        capability = cuda_capability()
+        reason = (capability_refusal(capability, problem.dtype) if capability else "") or shape_refusal(problem)
+        return not reason, reason
+
+    def prepare_weights(self, codes, tables, bits):
+        """Identity: the kernels read format v1 as stored (a repacked layout is later work)."""
+        return codes, tables
 
     def forward(self, x, codes, tables, bias, bits):
         from . import ops  # noqa: F401  (registers torch.ops.spallm.*)

@@ -84,7 +84,7 @@ def lut_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, tables: torch.Te
     M, N = grad_out.shape
     _, groups, num_codes = tables.shape
     K = codes.shape[1] * 8 // bits
-    grad_out = grad_out.contiguous()
+    grad_out, codes = grad_out.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
     tables = tables.to(grad_out.dtype).contiguous()
     gx = torch.empty(M, K, dtype=grad_out.dtype, device=grad_out.device)
     bm, bn, bk = block
@@ -107,7 +107,8 @@ def lut_grad_tables(grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor
     if not bk:
         raise ValueError(f"group size {group_size} has no power-of-two divisor >= 16 for the table-gradient kernel")
     bm, bn = block
-    grad_out, x = grad_out.contiguous(), x.contiguous().to(grad_out.dtype)
+    grad_out, codes = grad_out.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
+    x = x.contiguous().to(grad_out.dtype)
     k_blocks = triton.cdiv(K, bk)
     if deterministic:
         out = torch.empty(k_blocks, N, num_codes, dtype=torch.float32, device=x.device)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import gather_weight_tile, interpreting
+from .tiles import AUTOTUNE_KEY, GEMV_MAX_ROWS, m_bucket
 
 CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
@@ -23,8 +24,8 @@ CONFIGS = [
 ]
 
 
-@triton.jit
-def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, stride_xm, stride_cn, stride_tn,
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, stride_xm, stride_cn, stride_tn,
                     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     SPLIT_K: tl.constexpr):  # fmt: skip
@@ -47,8 +48,7 @@ def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, stride_xm, s
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "BITS"],
-                             reset_to_zero=["out_ptr"])(lut_gemv_kernel)  # fmt: skip
+_autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(lut_gemv_kernel)
 
 
 def lut_gemv(
@@ -61,13 +61,13 @@ def lut_gemv(
 ) -> torch.Tensor:
     """``x [M <= 16, K]`` -> ``[M, N]``. ``block=(BLOCK_N, BLOCK_K, SPLIT_K)`` skips autotuning."""
     M, K = x.shape
-    if M > 16:
-        raise ValueError(f"lut_gemv is for decode (M <= 16), got M={M}; use lut_matmul")
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"lut_gemv is for decode (M <= {GEMV_MAX_ROWS}), got M={M}; use lut_matmul")
     N, groups, num_codes = tables.shape
     x, codes, tables = x.contiguous(), codes.contiguous(), tables.contiguous()  # the kernel assumes unit inner strides
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     block_m = max(1, triton.next_power_of_2(M))
-    args = (x, codes, tables, out, M, N, K, x.stride(0), codes.stride(0), tables.stride(0))
+    args = (x, codes, tables, out, M, N, K, m_bucket(M), x.stride(0), codes.stride(0), tables.stride(0))
     meta = dict(GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, BLOCK_M=block_m)
     if block is None and interpreting():
         block = (32, 64, 2)  # the CPU interpreter cannot autotune (no device timer)

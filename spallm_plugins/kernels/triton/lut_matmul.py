@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_flags, dot_operands, gather_weight_tile, interpreting
+from .tiles import AUTOTUNE_KEY, m_bucket
 
 # Hopper (H100/H200) likes 128x128/64 tiles with 4-8 warps; Ampere 128x64/32.
 CONFIGS = [
@@ -22,8 +23,8 @@ CONFIGS = [
 ]
 
 
-@triton.jit
-def lut_matmul_kernel(x_ptr, codes_ptr, tables_ptr, bias_ptr, y_ptr, M, N, K,
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def lut_matmul_kernel(x_ptr, codes_ptr, tables_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
                       stride_xm, stride_cn, stride_tn, stride_ym,
                       HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr,
                       NUM_CODES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -50,7 +51,7 @@ def lut_matmul_kernel(x_ptr, codes_ptr, tables_ptr, bias_ptr, y_ptr, M, N, K,
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
-_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "BITS"])(lut_matmul_kernel)
+_autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)(lut_matmul_kernel)
 
 
 def lut_matmul(
@@ -64,12 +65,14 @@ def lut_matmul(
     """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``. ``block=(BM, BN, BK)`` skips autotuning (tests, interpreter)."""
     M, K = x.shape
     N, groups, num_codes = tables.shape
-    x = x.contiguous()
+    x, codes = x.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
     tables = tables.to(x.dtype).contiguous()
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else tables  # without a bias the kernel never reads it
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (x, codes, tables, bias if bias is not None else tables, y, M, N, K,
+    args = (x, codes, tables, bias, y, M, N, K, m_bucket(M),
             x.stride(0), codes.stride(0), tables.stride(0), y.stride(0))  # fmt: skip
-    meta = dict(HAS_BIAS=bias is not None, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
+    meta = dict(HAS_BIAS=has_bias, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
     if block is None and interpreting():
         block = (32, 32, 32)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:

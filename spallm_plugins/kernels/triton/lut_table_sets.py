@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_flags, dot_operands, gather_weight_tile, interpreting
+from .tiles import AUTOTUNE_KEY, m_bucket
 
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
@@ -24,8 +25,8 @@ CONFIGS = [
 ]
 
 
-@triton.jit
-def lut_table_sets_kernel(x_ptr, codes_ptr, tables_ptr, slots_ptr, bias_ptr, y_ptr, M, N, K, S,
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def lut_table_sets_kernel(x_ptr, codes_ptr, tables_ptr, slots_ptr, bias_ptr, y_ptr, M, N, K, S, M_BUCKET,
                           stride_xm, stride_cn, stride_ts, stride_tn, stride_ym,
                           HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr,
                           NUM_CODES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -57,7 +58,7 @@ def lut_table_sets_kernel(x_ptr, codes_ptr, tables_ptr, slots_ptr, bias_ptr, y_p
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
-_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K", "GROUP_SIZE", "BITS"])(lut_table_sets_kernel)
+_autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)(lut_table_sets_kernel)
 
 
 def lut_table_sets(
@@ -72,13 +73,14 @@ def lut_table_sets(
     """``x [M, K]`` -> ``[M, N]``, row ``m`` through ``table_sets[slots[m]]`` (``[S, N, gpr, 2**bits]``)."""
     M, K = x.shape
     S, N, groups, num_codes = table_sets.shape
-    x = x.contiguous()
+    x, codes, slots = x.contiguous(), codes.contiguous(), slots.contiguous()  # the kernel assumes unit inner strides
     table_sets = table_sets.contiguous()  # read in their own dtype; tiles are cast in registers
-    slots = slots.contiguous()
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else table_sets  # without a bias the kernel never reads it
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (x, codes, table_sets, slots, bias if bias is not None else table_sets, y, M, N, K, S,
+    args = (x, codes, table_sets, slots, bias, y, M, N, K, S, m_bucket(M),
             x.stride(0), codes.stride(0), table_sets.stride(0), table_sets.stride(1), y.stride(0))  # fmt: skip
-    meta = dict(HAS_BIAS=bias is not None, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
+    meta = dict(HAS_BIAS=has_bias, GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype))
     if block is None and interpreting():
         block = (16, 32, 32)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:

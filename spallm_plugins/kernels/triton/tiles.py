@@ -1,8 +1,23 @@
-"""Tile-shape rules shared by the Triton launchers and the backend's ``can_implement`` (no triton import)."""
+"""Tile-shape and tuning rules shared by the Triton launchers and the backend's ``can_implement`` (no triton import)."""
 
 from __future__ import annotations
 
 GEMV_MAX_ROWS = 16  # decode: up to this many rows go to the GEMV kernel, more to the tiled matmul
+
+M_BUCKET_STARTS = (1, 2, 5, 17, 65, 257)  # row-count buckets 1, 2-4, 5-16, 17-64, 65-256, >256
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"]  # the row bucket and the layer shape, never M
+
+
+def m_bucket(rows: int) -> int:
+    """The first row count of ``rows``' autotuning bucket (1, 2-4, 5-16, 17-64, 65-256, >256).
+
+    The autotuned kernels key on this instead of M: keyed on M, every new prefill length would
+    benchmark all configs again (seconds of compiling and timing in the middle of a request), while
+    the best tile hardly changes within a bucket. Zero rows share the one-row bucket.
+    """
+    if rows < 0:
+        raise ValueError(f"row count must be >= 0, got {rows}")
+    return max(start for start in M_BUCKET_STARTS if start <= max(rows, 1))
 
 
 def table_grad_block_k(group_size: int, preferred: int = 64) -> int:
