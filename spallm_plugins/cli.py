@@ -280,6 +280,14 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from .bench.gpu import JSON_NAME, run_gpu_bench
+
+    report = run_gpu_bench(args.out, tiny=args.tiny, budget_s=args.budget, overwrite=args.overwrite)
+    print(f"wrote {Path(args.out) / JSON_NAME}")
+    return 1 if report["failed_steps"] else 0
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from .bench.scale import run_scale_bench
 
@@ -508,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table groups per row (default 4)")  # fmt: skip
     add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("gpu", help="the device script: GPU tests, kernel checks and timings, a training step (JSON)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes: runs on CPU under TRITON_INTERPRET=1 in under a minute (timings meaningless)")  # fmt: skip
+    p.add_argument("--budget", type=float, default=420.0,
+                   help="seconds shared by the four steps; a step past its share skips the rest (default 420)")  # fmt: skip
+    add_output_options(p, default="bench-gpu", what="gpu.json (rewritten after every step)")
+    p.set_defaults(func=cmd_bench_gpu)
 
     p = bench.add_parser("scale", help="peak memory and time of streaming sketches of Llama-2-7B-shaped models")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layers of each model (2 4 8)")

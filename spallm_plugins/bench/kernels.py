@@ -1,15 +1,20 @@
-"""``spallm bench kernels``: the Triton kernels against cuBLAS fp16 and dequantize-then-matmul (CUDA).
+"""``spallm bench kernels``: the Triton kernels against cuBLAS and dequantize-then-matmul (CUDA).
 
 For Llama-7B/8B shapes and M in {1, 4, 16, 64, 256, 1024, 4096}, side by side in one run:
-the LUT kernel (GEMV for M <= 16, tiled matmul otherwise), ``torch.matmul`` in fp16 on a dense
-weight, and the reference path (gather W in fp16, then matmul); achieved GB/s of the LUT kernel
-(codes + tables + activations once) and its fraction of the device's peak bandwidth; and one
-training layer's forward + backward (LUT, fused table gradient) against dense fp16 forward +
-backward. Writes ``kernels.json`` (and ``kernels.png`` with matplotlib).
+the LUT kernel (GEMV for M <= 16, tiled matmul otherwise), ``torch.matmul`` on a dense weight
+(cuBLAS, fp16 by default), and the reference path (gather W, then matmul); achieved GB/s of the
+LUT kernel (codes + tables + activations read once, output written once) and its fraction of the
+device's peak bandwidth; and one training layer's forward + backward (LUT, fused table gradient)
+against dense forward + backward. Writes ``kernels.json``.
+
+The pieces (:func:`random_layer`, :func:`time_layer`, :func:`time_training`, the timers) are shared
+with ``spallm bench gpu`` (:mod:`spallm_plugins.bench.gpu`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,11 @@ from . import BenchUnavailableError
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # (out N, in K)
 ROWS = [1, 4, 16, 64, 256, 1024, 4096]
-PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0, "4090": 1008.0}
+H200_HBM_GBPS = 4800.0  # the GPU this project is tested on (DESIGN.md); peak HBM bandwidth by device name:
+PEAK_GBPS = {"H200": H200_HBM_GBPS, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0, "4090": 1008.0}
+TRAINING_ROWS = 2048
+
+Timer = Callable[[Callable[[], Any]], float]  # microseconds per call
 
 
 def peak_bandwidth_gbps(name: str) -> float | None:
@@ -29,15 +38,91 @@ def peak_bandwidth_gbps(name: str) -> float | None:
     return None
 
 
-def _time_ms(fn, warmup: int = 10, reps: int = 50) -> float:
+def time_us(fn: Callable[[], Any], warmup_ms: int = 10, rep_ms: int = 50) -> float:
+    """Microseconds per call of ``fn`` on the GPU (``triton.testing.do_bench``: CUDA events, L2 flushed)."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=reps))
+    return 1e3 * float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms))
+
+
+def wall_time_us(fn: Callable[[], Any], reps: int = 1) -> float:
+    """Microseconds per call by the wall clock, after one warm-up call (CPU and the Triton interpreter)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return 1e6 * (time.perf_counter() - start) / reps
+
+
+def random_layer(
+    n: int, k: int, bits: int, groups_per_row: int, dtype: torch.dtype, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed random ``codes [n, k*bits/8]`` and ``tables [n, gpr, 2**bits]`` (values ~ N(0, 0.02)) on ``device``."""
+    from ..format import pack_codes
+
+    codes = pack_codes(torch.randint(0, 1 << bits, (n, k), device=device), bits)
+    tables = (torch.randn(n, groups_per_row, 1 << bits, device=device) * 0.02).to(dtype)
+    return codes, tables
+
+
+def time_layer(
+    codes: torch.Tensor,
+    tables: torch.Tensor,
+    dense: torch.Tensor,
+    bits: int,
+    m: int,
+    *,
+    timer: Timer = time_us,
+    peak_gbps: float | None = None,
+) -> dict[str, Any]:
+    """One row of the table: ``x [m, K]`` through the LUT kernel, cuBLAS on ``dense [N, K]``, and
+    dequantize-then-matmul, in ``dense.dtype``; bytes moved by the LUT kernel and its GB/s."""
+    from ..kernels.reference import dequantize
+    from ..kernels.triton import ops  # noqa: F401  (registers torch.ops.spallm.*)
+    from ..kernels.triton.lut_gemv import gemv_bytes
+
+    n, k = dense.shape
+    x = torch.randn(m, k, device=dense.device, dtype=dense.dtype)
+    t_lut = timer(lambda: torch.ops.spallm.lut_linear(x, codes, tables, None, bits))
+    t_cublas = timer(lambda: x @ dense.T)
+    t_deq = timer(lambda: x @ dequantize(codes, tables, bits, dense.dtype).T)
+    moved = gemv_bytes(m, n, k, tables.shape[1], bits, table_bytes=tables.element_size(), act_bytes=x.element_size())
+    gbps = moved / (t_lut * 1e-6) / 1e9
+    return {"N": n, "K": k, "M": m, "lut_us": t_lut, "cublas_us": t_cublas, "dequant_matmul_us": t_deq,
+            "speedup_vs_cublas": t_cublas / t_lut, "speedup_vs_dequant": t_deq / t_lut,
+            "bytes_moved": moved, "achieved_gbps": gbps,
+            "fraction_of_peak": gbps / peak_gbps if peak_gbps else None}  # fmt: skip
+
+
+def time_training(
+    codes: torch.Tensor, tables: torch.Tensor, dense: torch.Tensor, bits: int, m: int, *, timer: Timer = time_us
+) -> dict[str, Any]:
+    """One training layer at ``m`` rows: LUT forward + backward (input and table gradients) against
+    dense forward + backward (input and weight gradients), in ``dense.dtype``."""
+    from ..ops import lut_linear
+
+    n, k = dense.shape
+    x = torch.randn(m, k, device=dense.device, dtype=dense.dtype, requires_grad=True)
+    t_param = tables.clone().requires_grad_(True)
+    w_param = dense.clone().requires_grad_(True)
+    grad = torch.randn(m, n, device=dense.device, dtype=dense.dtype)
+    t_train = timer(lambda: lut_linear(x, codes, t_param, None, bits).backward(grad))
+    t_dense = timer(lambda: (x @ w_param.T).backward(grad))
+    return {"N": n, "K": k, "M": m, "lut_fwd_bwd_us": t_train, "dense_fwd_bwd_us": t_dense, "ratio": t_train / t_dense}
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    return (f"N={row['N']:<6} K={row['K']:<6} M={row['M']:<5} lut {row['lut_us']:9.1f} us  "
+            f"cuBLAS {row['cublas_us']:9.1f} us  x{row['speedup_vs_cublas']:.2f}  "
+            f"deq+mm x{row['speedup_vs_dequant']:.2f}  {row['achieved_gbps']:.0f} GB/s")  # fmt: skip
 
 
 def run_kernel_bench(
     shapes=SHAPES, rows=ROWS, bits: int = 4, groups_per_row: int = 4, out_dir: str | Path = "bench-kernels", log=print,
-    *, overwrite: bool = False,
+    *, overwrite: bool = False, dtype: torch.dtype = torch.float16,
 ) -> dict[str, Any]:  # fmt: skip
     """Time the kernels (CUDA only) and write ``kernels.json`` into ``out_dir`` (new or empty unless ``overwrite``)."""
     from ..outputs import prepare_output_dir
@@ -47,45 +132,25 @@ def run_kernel_bench(
             "spallm bench kernels needs a CUDA GPU (the kernels' CPU tests run under TRITON_INTERPRET=1)"
         )
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
-    from ..format import pack_codes
     from ..kernels.reference import dequantize
-    from ..kernels.triton import ops  # noqa: F401
-    from ..kernels.triton.lut_gemv import gemv_bytes
-    from ..ops import lut_linear
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     peak = peak_bandwidth_gbps(name)
     results: dict[str, Any] = {"device": name, "peak_gbps": peak, "bits": bits, "groups_per_row": groups_per_row,
-                               "rows": []}  # fmt: skip
+                               "dtype": str(dtype).removeprefix("torch."), "rows": [], "training": []}  # fmt: skip
     torch.manual_seed(0)
     for n, k in shapes:
-        codes = pack_codes(torch.randint(0, 1 << bits, (n, k), device=device), bits)
-        tables = torch.randn(n, groups_per_row, 1 << bits, device=device, dtype=torch.float16) * 0.02
-        dense = dequantize(codes, tables, bits, torch.float16)
+        codes, tables = random_layer(n, k, bits, groups_per_row, dtype, device)
+        dense = dequantize(codes, tables, bits, dtype)
         for m in rows:
-            x = torch.randn(m, k, device=device, dtype=torch.float16)
-            t_lut = _time_ms(lambda: torch.ops.spallm.lut_linear(x, codes, tables, None, bits))  # noqa: B023
-            t_cublas = _time_ms(lambda: x @ dense.T)  # noqa: B023
-            t_deq = _time_ms(lambda: x @ dequantize(codes, tables, bits, torch.float16).T)  # noqa: B023
-            moved = gemv_bytes(m, n, k, groups_per_row, bits)
-            gbps = moved / (t_lut * 1e-3) / 1e9
-            row = {"N": n, "K": k, "M": m, "lut_ms": t_lut, "cublas_fp16_ms": t_cublas, "dequant_matmul_ms": t_deq,
-                   "speedup_vs_cublas": t_cublas / t_lut, "speedup_vs_dequant": t_deq / t_lut,
-                   "bytes_moved": moved, "achieved_gbps": gbps,
-                   "fraction_of_peak": gbps / peak if peak else None}  # fmt: skip
+            row = time_layer(codes, tables, dense, bits, m, peak_gbps=peak)
             results["rows"].append(row)
-            log(f"N={n:<6} K={k:<6} M={m:<5} lut {t_lut:.4f} ms  cuBLAS {t_cublas:.4f} ms  "
-                f"x{row['speedup_vs_cublas']:.2f}  deq+mm x{row['speedup_vs_dequant']:.2f}  {gbps:.0f} GB/s")  # fmt: skip
-        x = torch.randn(2048, k, device=device, dtype=torch.float16, requires_grad=True)
-        t_param = tables.clone().requires_grad_(True)
-        w_param = dense.clone().requires_grad_(True)
-        grad = torch.randn(2048, n, device=device, dtype=torch.float16)
-        t_train = _time_ms(lambda: lut_linear(x, codes, t_param, None, bits).backward(grad))  # noqa: B023
-        t_dense = _time_ms(lambda: (x @ w_param.T).backward(grad))  # noqa: B023
-        results.setdefault("training", []).append({"N": n, "K": k, "M": 2048, "lut_fwd_bwd_ms": t_train,
-                                                   "dense_fwd_bwd_ms": t_dense, "ratio": t_train / t_dense})  # fmt: skip
-        log(f"train N={n} K={k}: lut fwd+bwd {t_train:.3f} ms vs dense {t_dense:.3f} ms (x{t_train / t_dense:.2f})")
+            log(describe_row(row))
+        train = time_training(codes, tables, dense, bits, TRAINING_ROWS)
+        results["training"].append(train)
+        log(f"train N={n} K={k}: lut fwd+bwd {train['lut_fwd_bwd_us']:.0f} us vs dense "
+            f"{train['dense_fwd_bwd_us']:.0f} us (x{train['ratio']:.2f})")  # fmt: skip
     from ..format import write_json
 
     write_json(out_dir / "kernels.json", results)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The prepared device script (issue #16), for a session lent a GPU: run it once, from the source tree,
+# nothing installed (no registry there):
+#
+#     bash tests/gpu/run.sh "$OUT"            # OUT: the folder the JSON goes to (new or empty)
+#     bash tests/gpu/run.sh "$OUT" --tiny     # extra arguments go to `spallm bench gpu`
+#
+# It runs `spallm bench gpu` (spallm_plugins/bench/gpu.py): the GPU tests, the kernel checks against
+# the reference, kernel timings on Llama-7B/8B shapes and a SmolLM2-135M-shaped training step, within
+# a 420 s budget (under 8 minutes in all), and writes OUT/gpu.json after every step. Exit status 1 when
+# a step failed (the JSON says which, with its traceback).
+set -u
+if [ $# -lt 1 ]; then
+    echo "usage: tests/gpu/run.sh OUTDIR [spallm bench gpu options]" >&2
+    exit 2
+fi
+out="$1"
+shift
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "${PYTHON:-python3}" -m spallm_plugins.cli bench gpu --out "$out" "$@"
