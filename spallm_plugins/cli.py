@@ -77,6 +77,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         offload=args.offload,
         overwrite=args.overwrite,
         dense_dtype=args.dense_dtype,
+        max_memory=args.max_memory,
     )
     print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
     if args.report:
@@ -106,6 +107,16 @@ def window_tokens(value: str) -> int:
 def positive_int(value: str) -> int:
     """argparse type for a count that must be at least 1."""
     return _int_at_least(value, 1)
+
+
+def memory_size(value: str) -> int:
+    """argparse type for a memory budget such as ``2GiB``, ``1.5GB`` or a number of bytes."""
+    from .sketch.memory import parse_memory
+
+    try:
+        return parse_memory(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def quiet_hosts() -> None:
@@ -442,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="p in the loss-error-aware k-means weights U_cc^-p")  # fmt: skip
     p.add_argument("--act-order", dest="act_order", action="store_true", default=argparse.SUPPRESS,
                    help="assign codes in order of descending Hessian diagonal (GPTQ's act-order)")  # fmt: skip
+    p.add_argument("--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
+                   help="sketch a block's linears stage by stage (q/k/v, o, gate/up, down), each calibrated "
+                        "through the stages already sketched")  # fmt: skip
     p.add_argument("--no-refit", dest="refit", action="store_false", default=argparse.SUPPRESS,
                    help="skip the closed-form table refit")  # fmt: skip
     p.add_argument("--refit-rounds", dest="refit_rounds", type=int, default=argparse.SUPPRESS,
@@ -451,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS,
                    help="Lloyd iterations of the weighted k-means (default 50)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
+    p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
+                   help="workspace budget for sketching one linear, e.g. 2GiB (default 1GiB); rows are "
+                        "sketched in chunks that fit it, with the same result for any budget")  # fmt: skip
     p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
     p.add_argument("--offload", action="store_true",
                    help="no effect: the sketch streams, one block in memory at a time (kept for old scripts)")  # fmt: skip

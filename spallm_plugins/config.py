@@ -54,15 +54,17 @@ class SketchConfigError(ValueError):
 class SketchConfig:
     """How a model is (or was) sketched.
 
-        ``bits`` and ``groups_per_row`` fix the storage: each row of a target weight is split into
-        ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
-        ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
-        hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
-        The remaining fields record how the codes were found, so a checkpoint documents itself:
-        ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
-        :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
-        tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
-        the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``refit`` and ``refit_rounds``; ``kmeans_iters`` and ``kmeans_restarts`` (seeded
+    ``bits`` and ``groups_per_row`` fix the storage: each row of a target weight is split into
+    ``groups_per_row`` contiguous column groups, and each group owns ``2**bits`` table values.
+    ``target_modules=None`` means "the architecture's default" (from the ``spallm`` architecture
+    hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
+    The remaining fields record how the codes were found, so a checkpoint documents itself:
+    ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
+    :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
+    tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
+    the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``true_sequential`` (sketch
+    a decoder block's linears in forward-order stages, each calibrated through the sketched stages
+    before it), ``refit`` and ``refit_rounds``; ``kmeans_iters`` and ``kmeans_restarts`` (seeded
     k-means++ starts besides the quantile and min-max-grid starts) with ``seed``.
     """
 
@@ -78,6 +80,7 @@ class SketchConfig:
     damping: float = 0.01
     grid_exponent: float = 2.0
     act_order: bool = False
+    true_sequential: bool = False
     refit: bool = True
     refit_rounds: int = 1
     kmeans_iters: int = 50
@@ -155,7 +158,7 @@ class SketchConfig:
             or not 0 <= self.grid_exponent <= 16
         ):
             fail("grid_exponent", self.grid_exponent, "a number in [0, 16]")
-        for key in ("act_order", "refit"):
+        for key in ("act_order", "true_sequential", "refit"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, getattr(self, key), "true or false")
 

@@ -33,6 +33,7 @@ from .outputs import prepare_output_dir
 from .sketch import sketch_model
 from .sketch.calibration import CalibrationError, calibration_batch
 from .sketch.driver import PARTIAL_DIR, find_blocks
+from .sketch.memory import DEFAULT_MAX_MEMORY
 from .streaming import sketch_streaming
 from .validate import validate_checkpoint
 
@@ -157,6 +158,7 @@ def sketch_to_folder(
     on_block_done=None,
     overwrite: bool = False,
     dense_dtype: str | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
 
@@ -165,7 +167,8 @@ def sketch_to_folder(
     ``out_dir/.spallm-partial`` so that ``resume=True`` continues a killed run. The checkpoint
     appears in ``out_dir`` only when complete. Before any work, ``out_dir`` is checked: new or empty
     (or ``overwrite``), never the source, writable, with room for the output. ``dense_dtype`` is the
-    dtype of what stays dense (default: the source's stored dtype).
+    dtype of what stays dense (default: the source's stored dtype). ``max_memory`` bounds the
+    workspace of sketching one linear (bytes; the result does not depend on it).
     """
     source = resolve_model(model_ref)
     dense_dtype = dense_dtype or source_dense_dtype(source)
@@ -196,6 +199,7 @@ def sketch_to_folder(
             "config": config.to_dict(),
             "dense_dtype": dense_dtype,
             "streamed": streamed,
+            "max_memory_bytes": max_memory or DEFAULT_MAX_MEMORY,
             "sketch_seconds": round(time.perf_counter() - start, 3),
             **({"warning": poor} if poor else {}),
             **details,
@@ -211,11 +215,12 @@ def sketch_to_folder(
         details = sketch_streaming(
             source, out_dir, config, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume, device=device,
             progress=progress, on_block_done=on_block_done, partial_name=PARTIAL_DIR, finish=finish,
+            max_memory=max_memory,
         )  # fmt: skip
         return full_report(details)
     # data-free with targets outside the decoder blocks (e.g. lm_head): the whole model in memory
     model, _ = load_model(source, dtype=torch.float32)
-    losses = sketch_model(model, config, progress=progress)
+    losses = sketch_model(model, config, progress=progress, max_memory=max_memory)
     details = {"layers": {name: {"loss": loss} for name, loss in losses.items()}}
     cast_dense_rest(model, dense_dtype)
     report = full_report(details)

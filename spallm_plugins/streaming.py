@@ -215,6 +215,7 @@ def sketch_streaming(
     on_read: Callable[[str, nn.Module], None] | None = None,
     partial_name: str = ".spallm-partial",
     finish: Callable[[Path, dict[str, Any]], None] | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Sketch the checkpoint folder ``source`` into ``out_dir`` block by block; return the report.
 
@@ -222,6 +223,7 @@ def sketch_streaming(
     is data-free. ``finish(tmp, report)`` writes the extra files of the output (tokenizer, report) into
     the temporary folder before it is validated and renamed onto ``out_dir``. ``on_read(name, model)``
     is called after each tensor read from the source (tests use it to check the memory bound).
+    ``max_memory`` bounds the workspace of sketching one linear (bytes, :mod:`.sketch.memory`).
     """
     from tqdm.auto import tqdm
 
@@ -277,12 +279,14 @@ def sketch_streaming(
         timings["read"] += time.perf_counter() - start
         local = {name[len(prefix) + 1 :]: m for name, m in targets.items() if name.startswith(prefix + ".")}
         if calibration_ids is not None:
-            _, hidden = sketch_block(block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar=bar)
+            _, hidden = sketch_block(
+                block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar, max_memory
+            )
         else:
             start = time.perf_counter()
             for rel_name, linear in local.items():
                 bar.set_postfix_str(rel_name)
-                layer, result = sketch_layer(linear, config, name=f"{prefix}.{rel_name}")
+                layer, result = sketch_layer(linear, config, name=f"{prefix}.{rel_name}", max_memory=max_memory)
                 set_submodule(block, rel_name, layer)
                 report["layers"][f"{prefix}.{rel_name}"] = {"loss": result.loss}
             report["blocks"].append({"index": index, "seconds": round(time.perf_counter() - start, 3), **peak_memory()})

@@ -86,10 +86,10 @@ def default_variants() -> list[dict[str, Any]]:
     for bits in (4, 3):
         for gpr in (1, 4):
             rows.append({"name": f"spallm-b{bits}-g{gpr}-datafree", "bits": bits, "gpr": gpr, "method": "kmeans"})
-            for refit in (False, True):
-                suffix = "refit" if refit else "norefit"
+            for refit, staged in ((False, False), (True, False), (True, True)):
+                suffix = ("refit" if refit else "norefit") + ("-seq" if staged else "")
                 rows.append({"name": f"spallm-b{bits}-g{gpr}-calib-{suffix}", "bits": bits, "gpr": gpr,
-                             "method": "gptq", "refit": refit})  # fmt: skip
+                             "method": "gptq", "refit": refit, "true_sequential": staged})  # fmt: skip
     return rows
 
 
@@ -146,8 +146,9 @@ def run_quality(
             row["bits_per_weight"] = BASELINES[variant["baseline"]][1]
         elif "bits" in variant:
             fields = {"bits": variant["bits"], "groups_per_row": variant["gpr"], "method": variant["method"]}
-            if "refit" in variant:
-                fields["refit"] = variant["refit"]
+            for key in ("refit", "true_sequential"):
+                if key in variant:
+                    fields[key] = variant[key]
             if grid_exponent is not None:
                 fields["grid_exponent"] = grid_exponent
             config = SketchConfig(

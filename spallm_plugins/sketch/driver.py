@@ -58,15 +58,55 @@ def find_blocks(model: nn.Module, targets: dict[str, nn.Linear]) -> tuple[str, n
     return best[0], best[1]
 
 
-class HessianCollector:
-    """Forward hooks that accumulate ``sum(x x^T)`` once per distinct input tensor of a forward call."""
+@torch.no_grad()
+def input_stages(
+    block: nn.Module, local: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[str]]:
+    """The linears of ``local`` grouped by shared input, in the order the block's forward reaches them.
 
-    def __init__(self, modules: dict[str, nn.Linear], block_index: int):
-        self.modules, self.block_index = modules, block_index
+    Found with one forward of one calibration batch; a linear that forward never reaches goes into
+    a last stage of its own (its capture then runs the full forward and reports it if never reached).
+    """
+    order: list[tuple[str, tuple]] = []
+    inputs: list[torch.Tensor] = []
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            inputs.append(x)  # held, so that an equal data_ptr really is the same tensor
+            order.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in local.items()]
+    try:
+        block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: dict[tuple, list[str]] = {}
+    for name, key in order:
+        if not any(name in stage for stage in stages.values()):
+            stages.setdefault(key, []).append(name)
+    grouped = list(stages.values())
+    unseen = [name for name in local if not any(name in stage for stage in grouped)]
+    return grouped + ([unseen] if unseen else [])
+
+
+class HessianCollector:
+    """Forward hooks that accumulate ``sum(x x^T)`` once per distinct input tensor of a forward call.
+
+    With ``stop_when_reached``, the forward is stopped (``_StopForward``, caught by the caller) once
+    every collected module has seen its input in a batch: nothing after them is needed.
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], block_index: int, stop_when_reached: bool = False):
+        self.modules, self.block_index, self.stop_when_reached = modules, block_index, stop_when_reached
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.owner: dict[str, str] = {}
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._reached: set[str] = set()
         self._handles: list = []
 
     def __enter__(self) -> HessianCollector:
@@ -80,32 +120,38 @@ class HessianCollector:
 
     def new_batch(self) -> None:
         self._seen = {}
+        self._reached = set()
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            seen = self._seen.get(key)
-            if seen is not None:
-                self.owner.setdefault(name, seen[0])
-                return
-            # holding the tensor until the next batch keeps its memory from being reused, so an
-            # equal data_ptr really means "the same input" (q/k/v, gate/up)
-            self._seen[key] = (name, x)
-            self.owner.setdefault(name, name)
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            if not torch.isfinite(x2).all():
-                raise CalibrationError(
-                    f"block {self.block_index}, {name}: calibration activations contain NaN or inf "
-                    "(try float32, or other calibration text)"
-                )
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
-                self.counts[name] = 0
-            self.sums[name].addmm_(x2.T, x2)
-            self.counts[name] += x2.shape[0]
+            self._reached.add(name)
+            self._collect(name, args[0])
+            if self.stop_when_reached and len(self._reached) == len(self.modules):
+                raise _StopForward
 
         return hook
+
+    def _collect(self, name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        seen = self._seen.get(key)
+        if seen is not None:
+            self.owner.setdefault(name, seen[0])
+            return
+        # holding the tensor until the next batch keeps its memory from being reused, so an
+        # equal data_ptr really means "the same input" (q/k/v, gate/up)
+        self._seen[key] = (name, x)
+        self.owner.setdefault(name, name)
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x2).all():
+            raise CalibrationError(
+                f"block {self.block_index}, {name}: calibration activations contain NaN or inf "
+                "(try float32, or other calibration text)"
+            )
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
+            self.counts[name] = 0
+        self.sums[name].addmm_(x2.T, x2)
+        self.counts[name] += x2.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
         owner = self.owner.get(name)
@@ -246,6 +292,7 @@ def sketch_block(
     report: dict[str, Any],
     timings: dict[str, float],
     bar=None,
+    max_memory: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Sketch the linears ``local`` (names relative to ``block``) of one decoder block with calibration.
 
@@ -253,34 +300,51 @@ def sketch_block(
     by ``SketchedLinear`` layers, and returns the sketched tensors (full names under ``prefix``) and the
     block's outputs through the *sketched* block: the next block's inputs. ``report`` and ``timings``
     are updated in place.
+
+    With ``config.true_sequential`` the linears are sketched in stages of one shared input each, in
+    forward order (q/k/v, then o_proj, then gate/up, then down_proj for a Llama block), and each
+    stage's Hessian is captured through the already sketched stages before it, so that a layer
+    compensates the errors of the layers that feed it (GPTQ's ``true-sequential``). A stage's
+    capture stops the forward as soon as the stage's last linear has seen its input.
     """
     t0 = time.perf_counter()
-    with HessianCollector(local, index) as collector:
-        for h, kw in zip(hidden, kwargs_list):
-            collector.new_batch()
-            block(h, **kw)
-    t1 = time.perf_counter()
+    stages = input_stages(block, local, hidden[0], kwargs_list[0]) if config.true_sequential else [list(local)]
     block_tensors: dict[str, torch.Tensor] = {}
-    for rel_name, linear in local.items():
-        name = f"{prefix}.{rel_name}"
-        if bar is not None:
-            bar.set_postfix_str(rel_name)
-        layer_start = time.perf_counter()
-        layer, result = sketch_layer(linear, config, hessian=collector.hessian(rel_name), name=name)
-        set_submodule(block, rel_name, layer)
-        block_tensors[f"{name}.codes"] = layer.codes
-        block_tensors[f"{name}.tables"] = layer.tables.detach()
-        if layer.bias is not None:
-            block_tensors[f"{name}.bias"] = layer.bias.detach()
-        report["layers"][name] = {
-            "loss": result.loss,
-            "loss_before_refit": result.loss_before_refit,
-            "refit_rows": result.refit_rows,
-            "rows": linear.out_features,
-            "damping": result.damping,
-            "seconds": round(time.perf_counter() - layer_start, 4),
-        }
-    del collector
+    hessian_seconds = 0.0
+    for stage in stages:
+        stage_start = time.perf_counter()
+        with HessianCollector({n: local[n] for n in stage}, index, stop_when_reached=True) as collector:
+            for h, kw in zip(hidden, kwargs_list):
+                collector.new_batch()
+                try:
+                    block(h, **kw)
+                except _StopForward:
+                    pass
+        hessian_seconds += time.perf_counter() - stage_start
+        for rel_name in stage:
+            linear = local[rel_name]
+            name = f"{prefix}.{rel_name}"
+            if bar is not None:
+                bar.set_postfix_str(rel_name)
+            layer_start = time.perf_counter()
+            layer, result = sketch_layer(
+                linear, config, hessian=collector.hessian(rel_name), name=name, max_memory=max_memory
+            )
+            set_submodule(block, rel_name, layer)
+            block_tensors[f"{name}.codes"] = layer.codes
+            block_tensors[f"{name}.tables"] = layer.tables.detach()
+            if layer.bias is not None:
+                block_tensors[f"{name}.bias"] = layer.bias.detach()
+            report["layers"][name] = {
+                "loss": result.loss,
+                "loss_before_refit": result.loss_before_refit,
+                "refit_rows": result.refit_rows,
+                "rows": linear.out_features,
+                "damping": result.damping,
+                "seconds": round(time.perf_counter() - layer_start, 4),
+            }
+        del collector
+    t1 = t0 + hessian_seconds
     t2 = time.perf_counter()
     hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
     t3 = time.perf_counter()
@@ -304,6 +368,7 @@ def sketch_model_calibrated(
     batch_size: int = 8,
     progress: bool = False,
     on_block_done: Callable[[int], None] | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Sketch every target linear of ``model`` in place with calibration; return the report.
 
@@ -358,7 +423,7 @@ def sketch_model_calibrated(
         block.to(device)
         local = {_rel(name, prefix): m for name, m in targets.items() if name.startswith(prefix + ".")}
         block_tensors, hidden = sketch_block(block, index, prefix, local, hidden, kwargs_list, config, report,
-                                             timings, bar=bar)  # fmt: skip
+                                             timings, bar=bar, max_memory=max_memory)  # fmt: skip
         if offload:
             block.to("cpu")
         store.save(index, block_tensors, torch.cat(hidden), report)

@@ -28,7 +28,8 @@ import torch
 
 from ..config import SketchConfig
 from ..format import pack_codes
-from .kmeans import weighted_kmeans_1d
+from .kmeans import kmeans_uniforms, weighted_kmeans_1d
+from .memory import row_chunks
 from .result import SketchResult
 
 logger = logging.getLogger(__name__)
@@ -63,24 +64,28 @@ def prepare_hessian(
     n = h.shape[0]
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
     perm = perm.to(h.device)
-    h_perm = h[perm][:, perm]
     mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     fraction = damping
+    # at most three [in, in] matrices at once (h, the factor being built, its predecessor): for a
+    # 70B down_proj each is 3.3 GB
     for attempt in range(MAX_DAMPING_RETRIES + 1):
-        try:
-            lower = torch.linalg.cholesky(h_perm + (fraction * mean_diag) * eye)
-            upper = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-            if attempt:
-                logger.warning("%s: Hessian not positive definite; succeeded with damping %.3g", name, fraction)
-            return PreparedHessian(h, perm, upper, dead, fraction)
-        except torch.linalg.LinAlgError:
-            if attempt == MAX_DAMPING_RETRIES:
-                break
-            fraction = max(fraction, 1e-6) * 10
-            logger.warning(
-                "%s: Hessian is not positive definite after damping; retrying with damping %.3g", name, fraction
-            )
+        work = h[perm[:, None], perm] if act_order else h.clone()
+        work.diagonal().add_(fraction * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(work)
+        del work
+        if not int(info):
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if not int(info):
+                if attempt:
+                    logger.warning("%s: Hessian not positive definite; succeeded with damping %.3g", name, fraction)
+                return PreparedHessian(h, perm, upper, dead, fraction)
+        if attempt == MAX_DAMPING_RETRIES:
+            break
+        fraction = max(fraction, 1e-6) * 10
+        logger.warning("%s: Hessian is not positive definite after damping; retrying with damping %.3g", name, fraction)
     raise HessianError(
         f"{name}: the Hessian is not positive definite even with damping {fraction:.3g} x mean(diag); "
         "check the calibration data"
@@ -145,7 +150,8 @@ def refit_tables(
 ) -> torch.Tensor:
     """Least-squares tables for fixed codes: minimise ``(w - S^T t) H (w - S^T t)^T`` per row.
 
-    Batched Jacobi-preconditioned conjugate gradient over all rows, warm-started at ``tables``.
+    Batched Jacobi-preconditioned conjugate gradient over all rows, warm-started at ``tables``; a
+    row stops at its own convergence, so its result does not depend on the other rows.
     ``codes`` are int64 ``[out, in]``; returns float32 tables of the same shape as ``tables``.
     """
     out_features, groups, k = tables.shape
@@ -171,13 +177,15 @@ def refit_tables(
     p = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
     start_norm = residual.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    active = torch.ones_like(start_norm, dtype=torch.bool)
     for _ in range(iters):
         hp = reduce(gather(p) @ h)
         denom = (p * hp).sum(1, keepdim=True)
-        alpha = torch.where(denom > 0, rz / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        alpha = torch.where((denom > 0) & active, rz / denom.clamp_min(1e-30), torch.zeros_like(denom))
         t += alpha * p
         residual -= alpha * hp
-        if (residual.norm(dim=1, keepdim=True) / start_norm).max() < tol:
+        active &= residual.norm(dim=1, keepdim=True) / start_norm >= tol
+        if not active.any():
             break
         z = precond * residual
         rz_new = (residual * z).sum(1, keepdim=True)
@@ -188,27 +196,67 @@ def refit_tables(
 
 
 def sketch_linear_calibrated(
-    weight: torch.Tensor, config: SketchConfig, hessian: torch.Tensor, name: str = "layer", block_size: int = 128
+    weight: torch.Tensor,
+    config: SketchConfig,
+    hessian: torch.Tensor,
+    name: str = "layer",
+    block_size: int = 128,
+    max_memory: int | None = None,
 ) -> SketchResult:
-    """Sketch ``weight [out, in]`` against the calibration Hessian ``[in, in]`` (see module docstring)."""
+    """Sketch ``weight [out, in]`` against the calibration Hessian ``[in, in]`` (see module docstring).
+
+    Rows are sketched in chunks whose workspace fits ``max_memory`` bytes (:mod:`.memory`); the
+    result does not depend on the chunk size.
+    """
     out_features, in_features = weight.shape
     config.check_in_features(in_features, name)
     if hessian.shape != (in_features, in_features):
         raise HessianError(f"{name}: Hessian shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+    gpr = config.groups_per_row
+    prepared = prepare_hessian(hessian.to(weight.device), config.damping, name, config.act_order)
+    column_weight = loss_error_aware_weights(prepared.inverse_cholesky, config.grid_exponent)
+    column_weight = column_weight[torch.argsort(prepared.perm)]  # original column order
+    uniforms = kmeans_uniforms(out_features * gpr, config.num_codes, config.seed, config.kmeans_restarts)
+    parts = [
+        _sketch_rows(
+            weight[rows], config, prepared, column_weight, uniforms[:, rows.start * gpr : rows.stop * gpr], block_size
+        )
+        for rows in row_chunks(out_features, in_features, max_memory)
+    ]
+    codes, tables, loss_before, loss_after, kept = (torch.cat(column) for column in zip(*parts))
+    return SketchResult(
+        codes=codes,
+        tables=tables,
+        loss=float(loss_after.sum()),
+        loss_before_refit=float(loss_before.sum()),
+        refit_rows=int(kept.sum()),
+        damping=prepared.damping,
+    )
+
+
+def _sketch_rows(
+    weight: torch.Tensor,
+    config: SketchConfig,
+    prepared: PreparedHessian,
+    column_weight: torch.Tensor,
+    uniforms: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, ...]:
+    """Tables, codes and refit for some rows: ``(packed codes, tables, loss before/after refit, refit kept)``."""
+    out_features, in_features = weight.shape
     gpr, k = config.groups_per_row, config.num_codes
     group_size = in_features // gpr
-    prepared = prepare_hessian(hessian.to(weight.device), config.damping, name, config.act_order)
     w = weight.detach().float().clone()
     w[:, prepared.dead] = 0
     perm, upper = prepared.perm, prepared.inverse_cholesky
     inv_perm = torch.argsort(perm)
 
-    column_weight = loss_error_aware_weights(upper, config.grid_exponent)[inv_perm]  # original column order
     groups = w.reshape(out_features * gpr, group_size)
     group_weights = column_weight.view(gpr, group_size).repeat(out_features, 1)
     centroids, _ = weighted_kmeans_1d(
-        groups, k, group_weights, iters=config.kmeans_iters, seed=config.seed, restarts=config.kmeans_restarts
+        groups, k, group_weights, iters=config.kmeans_iters, restarts=config.kmeans_restarts, uniforms=uniforms
     )
+    del groups, group_weights
     tables = centroids.to(config.torch_table_dtype()).float().view(out_features, gpr, k)
 
     def assign(t: torch.Tensor) -> torch.Tensor:
@@ -232,14 +280,8 @@ def sketch_linear_calibrated(
         tables = torch.where(better[:, None, None], refit.values, tables)
         codes = torch.where(better[:, None], remapped, codes)
         loss_after = torch.where(better, new_loss, loss_after)
-    return SketchResult(
-        codes=pack_codes(codes, config.bits, name=f"{name}.codes"),
-        tables=tables.to(config.torch_table_dtype()),
-        loss=float(loss_after.sum()),
-        loss_before_refit=float(loss_before.sum()),
-        refit_rows=int(kept.sum()),
-        damping=prepared.damping,
-    )
+    packed = pack_codes(codes, config.bits)
+    return packed, tables.to(config.torch_table_dtype()), loss_before, loss_after, kept
 
 
 def gather_weight(tables: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

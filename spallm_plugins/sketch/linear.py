@@ -7,7 +7,8 @@ import torch
 from ..config import SketchConfig
 from ..format import pack_codes
 from .gptq import layer_loss, sketch_linear_calibrated
-from .kmeans import assign_nearest, weighted_kmeans_1d
+from .kmeans import assign_nearest, kmeans_uniforms, weighted_kmeans_1d
+from .memory import row_chunks
 from .result import SketchResult
 
 
@@ -18,13 +19,19 @@ def row_groups(weight: torch.Tensor, groups_per_row: int) -> torch.Tensor:
 
 
 def sketch_linear(
-    weight: torch.Tensor, config: SketchConfig, hessian: torch.Tensor | None = None, name: str = "layer"
+    weight: torch.Tensor,
+    config: SketchConfig,
+    hessian: torch.Tensor | None = None,
+    name: str = "layer",
+    max_memory: int | None = None,
 ) -> SketchResult:
     """Sketch ``weight [out, in]`` per ``config``.
 
     ``method="gptq"`` is the calibrated method (:mod:`spallm_plugins.sketch.gptq`) and needs the
     layer's Hessian. ``method="kmeans"`` is weighted k-means per row-group: data-free with unit
-    weights, or, given a Hessian, with its diagonal as column weights.
+    weights, or, given a Hessian, with its diagonal as column weights. Either way the rows are
+    sketched in chunks whose workspace fits ``max_memory`` bytes (:mod:`.memory`), with the same
+    result for any chunk size.
     """
     out_features, in_features = weight.shape
     config.check_in_features(in_features, name)
@@ -33,30 +40,33 @@ def sketch_linear(
             raise ValueError(
                 f"{name}: sketch method 'gptq' needs calibration data (a Hessian); use method 'kmeans' without"
             )
-        return sketch_linear_calibrated(weight, config, hessian, name)
-    gpr = config.groups_per_row
-    w = weight.detach().float()
-    groups = row_groups(w, gpr)
-    col_weights = None
+        return sketch_linear_calibrated(weight, config, hessian, name, max_memory=max_memory)
+    gpr, k = config.groups_per_row, config.num_codes
+    column_weight = None
     if hessian is not None:
         diag = torch.diagonal(hessian).float().clamp_min(0)
-        col_weights = (diag + 1e-8 * diag.mean().clamp_min(1e-12)).view(gpr, in_features // gpr)
-        col_weights = col_weights.repeat(out_features, 1)
-    centroids, _ = weighted_kmeans_1d(
-        groups,
-        config.num_codes,
-        col_weights,
-        iters=config.kmeans_iters,
-        seed=config.seed,
-        restarts=config.kmeans_restarts,
-    )
-    tables = centroids.to(config.torch_table_dtype())
-    # Assign against the stored (rounded) table values so codes match what inference will see.
-    assign = assign_nearest(groups, tables.float())
-    recon = tables.float().gather(1, assign)
-    if hessian is None:
-        loss = float(((groups - recon) ** 2).sum())
-    else:
-        loss = float(layer_loss(w, recon.view(out_features, in_features), hessian.float()).sum())
-    codes = pack_codes(assign.view(out_features, in_features), config.bits, name=f"{name}.codes")
-    return SketchResult(codes=codes, tables=tables.view(out_features, gpr, config.num_codes), loss=loss)
+        column_weight = (diag + 1e-8 * diag.mean().clamp_min(1e-12)).view(gpr, in_features // gpr)
+    uniforms = kmeans_uniforms(out_features * gpr, k, config.seed, config.kmeans_restarts)
+    codes, tables, losses = [], [], []
+    for rows in row_chunks(out_features, in_features, max_memory):
+        w = weight[rows].detach().float()
+        groups = row_groups(w, gpr)
+        centroids, _ = weighted_kmeans_1d(
+            groups,
+            k,
+            None if column_weight is None else column_weight.repeat(w.shape[0], 1),
+            iters=config.kmeans_iters,
+            restarts=config.kmeans_restarts,
+            uniforms=uniforms[:, rows.start * gpr : rows.stop * gpr],
+        )
+        chunk_tables = centroids.to(config.torch_table_dtype())
+        # Assign against the stored (rounded) table values so codes match what inference will see.
+        assign = assign_nearest(groups, chunk_tables.float())
+        recon = chunk_tables.float().gather(1, assign)
+        if hessian is None:
+            losses.append(((groups - recon) ** 2).view(w.shape[0], in_features).sum(1))
+        else:
+            losses.append(layer_loss(w, recon.view(w.shape[0], in_features), hessian.float()))
+        codes.append(pack_codes(assign.view(w.shape[0], in_features), config.bits, name=f"{name}.codes"))
+        tables.append(chunk_tables.view(w.shape[0], gpr, k))
+    return SketchResult(codes=torch.cat(codes), tables=torch.cat(tables), loss=float(torch.cat(losses).sum()))

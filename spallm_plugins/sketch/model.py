@@ -15,14 +15,19 @@ from .result import SketchResult
 
 
 def sketch_layer(
-    linear: nn.Linear, config: SketchConfig, hessian: torch.Tensor | None = None, name: str = "layer"
+    linear: nn.Linear,
+    config: SketchConfig,
+    hessian: torch.Tensor | None = None,
+    name: str = "layer",
+    max_memory: int | None = None,
 ) -> tuple[SketchedLinear, SketchResult]:
     """Sketch a dense ``nn.Linear`` (read, not modified) into a ``SketchedLinear``.
 
     Returns the layer and the sketch's result (losses, refit statistics, for reports); the layer
     holds the result's codes and tables themselves, not a copy. The bias keeps its dtype.
+    ``max_memory`` bounds the sketching workspace (bytes, see :mod:`.memory`).
     """
-    result = sketch_linear(linear.weight, config, hessian=hessian, name=name)
+    result = sketch_linear(linear.weight, config, hessian=hessian, name=name, max_memory=max_memory)
     bias = None if linear.bias is None else linear.bias.detach().clone()
     return SketchedLinear.from_result(result, config, bias=bias), result
 
@@ -32,6 +37,7 @@ def sketch_model(
     config: SketchConfig,
     hessians: Callable[[str], torch.Tensor | None] | None = None,
     progress: bool = False,
+    max_memory: int | None = None,
 ) -> dict[str, float]:
     """Sketch every target linear in place (data-free unless ``hessians(name)`` gives one).
 
@@ -42,7 +48,8 @@ def sketch_model(
     targets = resolve_targets(model, config)
     losses: dict[str, float] = {}
     for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
-        layer, result = sketch_layer(linear, config, hessian=hessians(name) if hessians else None, name=name)
+        hessian = hessians(name) if hessians else None
+        layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
         set_submodule(model, name, layer)
         losses[name] = result.loss
     return losses
