@@ -78,6 +78,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dense_dtype=args.dense_dtype,
         max_memory=args.max_memory,
+        offload_activations=args.offload_activations,
     )
     print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
     if args.report:
@@ -201,6 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     if args.kernels:
         summary["kernels"] = _kernel_report(plan.layers, config)
+    summary["sketch_memory"] = _sketch_memory(model, config, args, getattr(torch, dense_dtype).itemsize)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -214,12 +216,31 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"dense rest ({dense_dtype}): {human_bytes(plan.dense_rest_bytes)}")  # fmt: skip
     print(f"  sketched model: {human_bytes(summary['sketched_model_bytes'])}; bits per sketched weight "
           f"(codes + tables): {plan.bits_per_weight:.3f}; dense model ({dense_dtype}): {human_bytes(plan.dense_bytes)}")  # fmt: skip
+    memory = summary["sketch_memory"]
+    if memory:
+        terms = ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {human_bytes(v)}" for k, v in memory.items()
+                          if k != "peak_bytes")  # fmt: skip
+        print(f"  sketching it (streaming; calibrated with {args.nsamples} x {args.seqlen} tokens): about "
+              f"{human_bytes(memory['peak_bytes'])} ({terms})")  # fmt: skip
     if args.kernels:
         print("  kernel backends (first accepted is used):")
         for row in summary["kernels"]:
             verdict = "ok" if row["accepted"] else f"no: {row['reason']}"
             print(f"    {row['case']:<40} {row['backend']:<12} {verdict}")
     return 0
+
+
+def _sketch_memory(model, config: SketchConfig, args: argparse.Namespace, dense_bytes: int) -> dict[str, int]:
+    """Peak memory of a streaming calibrated sketch of ``model`` ({} when its targets are not in blocks)."""
+    from .convert import resolve_targets
+    from .sketch.memory import sketch_memory
+
+    try:
+        memory = sketch_memory(model, resolve_targets(model, config), args.nsamples, args.seqlen, args.max_memory,
+                               dense_bytes)  # fmt: skip
+    except ValueError:
+        return {}
+    return {**memory, "peak_bytes": sum(memory.values())}
 
 
 def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> list[dict[str, Any]]:
@@ -470,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workspace budget for sketching one linear, e.g. 2GiB (default 1GiB); rows are "
                         "sketched in chunks that fit it, with the same result for any budget")  # fmt: skip
     p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
+    p.add_argument("--offload-activations", dest="offload_activations", action="store_true",
+                   help="keep the calibration activations (2 x nsamples x seqlen x hidden x 4 bytes) in files "
+                        "under OUT/.spallm-partial, one batch in memory at a time")  # fmt: skip
     p.add_argument("--offload", action="store_true",
                    help="no effect: the sketch streams, one block in memory at a time (kept for old scripts)")  # fmt: skip
     p.add_argument("--report", action="store_true", help="also draw sketch_report.png (needs matplotlib)")
@@ -491,6 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sketch_options(p, defaults_from_checkpoint=True)
     _add_dense_dtype_option(p, default_help="what the checkpoint stores, from its files or config.json")
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration sequences of the memory estimate (default 64)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence of the memory estimate (default 256)")
+    p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
+                   help="sketching workspace budget of the memory estimate (default 1GiB)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -159,6 +159,7 @@ def sketch_to_folder(
     overwrite: bool = False,
     dense_dtype: str | None = None,
     max_memory: int | None = None,
+    offload_activations: bool = False,
 ) -> dict[str, Any]:
     """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
 
@@ -169,6 +170,7 @@ def sketch_to_folder(
     (or ``overwrite``), never the source, writable, with room for the output. ``dense_dtype`` is the
     dtype of what stays dense (default: the source's stored dtype). ``max_memory`` bounds the
     workspace of sketching one linear (bytes; the result does not depend on it).
+    ``offload_activations`` keeps the calibration activations in files, one batch in memory at a time.
     """
     source = resolve_model(model_ref)
     dense_dtype = dense_dtype or source_dense_dtype(source)
@@ -215,7 +217,7 @@ def sketch_to_folder(
         details = sketch_streaming(
             source, out_dir, config, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume, device=device,
             progress=progress, on_block_done=on_block_done, partial_name=PARTIAL_DIR, finish=finish,
-            max_memory=max_memory,
+            max_memory=max_memory, offload_activations=offload_activations,
         )  # fmt: skip
         return full_report(details)
     # data-free with targets outside the decoder blocks (e.g. lm_head): the whole model in memory

@@ -45,6 +45,7 @@ from .sketch.calibration import fingerprint
 from .sketch.driver import (
     PROGRESS_FILE,
     ProgressStore,
+    SpilledActivations,
     capture_block_inputs,
     find_blocks,
     peak_memory,
@@ -192,6 +193,23 @@ def _outside_tensors(model: nn.Module, blocks_name: str) -> list[tuple[str, torc
     ]
 
 
+_TAGS = ("a", "b")
+
+
+def _saved_inputs(store, state: dict[str, Any], finished: int, sizes: list[int], device, spill: bool):
+    """The inputs of block ``finished`` as the previous run left them, in this run's form (list or files)."""
+    if state.get("spilled_inputs"):
+        saved = SpilledActivations(store.dir, _TAGS[finished % 2], device, sizes)
+        return saved if spill else [saved[i] for i in range(len(saved))]
+    batches = list(store.hidden(finished).to(device).split(sizes))
+    if not spill:
+        return batches
+    spilled = SpilledActivations(store.dir, _TAGS[finished % 2], device)
+    for batch in batches:
+        spilled.append(batch)
+    return spilled
+
+
 def _buffers_to(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         for key, buf in module._buffers.items():
@@ -216,6 +234,7 @@ def sketch_streaming(
     partial_name: str = ".spallm-partial",
     finish: Callable[[Path, dict[str, Any]], None] | None = None,
     max_memory: int | None = None,
+    offload_activations: bool = False,
 ) -> dict[str, Any]:
     """Sketch the checkpoint folder ``source`` into ``out_dir`` block by block; return the report.
 
@@ -224,6 +243,8 @@ def sketch_streaming(
     the temporary folder before it is validated and renamed onto ``out_dir``. ``on_read(name, model)``
     is called after each tensor read from the source (tests use it to check the memory bound).
     ``max_memory`` bounds the workspace of sketching one linear (bytes, :mod:`.sketch.memory`).
+    ``offload_activations`` keeps the calibration activations in files under the partial folder,
+    one batch in memory at a time, instead of all of them in memory (same result).
     """
     from tqdm.auto import tqdm
 
@@ -256,18 +277,23 @@ def sketch_streaming(
         store.commit(state)
         timings["write"] += time.perf_counter() - start
 
-    hidden: list[torch.Tensor] = []
+    hidden: Any = []
     kwargs_list: list[dict[str, Any]] = []
     if calibration_ids is not None:
         start = time.perf_counter()
         embeddings = model.get_input_embeddings()
         embed_name = next(n for n, m in model.named_modules() if m is embeddings)
         _materialize(embeddings, embed_name, reader, torch.float32, device)
-        hidden, kwargs_list = capture_block_inputs(model, blocks, calibration_ids, batch_size, device)
+        # spilled inputs of block i live in set _TAGS[i % 2]; on resume the capture (needed for the
+        # keyword arguments) goes to the other set, which block `finished` then overwrites
+        sink = SpilledActivations(store.dir, _TAGS[(finished + 1) % 2 if finished else 0], device)
+        hidden, kwargs_list = capture_block_inputs(
+            model, blocks, calibration_ids, batch_size, device, into=sink if offload_activations else None
+        )
         _to_meta(embeddings)
         if finished:
-            saved_hidden = store.hidden(finished).to(device)
-            hidden = list(saved_hidden.split([h.shape[0] for h in hidden]))
+            sizes = [batch.shape[0] for batch in calibration_ids.split(batch_size)]
+            hidden = _saved_inputs(store, state, finished, sizes, device, offload_activations)
         timings["capture"] += time.perf_counter() - start
 
     bar = tqdm(total=len(blocks), initial=finished, desc="sketching blocks", unit="block", disable=not progress)
@@ -279,8 +305,9 @@ def sketch_streaming(
         timings["read"] += time.perf_counter() - start
         local = {name[len(prefix) + 1 :]: m for name, m in targets.items() if name.startswith(prefix + ".")}
         if calibration_ids is not None:
+            outputs = SpilledActivations(store.dir, _TAGS[(index + 1) % 2], device) if offload_activations else None
             _, hidden = sketch_block(
-                block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar, max_memory
+                block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar, max_memory, outputs
             )
         else:
             start = time.perf_counter()
@@ -293,9 +320,9 @@ def sketch_streaming(
             timings["sketch"] += time.perf_counter() - start
         start = time.perf_counter()
         store.write_shard("block", index, _block_shard(block, prefix, dense))
-        if calibration_ids is not None:
-            store.write_inputs(index + 1, torch.cat(hidden))
-        state.update(finished_blocks=index + 1, report=report)
+        if calibration_ids is not None and not offload_activations:
+            store.write_inputs(index + 1, torch.cat(list(hidden)))
+        state.update(finished_blocks=index + 1, report=report, spilled_inputs=offload_activations)
         store.commit(state)
         store.hidden_file(index).unlink(missing_ok=True)  # superseded once progress.json is committed
         _to_meta(block)

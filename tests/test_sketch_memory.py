@@ -1,6 +1,7 @@
 """Sketching one linear in row chunks: the budget bounds the workspace and never changes the result."""
 
 import argparse
+import itertools
 import subprocess
 import sys
 
@@ -44,7 +45,7 @@ def test_row_chunks_cover_the_rows_in_quantum_multiples():
     for out_f, in_f, budget in [(11008, 4096, 2 << 30), (28672, 8192, 1 << 30), (100, 64, 1), (64, 64, 10**12)]:
         chunks = row_chunks(out_f, in_f, budget)
         assert chunks[0].start == 0 and chunks[-1].stop == out_f
-        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
         assert all((c.stop - c.start) % ROW_QUANTUM == 0 for c in chunks[:-1])
         rows = chunks[0].stop - chunks[0].start
         assert rows == ROW_QUANTUM or rows * in_f * WORKSPACE_BYTES_PER_WEIGHT <= budget

@@ -174,6 +174,33 @@ def test_resume_after_a_kill_gives_the_same_bytes_with_biases(tmp_path, calib_fi
         assert straight[name].dtype == resumed[name].dtype and torch.equal(straight[name], resumed[name]), name
 
 
+@pytest.mark.parametrize("first, second", [(True, True), (True, False), (False, True)])
+def test_offloaded_activations_give_the_same_bytes_and_resume_across_modes(tmp_path, calib_file, first, second):
+    source = save_sharded(tiny_qwen2(), tmp_path / "dense")
+    config = CALIBRATED.replace(calibration=str(calib_file), true_sequential=True)
+    sketch_to_folder(source, tmp_path / "straight", config, progress=False)
+    out = tmp_path / "offloaded"
+    spilled: list[list[str]] = []
+
+    def kill_after_block_0(index):
+        spilled.append(sorted(p.name for p in (out / PARTIAL_DIR).glob("activations_*")))
+        raise Killed
+
+    with pytest.raises(Killed):
+        sketch_to_folder(source, out, config, progress=False, offload_activations=first,
+                         on_block_done=kill_after_block_0)  # fmt: skip
+    batches = len(range(0, config.nsamples, 8))
+    expected = [f"activations_{tag}_{i:05d}.safetensors" for tag in "ab" for i in range(batches)]
+    assert spilled == [expected if first else []]
+    assert (out / PARTIAL_DIR / "inputs_00001.safetensors").is_file() != first
+    report = sketch_to_folder(source, out, config, progress=False, resume=True, offload_activations=second)
+    assert report["resumed_from_block"] == 1
+    straight, offloaded = tensors(tmp_path / "straight"), tensors(out)
+    assert straight.keys() == offloaded.keys()
+    for name in straight:
+        assert torch.equal(straight[name], offloaded[name]), name
+
+
 def _damage(source, kind):
     index = json.loads((source / "model.safetensors.index.json").read_text())
     shard = source / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]

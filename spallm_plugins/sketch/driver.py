@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +172,19 @@ def _move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.devic
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs (hidden states and keyword arguments) of the first block, per calibration batch."""
-    hidden, kwargs_list = [], []
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    into: SpilledActivations | None = None,
+) -> tuple[Sequence[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs (hidden states and keyword arguments) of the first block, per calibration batch.
+
+    The hidden states are appended to ``into`` (files, one batch in memory at a time) when given.
+    """
+    hidden: Any = [] if into is None else into
+    kwargs_list: list[dict[str, Any]] = []
 
     def hook(module, args, kwargs):
         hidden.append(args[0] if args else kwargs.pop("hidden_states"))
@@ -200,6 +209,54 @@ def _block_output(out: Any) -> torch.Tensor:
 
 def _rel(name: str, prefix: str) -> str:
     return name[len(prefix) + 1 :]
+
+
+class SpilledActivations:
+    """Calibration activations in files, one per batch (``--offload-activations``).
+
+    Behaves as the list of per-batch hidden states that the driver otherwise keeps in memory
+    (``len``, indexing, iteration, ``append``), but holds one batch in memory at a time: what a
+    model with large ``nsamples x seqlen x hidden`` needs when those do not fit beside a block.
+    ``tag`` names the set; the streaming sketcher alternates two sets, a block's inputs and its
+    outputs.
+    """
+
+    def __init__(self, directory: Path, tag: str, device: torch.device, sizes: Sequence[int] = ()):
+        self.directory, self.tag, self.device = directory, tag, torch.device(device)
+        self.sizes = list(sizes)
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"activations_{self.tag}_{index:05d}.safetensors"
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        if not 0 <= index < len(self.sizes):
+            raise IndexError(index)
+        path = self.path(index)
+        try:
+            hidden = load_file(str(path))["hidden"]
+        except Exception as err:
+            raise ResumeError(f"{path}: cannot read spilled activations ({err}); remove {self.directory}") from None
+        if hidden.shape[0] != self.sizes[index]:
+            raise ResumeError(f"{path}: holds {hidden.shape[0]} sequences, expected {self.sizes[index]}")
+        return hidden.to(self.device)
+
+    def append(self, hidden: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        index = len(self.sizes)
+        with atomic_path(self.path(index)) as tmp:
+            save_file({"hidden": hidden.detach().contiguous().cpu()}, str(tmp))
+        self.sizes.append(hidden.shape[0])
+
+    def emptied(self, tag: str) -> SpilledActivations:
+        """A new, empty set under ``tag`` in the same folder (its old files are overwritten as batches come)."""
+        return SpilledActivations(self.directory, tag, self.device)
 
 
 class ProgressStore:
@@ -293,13 +350,14 @@ def sketch_block(
     timings: dict[str, float],
     bar=None,
     max_memory: int | None = None,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    outputs: SpilledActivations | None = None,
+) -> tuple[dict[str, torch.Tensor], Sequence[torch.Tensor]]:
     """Sketch the linears ``local`` (names relative to ``block``) of one decoder block with calibration.
 
     Captures their Hessians from ``hidden`` (the block's inputs, per batch), replaces them in ``block``
     by ``SketchedLinear`` layers, and returns the sketched tensors (full names under ``prefix``) and the
-    block's outputs through the *sketched* block: the next block's inputs. ``report`` and ``timings``
-    are updated in place.
+    block's outputs through the *sketched* block: the next block's inputs (appended to ``outputs``
+    when given, else a list). ``report`` and ``timings`` are updated in place.
 
     With ``config.true_sequential`` the linears are sketched in stages of one shared input each, in
     forward order (q/k/v, then o_proj, then gate/up, then down_proj for a Llama block), and each
@@ -346,7 +404,10 @@ def sketch_block(
         del collector
     t1 = t0 + hessian_seconds
     t2 = time.perf_counter()
-    hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
+    next_hidden: Any = [] if outputs is None else outputs
+    for h, kw in zip(hidden, kwargs_list):
+        next_hidden.append(_block_output(block(h, **kw)))
+    hidden = next_hidden
     t3 = time.perf_counter()
     timings["hessian"] += t1 - t0
     timings["sketch"] += t2 - t1
