@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .hooks import select_backend
-from .kernels import KernelBackend, LUTProblem
+from .kernels import KernelBackend, LUTProblem, prepare_weights
 from .kernels.reference import lut_linear_table_sets as reference_table_sets
 
 
@@ -22,6 +24,53 @@ def describe_problem(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor,
         rows=x.numel() // max(x.shape[-1], 1),
         needs_grad=torch.is_grad_enabled() and (x.requires_grad or tables.requires_grad),
     )
+
+
+# codes tensor -> {(backend type, backend name, bits): (stamp, prepared codes)}; entries die with the codes tensor
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(codes: torch.Tensor) -> tuple | None:
+    """What must not change for a prepared layout to stay valid: the storage, the shape and the
+    in-place version (``copy_``, ``load_state_dict``); None where there is none to read (an inference
+    tensor has no version, a fake or meta tensor no storage): then nothing is cached."""
+    if codes.is_meta or isinstance(codes, FakeTensor):
+        return None
+    try:
+        return codes._version, codes.data_ptr(), tuple(codes.shape), tuple(codes.stride()), codes.device
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def prepared_codes(backend: object, codes: torch.Tensor, tables: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes`` in the layout ``backend`` reads: its load-time step (:func:`~spallm_plugins.kernels.prepare_weights`,
+    e.g. the Triton backend's 3-bit bit planes), done once per codes tensor and reused while that tensor
+    lives unchanged, so a layer keeps its format-v1 ``codes`` buffer (``state_dict()`` is format v1) and
+    repacks once per backend. Only the codes are prepared: tables reach the backend as they are, since
+    they train (a backend whose ``prepare_weights`` changes tables must be driven through its
+    prepared tensors directly, as vLLM does). A repacked layout costs one more copy of the codes while
+    it lives (3-bit on the Triton backend: 3 bits per weight); the 2/4-bit layouts are the stored codes.
+    """
+    if getattr(backend, "prepare_weights", None) is None:
+        return codes
+    if torch.compiler.is_compiling():  # traced into the graph; a Python cache would not survive tracing
+        return prepare_weights(backend, codes, tables, bits)[0]
+    stamp = _stamp(codes)
+    key = (type(backend), getattr(backend, "name", ""), bits)
+    entries = _PREPARED.get(codes) if stamp is not None else None
+    if entries is not None and key in entries and entries[key][0] == stamp:
+        kept = entries[key][1]
+        return codes if kept is None else kept
+    with torch.inference_mode(False), torch.no_grad():  # a cached layout must be usable by autograd later
+        prepared = prepare_weights(backend, codes, tables, bits)[0]
+    if stamp is None:
+        return prepared
+    if prepared is not codes and prepared.untyped_storage().data_ptr() == codes.untyped_storage().data_ptr():
+        return prepared  # a view of the codes would keep its key alive: made again on each call (views are cheap)
+    if entries is None:
+        entries = _PREPARED[codes] = {}
+    entries[key] = (stamp, None if prepared is codes else prepared)  # None: the stored layout, no copy
+    return prepared
 
 
 class LUTLinearFunction(torch.autograd.Function):
@@ -57,7 +106,7 @@ def lut_linear(
     x2 = x.reshape(-1, x.shape[-1])
     if backend is None:
         backend = select_backend(describe_problem(x2, codes, tables, bits))
-    y = LUTLinearFunction.apply(x2, codes, tables, bias, bits, backend)
+    y = LUTLinearFunction.apply(x2, prepared_codes(backend, codes, tables, bits), tables, bias, bits, backend)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -76,5 +125,7 @@ def lut_linear_table_sets(
     """
     if backend is None:
         backend = select_backend(describe_problem(x, codes, table_sets[0], bits))
-    forward = getattr(backend, "forward_table_sets", None) or reference_table_sets
-    return forward(x, codes, table_sets, slots, bias, bits)
+    forward = getattr(backend, "forward_table_sets", None)
+    if forward is None:  # the reference reads format v1
+        return reference_table_sets(x, codes, table_sets, slots, bias, bits)
+    return forward(x, prepared_codes(backend, codes, table_sets[0], bits), table_sets, slots, bias, bits)

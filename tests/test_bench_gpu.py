@@ -41,11 +41,10 @@ def test_tiny_run_passes_every_step(tmp_path):
     for case in sweep["cases"]:
         assert case["ok"] and max(case["errors"].values()) <= case["tol"], case
     cased = {(c["case"].split("-")[0], c["case"].split("-")[1]) for c in sweep["cases"]}
-    assert cased == {(b, d) for b in ("bits2", "bits4") for d in ("bfloat16", "float16")}
+    assert cased == {(b, d) for b in ("bits2", "bits3", "bits4") for d in ("bfloat16", "float16")}
     assert {f"gpr{g}" for g in (1, 2, 4, 8)} <= {c["case"].split("-")[2] for c in sweep["cases"]}
-    [(reason, refused)] = sweep["refused"].items()  # 3-bit: the backend says why not
-    assert "3-bit" in reason and all(label.startswith("bits3") for label in refused)
-    assert len(checks["table_sets"]["cases"]) == 4
+    assert sweep["refused"] == {}
+    assert len(checks["table_sets"]["cases"]) == 6
     assert all(c["ok"] and c["error"] <= c["tol"] for c in checks["table_sets"]["cases"])
     model = checks["model_training"]
     assert model["ok"] and model["tables_changed"] and model["finite"]

@@ -31,6 +31,8 @@ from spallm_plugins.kernels.triton.lut_matmul import lut_matmul  # noqa: E402
 from spallm_plugins.kernels.triton.lut_table_sets import lut_table_sets  # noqa: E402
 from spallm_plugins.kernels.triton.tiles import m_bucket  # noqa: E402
 
+BITS = [4, 2, 3]  # 3-bit: bit planes (prepared), the kernels' own layout
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|
 
@@ -44,6 +46,13 @@ def problem(m, n, k, gpr, bits, dtype, seed=0):
     return x, codes, tables, bias
 
 
+def prepared(codes, bits):
+    """The codes as the backend's load-time step leaves them (3-bit: bit planes; 2/4-bit: as stored)."""
+    got, _ = TritonBackend().prepare_weights(codes, None, bits)
+    assert got.dim() == (3 if bits == 3 else 2)
+    return got
+
+
 def assert_matches(got, reference, dtype):
     reference = reference.float()
     scale = reference.abs().max().clamp_min(1.0)
@@ -52,41 +61,64 @@ def assert_matches(got, reference, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("gpr", [1, 2, 4])
 def test_lut_matmul_matches_reference(dtype, bits, gpr):
     x, codes, tables, bias = problem(33, 40, 128, gpr, bits, dtype)  # M, N not multiples of the tile
-    got = lut_matmul(x, codes, tables, bias, bits, block=(32, 32, 32))
+    got = lut_matmul(x, prepared(codes, bits), tables, bias, bits, block=(32, 32, 32))
     assert got.dtype == dtype and got.shape == (33, 40)
     assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("m", "split"), [(1, 1), (5, 3), (16, 2)])
 def test_lut_gemv_matches_reference(dtype, bits, m, split):
     x, codes, tables, bias = problem(m, 37, 192, 3, bits, dtype)  # 192 / 3 groups = 64, K-split edges
-    got = lut_gemv(x, codes, tables, bias, bits, block=(32, 64, split))
+    got = lut_gemv(x, prepared(codes, bits), tables, bias, bits, block=(32, 64, split))
     assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
 
 
+def table_sets_want(x, codes, sets, slots, bias, bits):
+    """Row by row through its own (clamped) slot: the simplest reference."""
+    clamped = slots.clamp(0, sets.shape[0] - 1).tolist()
+    bias = None if bias is None else bias.float()
+    return torch.cat(
+        [lut_linear(x[m : m + 1].float(), codes, sets[s].float(), bias, bits) for m, s in enumerate(clamped)]
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 def test_lut_table_sets_matches_reference(dtype, bits):
-    """Mixed tiles (several slots per tile), one-slot tiles, and stale out-of-range slots (clamped)."""
+    """Mixed tiles (several slots per tile), one-slot tiles, and stale out-of-range slots (clamped);
+    21 rows: sorted by slot before tiling."""
     x, codes, tables, bias = problem(21, 40, 128, 2, bits, dtype)
     g = torch.Generator().manual_seed(1)
     sets = torch.stack([tables, *(torch.randn(tables.shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))])
     slots = torch.tensor([0, 2, 2, 1, 0, 1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 7, -3], device=DEVICE)
-    got = lut_table_sets(x, codes, sets, slots, bias, bits, block=(8, 32, 32))
-    want = torch.cat([lut_linear(x[m : m + 1].float(), codes, sets[int(s)].float(), bias.float(), bits)
-                      for m, s in enumerate(slots.clamp(0, 2).tolist())])  # fmt: skip
-    assert_matches(got, want, dtype)
+    got = lut_table_sets(x, prepared(codes, bits), sets, slots, bias, bits, block=(8, 32, 32))
+    assert_matches(got, table_sets_want(x, codes, sets, slots, bias, bits), dtype)
     if dtype == torch.float32:  # float16 table sets under float32 activations, as vLLM serves them
         got = lut_table_sets(x, codes, sets.half(), slots, bias, bits, block=(8, 32, 32))
         assert got.dtype == torch.float32
         want = lut_table_sets(x, codes, sets.half().float(), slots, bias, bits, block=(8, 32, 32))
         assert_matches(got, want, dtype)
+
+
+@pytest.mark.parametrize("sort", [False, True])
+def test_table_sets_tiles_visit_only_the_slots_their_rows_use(sort):
+    """Slots repeated, unsorted, out of range, and unused ones (2 and 4) filled with NaN: a tile that
+    read an unused slot, even with all its rows masked, would turn its whole output NaN. Sorted or
+    not (decode batches are not), the result comes back in the original row order."""
+    x, codes, tables, bias = problem(12, 24, 64, 2, 3, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    sets = torch.randn((6, *tables.shape), generator=g).to(DEVICE)
+    sets[2] = sets[4] = float("nan")
+    slots = torch.tensor([5, 0, 3, 3, 0, 1, 5, 1, 3, 0, 9, 3], device=DEVICE)  # 9: stale, clamped to 5
+    got = lut_table_sets(x, prepared(codes, 3), sets, slots, bias, 3, block=(4, 32, 32), sort=sort)
+    assert not got.isnan().any()
+    assert_matches(got, table_sets_want(x, codes, sets, slots, bias, 3), torch.float32)
 
 
 def test_gemv_refuses_prefill_sizes():
@@ -96,26 +128,27 @@ def test_gemv_refuses_prefill_sizes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 def test_grad_input_matches_reference(dtype, bits):
     x, codes, tables, _ = problem(20, 40, 128, 2, bits, dtype)
     grad = torch.randn(20, 40).to(dtype).to(DEVICE)
     expected, _ = lut_linear_backward(grad.float(), x.float(), codes, tables.float(), bits, True, False)
-    assert_matches(lut_grad_input(grad, codes, tables, bits, block=(32, 32, 64)), expected, dtype)
+    assert_matches(lut_grad_input(grad, prepared(codes, bits), tables, bits, block=(32, 32, 64)), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("gpr", [1, 2, 4])
 def test_fused_table_grad_matches_reference(dtype, bits, gpr):
     x, codes, tables, _ = problem(24, 36, 128, gpr, bits, dtype)
     grad = torch.randn(24, 36).to(dtype).to(DEVICE)
     _, expected = lut_linear_backward(grad.float(), x.float(), codes, tables.float(), bits, False, True)
-    atomic = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=False, block=(32, 32))
+    planes = prepared(codes, bits)
+    atomic = lut_grad_tables(grad, x, planes, gpr, bits, deterministic=False, block=(32, 32))
     assert atomic.dtype == torch.float32 and atomic.shape == (36, gpr, 1 << bits)
     assert_matches(atomic, expected, dtype)
-    first = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=True, block=(32, 32))
-    again = lut_grad_tables(grad, x, codes, gpr, bits, deterministic=True, block=(32, 32))
+    first = lut_grad_tables(grad, x, planes, gpr, bits, deterministic=True, block=(32, 32))
+    again = lut_grad_tables(grad, x, planes, gpr, bits, deterministic=True, block=(32, 32))
     assert torch.equal(first, again)
     assert_matches(first, expected, dtype)
 
@@ -127,8 +160,11 @@ def test_backend_explains_what_it_cannot_run(monkeypatch):
     backend = TritonBackend()
     ok, reason = backend.can_implement(LUTProblem("cpu", torch.float16, torch.float16, 4, 4096, 4096, 1, 1))
     assert not ok and "runs on CUDA, not cpu" in reason
-    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 3, 4096, 4096, 1, 1))
-    assert not ok and "no kernel for 3-bit codes" in reason
+    assert backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 3, 4096, 4096, 1, 1, True))[0]
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 8, 4096, 4096, 1, 1))
+    assert not ok and "no kernel for 8-bit codes (2, 3 and 4 have one)" in reason
+    ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 3, 4100, 4096, 1, 1))
+    assert not ok and "does not fill whole bytes of 3-bit codes" in reason
     ok, reason = backend.can_implement(LUTProblem("cuda", torch.float64, torch.float16, 4, 4096, 4096, 1, 1))
     assert not ok and "activations in torch.float64" in reason
     ok, reason = backend.can_implement(LUTProblem("cuda", torch.float16, torch.float16, 4, 120, 64, 3, 32, True))
@@ -224,7 +260,7 @@ def strided(t, dim=-1):
     return view
 
 
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("bits", BITS)
 def test_launchers_read_non_contiguous_inputs(bits):
     """Views with other strides than their shape implies (a transposed or sliced tables, x, codes,
     bias, slots): each launcher must hand the kernel the strides of the tensor it hands it."""
@@ -251,18 +287,19 @@ def test_launchers_read_non_contiguous_inputs(bits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
-def test_autotuned_kernels_through_the_op_on_gpu(m):
+def test_autotuned_kernels_through_the_op_on_gpu(m, bits):
     from spallm_plugins.ops import lut_linear as dispatched
 
-    x, codes, tables, bias = problem(m, 1000, 1024, 4, 4, torch.float16)
+    x, codes, tables, bias = problem(m, 1000, 1024, 4, bits, torch.float16)
     x.requires_grad_(True)
     tables.requires_grad_(True)
-    y = dispatched(x, codes, tables, bias, 4)
-    assert_matches(y, lut_linear(x.float(), codes, tables.float(), bias.float(), 4), torch.float16)
+    y = dispatched(x, codes, tables, bias, bits)
+    assert_matches(y, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), torch.float16)
     grad = torch.randn_like(y)
     y.backward(grad)
-    gx, gt = lut_linear_backward(grad.float(), x.detach().float(), codes, tables.detach().float(), 4, True, True)
+    gx, gt = lut_linear_backward(grad.float(), x.detach().float(), codes, tables.detach().float(), bits, True, True)
     assert_matches(x.grad, gx, torch.float16)
     assert_matches(tables.grad, gt, torch.float16)
 
@@ -289,24 +326,30 @@ def test_custom_ops_are_registered_with_fake_implementations():
     assert_matches(got, lut_linear_table_sets(x, codes, sets, slots, bias, 4), torch.float32)
     torch.library.opcheck(torch.ops.spallm.lut_linear_table_sets.default, (x, codes, sets, slots, bias, 4),
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    _, codes3, tables3, _ = problem(20, 24, 64, 2, 3, torch.float32)  # 3-bit bit planes: K from their last dim
+    torch.library.opcheck(torch.ops.spallm.lut_grad_input.default, (grad, prepared(codes3, 3), tables3, 3),
+                          test_utils=("test_faketensor",))  # fmt: skip
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_triton_backend_through_the_autograd_op(deterministic):
+@pytest.mark.parametrize(("deterministic", "bits"), [(False, 4), (True, 4), (False, 3)])
+def test_triton_backend_through_the_autograd_op(deterministic, bits):
+    """The op hands the backend its prepared codes (3-bit: bit planes, repacked once) and format v1 stays in the layer."""
     from spallm_plugins.ops import lut_linear as dispatched
 
-    x, codes, tables, bias = problem(24, 20, 64, 2, 4, torch.float32)
+    x, codes, tables, bias = problem(24, 20, 64, 2, bits, torch.float32)
+    stored = codes.clone()
     x.requires_grad_(True)
     tables.requires_grad_(True)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        y = dispatched(x, codes, tables, bias, 4, backend=TritonBackend())
+        y = dispatched(x, codes, tables, bias, bits, backend=TritonBackend())
         grad = torch.randn_like(y)
         y.backward(grad)
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert_matches(y, lut_linear(x.detach(), codes, tables.detach(), bias, 4), torch.float32)
-    gx, gt = lut_linear_backward(grad, x.detach(), codes, tables.detach(), 4, True, True)
+    assert torch.equal(codes, stored)
+    assert_matches(y, lut_linear(x.detach(), codes, tables.detach(), bias, bits), torch.float32)
+    gx, gt = lut_linear_backward(grad, x.detach(), codes, tables.detach(), bits, True, True)
     assert_matches(x.grad, gx, torch.float32)
     assert_matches(tables.grad, gt, torch.float32)

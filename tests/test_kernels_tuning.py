@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from spallm_plugins.kernels import LUTProblem, backend_min_capability, prepare_weights
+from spallm_plugins.format import pack_codes, unpack_codes
+from spallm_plugins.kernels import LUTProblem, backend_min_capability, prepare_weights, restore_weights
 from spallm_plugins.kernels.reference import ReferenceBackend
 from spallm_plugins.kernels.triton import TritonBackend, capability_refusal, shape_refusal
+from spallm_plugins.kernels.triton.layout import code_columns, format_v1_codes, kernel_codes
 from spallm_plugins.kernels.triton.tiles import AUTOTUNE_KEY, m_bucket
 
 
@@ -92,3 +94,44 @@ def test_prepare_weights_is_the_identity_until_a_backend_repacks():
 
     got_codes, got_tables = prepare_weights(Repacking(), codes, tables, 4)
     assert torch.equal(got_codes, codes.flip(0)) and got_tables.dtype == torch.float16
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(1, 8), (7, 24), (13, 200), (3, 1000), (0, 16)])
+def test_3bit_repack_is_bit_planes_and_its_inverse_is_exact(out_features, in_features):
+    g = torch.Generator().manual_seed(out_features * 1000 + in_features)
+    codes = torch.randint(0, 8, (out_features, in_features), generator=g)
+    stored = pack_codes(codes, 3)
+    tables = torch.randn(out_features, 1, 8)
+    planes, got_tables = prepare_weights(TritonBackend(), stored, tables, 3)
+    assert got_tables is tables and planes.dtype == torch.uint8 and planes.is_contiguous()
+    assert planes.shape == (out_features, 3, in_features // 8) and planes.numel() == stored.numel()
+    flat = planes.reshape(out_features, 3 * in_features // 8)
+    assert torch.equal(flat[:, : in_features // 4], pack_codes(codes & 3, 2))  # low bits: 2-bit format v1
+    high = (flat[:, in_features // 4 :, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    assert torch.equal(high.reshape(out_features, in_features), (codes >> 2).to(torch.uint8))
+    restored, _ = restore_weights(TritonBackend(), planes, tables, 3)
+    assert restored.shape == stored.shape and torch.equal(restored, stored)
+    assert torch.equal(unpack_codes(format_v1_codes(planes, 3), 3), codes.to(torch.uint8))
+    assert code_columns(planes, 3) == code_columns(stored, 3) == in_features
+    assert kernel_codes(planes, 3) is planes  # already prepared: unchanged
+
+
+def test_repack_needs_no_host_sync():
+    """Shapes only (meta tensors have no values): the repack can run inside a CUDA graph."""
+    planes = kernel_codes(torch.empty(5, 24 * 3 // 8, dtype=torch.uint8, device="meta"), 3)
+    assert planes.shape == (5, 3, 3) and planes.device.type == "meta"
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_2_and_4_bit_codes_keep_format_v1(bits):
+    codes = pack_codes(torch.randint(0, 1 << bits, (5, 32)), bits)
+    for backend in (TritonBackend(), ReferenceBackend(), object()):
+        assert restore_weights(backend, *prepare_weights(backend, codes, None, bits), bits)[0] is codes
+    assert code_columns(codes, bits) == 32
+
+
+def test_repack_refuses_what_is_not_3bit_format_v1():
+    with pytest.raises(ValueError, match="format-v1 uint8"):
+        kernel_codes(torch.zeros(4, 7, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="bit planes"):
+        format_v1_codes(torch.zeros(4, 2, 3, dtype=torch.uint8), 3)

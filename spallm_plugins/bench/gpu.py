@@ -438,7 +438,7 @@ def kernel_sweep(backend, sizes: Sizes, device: str, deadline: Deadline) -> dict
 def table_set_checks(backend, sizes: Sizes, device: str, deadline: Deadline) -> dict[str, Any]:
     n, k = sizes.sweep_nk
     results = []
-    for bits in (4, 2):
+    for bits in (4, 3, 2):
         for dtype in sizes.sweep_dtypes:
             label = f"bits{bits}-{dtype_name(dtype)}-3sets-M{sizes.table_set_rows}"
             if deadline.passed():

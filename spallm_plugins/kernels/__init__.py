@@ -48,17 +48,27 @@ class KernelBackend(Protocol):
         self, codes: torch.Tensor, tables: torch.Tensor, bits: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Optional. Load-time layout step (vLLM's ``process_weights_after_loading``): called once after
-        the weights are loaded, it returns ``(codes, tables)`` in the layout this backend's ``forward``
-        and ``backward`` read, e.g. codes interleaved for wide loads. What it returns is only
-        meaningful to this backend, so a layer that keeps it must keep calling this backend (or keep the
-        format-v1 tensors too). Call it through :func:`prepare_weights`, which is the identity for
-        backends without it."""
+        the weights are loaded, it returns ``(codes, tables)`` in the layout this backend's ``forward``,
+        ``forward_table_sets`` and ``backward`` read, e.g. the Triton backend's 3-bit codes as bit
+        planes. What it returns is only meaningful to this backend, so a layer that keeps it must keep
+        calling this backend (or keep the format-v1 tensors too, as :class:`~spallm_plugins.layer.SketchedLinear`
+        does: :func:`spallm_plugins.ops.lut_linear` prepares its codes once per codes tensor and caches
+        them, and passes tables as they are, since they train). Call it through :func:`prepare_weights`,
+        which is the identity for backends without it."""
+        ...
+
+    def restore_weights(
+        self, codes: torch.Tensor, tables: torch.Tensor, bits: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional. Exact inverse of ``prepare_weights``: the format-v1 tensors back (to save or
+        dequantize a layer that kept only the prepared ones). Call it through :func:`restore_weights`."""
         ...
 
     def forward(
         self, x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, bits: int
     ) -> torch.Tensor:
-        """``x [M, in] -> y [M, out]``; codes packed uint8 ``[out, in*bits/8]``; tables ``[out, gpr, 2**bits]``."""
+        """``x [M, in] -> y [M, out]``; codes packed uint8 ``[out, in*bits/8]`` (format v1, or as this
+        backend's ``prepare_weights`` returned them); tables ``[out, gpr, 2**bits]``."""
         ...
 
     def forward_table_sets(
@@ -100,3 +110,12 @@ def prepare_weights(
     """``backend.prepare_weights(codes, tables, bits)``, or the tensors unchanged if it has no such step."""
     prepare = getattr(backend, "prepare_weights", None)
     return (codes, tables) if prepare is None else prepare(codes, tables, bits)
+
+
+def restore_weights(
+    backend: object, codes: torch.Tensor, tables: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend.restore_weights(codes, tables, bits)`` (format v1 from what :func:`prepare_weights`
+    returned), or the tensors unchanged if it has no such step."""
+    restore = getattr(backend, "restore_weights", None)
+    return (codes, tables) if restore is None else restore(codes, tables, bits)

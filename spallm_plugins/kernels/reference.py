@@ -91,18 +91,17 @@ def lut_linear_table_sets(
 ) -> torch.Tensor:
     """Row ``m`` of ``x`` through the table set ``table_sets[slots[m]]``, all sets over the same ``codes``.
 
-    ``table_sets [S, out, gpr, 2**bits]``, ``slots [M]`` integer in ``[0, S)``. One LUT linear per
-    distinct slot in the batch (a host sync to find them: the CPU path). ``graph_safe`` (default on
-    an accelerator, where a host sync would break CUDA graphs): one masked LUT linear per slot
-    instead, slow but without syncs or data-dependent shapes.
+    ``table_sets [S, out, gpr, 2**bits]``, ``slots [M]`` integer, clamped into ``[0, S)`` (as the
+    kernels do). Only the slots in use are computed. The CPU path finds them with a host sync and runs
+    one LUT linear per distinct slot on that slot's rows. ``graph_safe`` (default on an accelerator,
+    where a host sync would break CUDA graphs): :func:`table_sets_graph_safe`, no syncs and no
+    data-dependent shapes.
     """
     if slots.shape != (x.shape[0],):
         raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
+    slots = slots.clamp(0, table_sets.shape[0] - 1)
     if graph_safe if graph_safe is not None else x.device.type != "cpu":
-        y = lut_linear(x, codes, table_sets[0], bias, bits)
-        for slot in range(1, table_sets.shape[0]):
-            y = torch.where((slots == slot)[:, None], lut_linear(x, codes, table_sets[slot], bias, bits), y)
-        return y
+        return table_sets_graph_safe(x, codes, table_sets, slots, bias, bits)
     present = torch.unique(slots).tolist()
     if len(present) == 1:
         return lut_linear(x, codes, table_sets[present[0]], bias, bits)
@@ -113,6 +112,45 @@ def lut_linear_table_sets(
         rows = (slots == slot).nonzero().squeeze(1)
         w = dequantize(codes, table_sets[slot], bits, x.dtype, indices=idx)
         y[rows] = torch.nn.functional.linear(x[rows], w, b)
+    return y
+
+
+def used_slots(slots: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """The distinct values of ``slots`` (in ``[0, num_sets)``) ascending, then ``num_sets`` as padding:
+    ``min(len(slots), num_sets)`` entries, a shape known without looking at the values (no host sync)."""
+    used = torch.zeros(num_sets, dtype=torch.bool, device=slots.device).scatter_(0, slots.long(), True)
+    ids = torch.arange(num_sets, device=slots.device)
+    return torch.where(used, ids, num_sets).sort().values[: min(slots.shape[0], num_sets)]
+
+
+def table_sets_graph_safe(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    table_sets: torch.Tensor,
+    slots: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    """:func:`lut_linear_table_sets` without host syncs or data-dependent shapes (CUDA-graph safe).
+
+    One LUT linear per entry of :func:`used_slots`: the distinct slots in use, so at most
+    ``min(M, S)`` instead of one per table set (a decode batch of two tenants among 32 loaded sets
+    computes 2, not 32); each row keeps its own slot's result. Where fewer distinct slots are in use
+    than that bound, the padding entries still run (on the last set) and are discarded: a graph has
+    fixed work. ``slots`` must already be in ``[0, S)``.
+    """
+    num_sets, out_features = table_sets.shape[:2]
+    if x.shape[0] == 0:
+        return x.new_empty(0, out_features)
+    idx = flat_indices(codes, bits, table_sets.shape[2])  # unpacked once for all sets
+    b = None if bias is None else bias.to(x.dtype)
+    candidates = used_slots(slots, num_sets)
+    y = None
+    for j in range(candidates.shape[0]):
+        slot = candidates[j : j + 1]
+        tables = table_sets.index_select(0, slot.clamp(max=num_sets - 1))[0]  # a tensor index: no sync
+        y_slot = torch.nn.functional.linear(x, dequantize(codes, tables, bits, x.dtype, indices=idx), b)
+        y = y_slot if y is None else torch.where((slots == slot)[:, None], y_slot, y)  # entry 0 is in use
     return y
 
 
@@ -127,6 +165,9 @@ class ReferenceBackend:
         return True, ""
 
     def prepare_weights(self, codes, tables, bits):
+        return codes, tables
+
+    def restore_weights(self, codes, tables, bits):
         return codes, tables
 
     def forward(self, x, codes, tables, bias, bits):

@@ -4,6 +4,8 @@ fused backward, and the multi-table-set matmul (multi-tenant serving).
 Importing this package does not import triton; the kernels load on first use. Each kernel file holds
 one kernel and its launcher; ``ops.py`` exposes them as ``torch.library`` custom ops
 (``torch.ops.spallm.*``) so torch.compile, CUDA graphs and vLLM's compiled models can call them.
+``layout.py`` is the codes layout the kernels read (3-bit: bit planes) and the load-time repack into
+it, :meth:`TritonBackend.prepare_weights`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import importlib.util
 import torch
 
 from .. import LUTProblem
+from .layout import format_v1_codes, kernel_codes
 from .tiles import table_grad_block_k
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_BITS = (2, 4)
+SUPPORTED_BITS = (2, 3, 4)  # 3-bit codes are read from bit planes (layout.kernel_codes)
 # bf16 tiles need sm80 (Ampere); fp16 and fp32 compile from sm70 (Volta) on.
 MIN_CAPABILITY = {torch.float16: 70, torch.float32: 70, torch.bfloat16: 80}
 MAX_INDEX = 2**31 - 1  # the kernels compute element offsets in int32
@@ -69,7 +72,7 @@ class TritonBackend:
         if problem.device_type != "cuda":
             return False, f"runs on CUDA, not {problem.device_type} (CPU tests use TRITON_INTERPRET=1)"
         if problem.bits not in SUPPORTED_BITS:
-            return False, f"no kernel for {problem.bits}-bit codes (2 and 4 have one)"
+            return False, f"no kernel for {problem.bits}-bit codes (2, 3 and 4 have one)"
         if problem.dtype not in SUPPORTED_DTYPES:
             return False, f"activations in {problem.dtype} (supported: float16, bfloat16, float32)"
         capability = cuda_capability()
@@ -77,8 +80,14 @@ class TritonBackend:
         return not reason, reason
 
     def prepare_weights(self, codes, tables, bits):
-        """Identity: the kernels read format v1 as stored (a repacked layout is later work)."""
-        return codes, tables
+        """2/4-bit: the format-v1 tensors as stored. 3-bit: codes repacked into bit planes
+        ``[out, 3, in/8]`` (:func:`~.layout.kernel_codes`; the same bytes, no straddling codes); tables
+        unchanged. Every method here also accepts format-v1 3-bit codes, repacking them on each call."""
+        return kernel_codes(codes, bits).contiguous(), tables
+
+    def restore_weights(self, codes, tables, bits):
+        """Exact inverse of :meth:`prepare_weights`: the format-v1 tensors (to save, or to dequantize)."""
+        return format_v1_codes(codes, bits), tables
 
     def forward(self, x, codes, tables, bias, bits):
         from . import ops  # noqa: F401  (registers torch.ops.spallm.*)

@@ -7,19 +7,35 @@ import triton.language as tl
 
 
 @triton.jit
-def unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS: tl.constexpr, NUM_CODES: tl.constexpr):
-    """The k-bit codes of a ``[BLOCK_N, BLOCK_K]`` tile, packed little-endian along k (format v1)."""
-    per_byte: tl.constexpr = 8 // BITS
+def unpack_plane(codes_ptr, offs_n, offs_k, mask, stride_cn, WIDTH: tl.constexpr):
+    """``WIDTH``-bit fields of a ``[BLOCK_N, BLOCK_K]`` tile, ``8 // WIDTH`` per byte little-endian along k."""
+    per_byte: tl.constexpr = 8 // WIDTH
     packed = tl.load(codes_ptr + offs_n[:, None] * stride_cn + (offs_k[None, :] // per_byte), mask=mask, other=0)
-    return (packed.to(tl.int32) >> ((offs_k[None, :] % per_byte) * BITS).to(tl.int32)) & (NUM_CODES - 1)
+    return (packed.to(tl.int32) >> ((offs_k[None, :] % per_byte) * WIDTH).to(tl.int32)) & ((1 << WIDTH) - 1)
 
 
 @triton.jit
-def gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
+def unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS: tl.constexpr):
+    """The k-bit codes of a ``[BLOCK_N, BLOCK_K]`` tile in the kernels' layout (``kernel_codes``).
+
+    2- and 4-bit: format v1 as stored. 3-bit: bit planes, each row the low two bits of its K codes
+    packed like 2-bit codes (``K / 4`` bytes) followed by their high bits, eight per byte (``K / 8``),
+    combined here in registers.
+    """
+    if BITS == 3:
+        low = unpack_plane(codes_ptr, offs_n, offs_k, mask, stride_cn, 2)
+        high = unpack_plane(codes_ptr + K // 4, offs_n, offs_k, mask, stride_cn, 1)
+        return low | (high << 2)
+    else:
+        return unpack_plane(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS)
+
+
+@triton.jit
+def gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr):  # fmt: skip
     """``W[n, k]`` for a ``[BLOCK_N, BLOCK_K]`` tile: unpack the k-bit code, then read the table value."""
     mask = mask_n[:, None] & mask_k[None, :]
-    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS, NUM_CODES)
+    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS)
     group = offs_k[None, :] // GROUP_SIZE
     return tl.load(tables_ptr + offs_n[:, None] * stride_tn + group * NUM_CODES + code, mask=mask, other=0.0)
 

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_flags, dot_operands, gather_weight_tile, unpack_codes_tile
+from .layout import code_columns, kernel_codes
 from .tiles import table_grad_block_k
 
 
@@ -33,7 +34,7 @@ def lut_grad_input_kernel(g_ptr, codes_ptr, tables_ptr, gx_ptr, M, N, K, stride_
         g = tl.load(
             g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :], other=0.0
         )
-        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
+        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
                                GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
         a, b = dot_operands(g, w, UPCAST)
         acc += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
@@ -65,7 +66,7 @@ def lut_grad_tables_kernel(g_ptr, x_ptr, codes_ptr, out_ptr, M, N, K, stride_gm,
         a, b = dot_operands(tl.trans(g), x, UPCAST)
         grad_w += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
     mask = mask_n[:, None] & mask_k[None, :]
-    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, BITS, NUM_CODES)
+    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS)
     values = tl.arange(0, NUM_CODES)
     onehot = (code[:, :, None] == values[None, None, :]) & mask[:, :, None]
     bins = tl.sum(tl.where(onehot, grad_w[:, :, None], 0.0), axis=1)  # [BLOCK_N, NUM_CODES]
@@ -83,8 +84,8 @@ def lut_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, tables: torch.Te
     """``grad_out [M, N] @ W [N, K]`` with W gathered on the fly."""
     M, N = grad_out.shape
     _, groups, num_codes = tables.shape
-    K = codes.shape[1] * 8 // bits
-    grad_out, codes = grad_out.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
+    K = code_columns(codes, bits)
+    grad_out, codes = grad_out.contiguous(), kernel_codes(codes, bits).contiguous()  # unit inner strides
     tables = tables.to(grad_out.dtype).contiguous()
     gx = torch.empty(M, K, dtype=grad_out.dtype, device=grad_out.device)
     bm, bn, bk = block
@@ -107,7 +108,7 @@ def lut_grad_tables(grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor
     if not bk:
         raise ValueError(f"group size {group_size} has no power-of-two divisor >= 16 for the table-gradient kernel")
     bm, bn = block
-    grad_out, codes = grad_out.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
+    grad_out, codes = grad_out.contiguous(), kernel_codes(codes, bits).contiguous()  # unit inner strides
     x = x.contiguous().to(grad_out.dtype)
     k_blocks = triton.cdiv(K, bk)
     if deterministic:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import gather_weight_tile, interpreting
+from .layout import kernel_codes
 from .tiles import AUTOTUNE_KEY, GEMV_MAX_ROWS, m_bucket
 
 CONFIGS = [
@@ -40,7 +41,7 @@ def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, st
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
+        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
                                GROUP_SIZE, BITS, NUM_CODES).to(tl.float32)  # fmt: skip
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)  # fmt: skip
@@ -64,6 +65,7 @@ def lut_gemv(
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"lut_gemv is for decode (M <= {GEMV_MAX_ROWS}), got M={M}; use lut_matmul")
     N, groups, num_codes = tables.shape
+    codes = kernel_codes(codes, bits)  # 3-bit: bit planes (a no-op when prepared)
     x, codes, tables = x.contiguous(), codes.contiguous(), tables.contiguous()  # the kernel assumes unit inner strides
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     block_m = max(1, triton.next_power_of_2(M))

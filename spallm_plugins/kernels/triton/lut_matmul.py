@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_flags, dot_operands, gather_weight_tile, interpreting
+from .layout import kernel_codes
 from .tiles import AUTOTUNE_KEY, m_bucket
 
 # Hopper (H100/H200) likes 128x128/64 tiles with 4-8 warps; Ampere 128x64/32.
@@ -41,7 +42,7 @@ def lut_matmul_kernel(x_ptr, codes_ptr, tables_ptr, bias_ptr, y_ptr, M, N, K, M_
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
         )
-        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn,
+        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
                                GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
         a, b = dot_operands(x, w, UPCAST)
         acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32, input_precision=PRECISION)
@@ -62,10 +63,12 @@ def lut_matmul(
     bits: int,
     block: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``. ``block=(BM, BN, BK)`` skips autotuning (tests, interpreter)."""
+    """``x [M, K]`` -> ``[M, N]`` in ``x.dtype``. ``block=(BM, BN, BK)`` skips autotuning (tests, interpreter).
+
+    ``codes`` in format v1 or already in the kernels' layout (:func:`~.layout.kernel_codes`)."""
     M, K = x.shape
     N, groups, num_codes = tables.shape
-    x, codes = x.contiguous(), codes.contiguous()  # the kernel assumes unit inner strides
+    x, codes = x.contiguous(), kernel_codes(codes, bits).contiguous()  # the kernel assumes unit inner strides
     tables = tables.to(x.dtype).contiguous()
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else tables  # without a bias the kernel never reads it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .layout import code_columns
 from .lut_backward import lut_grad_input as _grad_input
 from .lut_backward import lut_grad_tables as _grad_tables
 from .lut_gemv import lut_gemv
@@ -52,7 +53,7 @@ def lut_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, tables: torch.Te
 
 @lut_grad_input.register_fake
 def _(grad_out, codes, tables, bits):
-    return grad_out.new_empty(grad_out.shape[0], codes.shape[1] * 8 // bits)
+    return grad_out.new_empty(grad_out.shape[0], code_columns(codes, bits))
 
 
 @torch.library.custom_op("spallm::lut_grad_tables", mutates_args=())
