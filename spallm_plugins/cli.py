@@ -133,10 +133,65 @@ def quiet_hosts() -> None:
     disable_progress_bars()
 
 
+def task_names(value: str) -> list[str]:
+    """argparse type for ``--tasks``: comma-separated task names (checked against the packaged tasks later)."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names, got {value!r}")
+    return names
+
+
+def harness_batch_size(value: str) -> int | str:
+    """argparse type for lm-eval's batch size: a whole number of at least 1, or ``auto``."""
+    return value if value == "auto" else _int_at_least(value, 1)
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """``spallm eval --tasks``: lm-evaluation-harness tasks on local data, one table per model."""
+    from .evaluate import HarnessUnavailableError, check_local_tasks, harness_evaluate, harness_json, harness_table
+    from .models import resolve_model
+
+    misplaced = [f for f, v in (("--text", args.text), ("--seqlen", args.seqlen),
+                                ("--max-windows", args.max_windows)) if v is not None]  # fmt: skip
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: perplexity options; they do not apply to --tasks")
+    if args.data is None:
+        raise ValueError("--tasks needs --data DIR, the llm-adapters dataset folder the tasks read")
+    if args.adapter is not None and len(args.models) != 1:
+        raise ValueError(f"--adapter goes with one model, got {len(args.models)}")
+    check_local_tasks(args.data, args.tasks)
+    folders = {ref: resolve_model(ref) for ref in args.models}  # every reference checked before any work
+    results = {}
+    try:
+        for ref, folder in folders.items():
+            out = harness_evaluate(folder, args.tasks, args.data, adapter=args.adapter,
+                                   limit=args.limit, batch_size=args.batch_size or 1)  # fmt: skip
+            results[str(ref)] = out
+            name = f"{ref} + adapter {args.adapter}" if args.adapter else str(ref)
+            limit = f", first {args.limit} row{'s' if args.limit > 1 else ''}" if args.limit else ""
+            print(f"{name}: lm-eval tasks on {args.data}{limit}")
+            print(harness_table(out))
+    except HarnessUnavailableError as err:
+        print(f"spallm eval: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        payload = {"tasks": args.tasks, "data": str(args.data), "limit": args.limit, "adapter": args.adapter,
+                   "results": results}  # fmt: skip
+        Path(args.json).write_text(harness_json(payload))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity, read_text
     from .pipeline import load_any
 
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    misplaced = [f for f, v in (("--data", args.data), ("--limit", args.limit), ("--batch-size", args.batch_size),
+                                ("--adapter", args.adapter)) if v is not None]  # fmt: skip
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)}: options of lm-eval tasks; add --tasks")
+    args.seqlen = 256 if args.seqlen is None else args.seqlen
     text = read_text(args.text)
     results = {}
     for ref in args.models:
@@ -500,12 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sketch)
 
-    p = sub.add_parser("eval", help="perplexity of one or more models on a text")
+    p = sub.add_parser("eval", help="perplexity of one or more models on a text, or lm-eval tasks on local data")
     p.add_argument("models", nargs="+", help="model folders (dense or sketched), .gguf files, or 'smollm2'")
     p.add_argument("--text", help="plain-text file (default: the bundled English sample)")
-    p.add_argument("--seqlen", type=window_tokens, default=256, help="window length in tokens, >= 2 (default 256)")
+    p.add_argument("--seqlen", type=window_tokens, default=None, help="window length in tokens, >= 2 (default 256)")
     p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
                    help="evaluate at most this many windows (default: all of the text)")  # fmt: skip
+    p.add_argument("--tasks", type=task_names, default=None,
+                   help="instead of perplexity: comma-separated lm-evaluation-harness tasks over the llm-adapters "
+                        "data in --data (arc_easy_local, arc_challenge_local, openbookqa_local, boolq_local, "
+                        "gsm8k_local); needs the lm-eval extra")  # fmt: skip
+    p.add_argument("--data", help="with --tasks: the llm-adapters dataset folder (ARC-Easy/test.json, ...)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="with --tasks: score the first N rows of each task (default: all)")  # fmt: skip
+    p.add_argument("--batch-size", dest="batch_size", type=harness_batch_size, default=None,
+                   help="with --tasks: rows per forward pass, a number or 'auto' (default 1)")  # fmt: skip
+    p.add_argument("--adapter", help="with --tasks: a PEFT adapter folder, loaded onto the (one) model")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars (ours or transformers'), no info logs")
     p.set_defaults(func=cmd_eval)
