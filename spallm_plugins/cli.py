@@ -288,7 +288,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _sketch_memory(model, config: SketchConfig, args: argparse.Namespace, dense_bytes: int) -> dict[str, int]:
     """Peak memory of a streaming calibrated sketch of ``model`` ({} when its targets are not in blocks)."""
     from .convert import resolve_targets
-    from .sketch.memory import sketch_memory
+    from .streaming import sketch_memory
 
     try:
         memory = sketch_memory(model, resolve_targets(model, config), args.nsamples, args.seqlen, args.max_memory,
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction,
                    default=argparse.SUPPRESS,
                    help="sketch a block's linears stage by stage (q/k/v, o, gate/up, down), each calibrated "
-                        "through the stages already sketched")  # fmt: skip
+                        "through the stages already sketched (default: on)")  # fmt: skip
     p.add_argument("--no-refit", dest="refit", action="store_false", default=argparse.SUPPRESS,
                    help="skip the closed-form table refit")  # fmt: skip
     p.add_argument("--refit-rounds", dest="refit_rounds", type=int, default=argparse.SUPPRESS,

@@ -80,7 +80,7 @@ class SketchConfig:
     damping: float = 0.01
     grid_exponent: float = 2.0
     act_order: bool = False
-    true_sequential: bool = False
+    true_sequential: bool = True
     refit: bool = True
     refit_rounds: int = 1
     kmeans_iters: int = 50
@@ -200,6 +200,8 @@ class SketchConfig:
         if method != QUANT_METHOD:
             raise SketchConfigError(f"{where}: quant_method={method!r}, expected {QUANT_METHOD!r}")
         known = set(cls.field_names())
+        if "true_sequential" not in data and known - {"true_sequential"} <= set(data):
+            data["true_sequential"] = False  # written in full by a version before the field: sketched all at once
         unknown = sorted(set(data) - known)
         if unknown:
             raise SketchConfigError(f"{where}: unknown key(s) {unknown}; SpaLLM sketch settings are {sorted(known)}")

@@ -51,6 +51,7 @@ from .sketch.driver import (
     peak_memory,
     sketch_block,
 )
+from .sketch.memory import DEFAULT_MAX_MEMORY, WORKSPACE_BYTES_PER_WEIGHT
 from .sketch.model import sketch_layer
 from .validate import validate_checkpoint
 
@@ -191,6 +192,34 @@ def _outside_tensors(model: nn.Module, blocks_name: str) -> list[tuple[str, torc
         for name, tensor in model.state_dict(keep_vars=True).items()
         if not name.startswith(blocks_name + ".") and name not in tied
     ]
+
+
+def sketch_memory(
+    model, targets: dict, nsamples: int, seqlen: int, max_memory: int | None = None, dense_bytes: int = 2
+) -> dict[str, int]:
+    """Bytes the streaming sketcher holds at its peak for ``model`` (built on the meta device).
+
+    The terms of ``README``'s table: one decoder block in float32, the workspace of its largest
+    linear (bounded by ``max_memory``), the Hessian matrices of the widest input (calibrated: the
+    collected sum, its scaled copy and the factors, at most five ``[in, in]`` float32 at once), the
+    calibration activations (inputs and outputs of a block, float32; zero with
+    ``--offload-activations``) and the largest tensor outside the blocks (copied through once).
+    """
+    blocks_name, blocks = find_blocks(model, targets)
+    block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    inside = [m for name, m in targets.items() if name.startswith(blocks_name + ".")]
+    widest = max(m.in_features for m in inside)
+    largest = max(m.in_features * m.out_features for m in inside)
+    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    outside = [p.numel() for name, p in model.named_parameters() if not name.startswith(blocks_name + ".")]
+    hidden = model.config.hidden_size
+    return {
+        "block_float32_bytes": 4 * block_params,
+        "workspace_bytes": min(budget, largest * WORKSPACE_BYTES_PER_WEIGHT) + 100 * (1 << 20),
+        "hessian_bytes": 5 * 4 * widest * widest if nsamples else 0,
+        "activation_bytes": 2 * nsamples * seqlen * hidden * 4,
+        "largest_outside_bytes": max(outside, default=0) * dense_bytes,
+    }
 
 
 _TAGS = ("a", "b")

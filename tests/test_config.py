@@ -90,3 +90,11 @@ def test_packing_rule_is_defined_once():
         assert packed_width(4096, bits) == 4096 * bits // 8
     with pytest.raises(ValueError, match="no format-v1 packing for 5-bit codes"):
         packing_unit(5)
+
+
+def test_a_config_written_before_true_sequential_existed_reads_as_all_at_once():
+    written = SketchConfig(method="gptq", nsamples=8, seqlen=16).to_quantization_config()
+    assert written["true_sequential"] is True  # today's default, written in full
+    del written["true_sequential"]
+    assert SketchConfig.from_dict(written).true_sequential is False  # how that older version sketched
+    assert SketchConfig.from_dict({"bits": 3}).true_sequential is True  # a partial dict takes the default

@@ -51,7 +51,7 @@ class SpaLLMConfig(PeftConfig):
         init_weights: True: the adapter starts as the base. False: tables are perturbed (for tests).
         base_codes_fingerprint: Fingerprint of the sketched base's codes the adapter was trained on.
         bits, groups_per_row, table_dtype, modules_to_not_convert, method, calibration, nsamples,
-            seqlen, damping, grid_exponent, act_order, refit, refit_rounds, kmeans_iters,
+            seqlen, damping, grid_exponent, act_order, true_sequential, refit, refit_rounds, kmeans_iters,
             kmeans_restarts, seed, format_version: the sketch settings, as in ``SketchConfig``.
     """
 
@@ -122,6 +122,10 @@ class SpaLLMConfig(PeftConfig):
         default=_SKETCH.grid_exponent, metadata={"help": "p in the loss-error-aware k-means weights U_cc ** -p."}
     )
     act_order: bool = field(default=_SKETCH.act_order, metadata={"help": "Assign codes by descending H_cc."})
+    true_sequential: bool = field(
+        default=_SKETCH.true_sequential,
+        metadata={"help": "Sketch a block's linears in forward-order stages, each through the sketched ones."},
+    )
     refit: bool = field(default=_SKETCH.refit, metadata={"help": "Refit tables with the codes fixed."})
     refit_rounds: int = field(default=_SKETCH.refit_rounds, metadata={"help": "Assignment/refit rounds, 1..8."})
     kmeans_iters: int = field(default=_SKETCH.kmeans_iters, metadata={"help": "Lloyd iterations of the k-means."})

@@ -92,7 +92,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "wall_seconds": round(time.perf_counter() - start, 2),
         "seconds_per_block": round(sum(seconds) / len(seconds), 3),
+        "block_seconds": seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "block_peak_rss_bytes": [b["peak_rss_bytes"] for b in report["blocks"]],
         "blocks": len(seconds),
     }
 
@@ -132,6 +134,7 @@ def run_scale_bench(
         if len(peaks) > 1:
             growth[mode] = peaks[-1] - peaks[0]
     results = {
+        "projections": project(rows) if shape is None else {},
         "shape": {**LLAMA2_7B, **(shape or {})},
         "nsamples": nsamples,
         "seqlen": seqlen,
@@ -144,6 +147,28 @@ def run_scale_bench(
 
     write_json(out_dir / "scale.json", results)
     return results
+
+
+# weights of one decoder block's seven linears: Llama-2-7B and Llama-3-70B (GQA, 8 KV heads of 128)
+BLOCK_WEIGHTS = {"llama-2-7b": 4 * 4096 * 4096 + 3 * 4096 * 11008,
+                 "llama-3-70b": 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672}  # fmt: skip
+BLOCKS = {"llama-2-7b": 32, "llama-3-70b": 80}
+
+
+def project(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whole-model sketch times on this machine from the measured seconds per 7B-shaped block.
+
+    Assumes a block's time grows with its weight count (k-means, error feedback and refit are
+    linear in the rows and, per row, in the columns; the Hessian factorisation, cubic in the
+    input width, is a few percent of a 7B block and is not scaled separately).
+    """
+    out: dict[str, Any] = {"assumption": "seconds per block scale with the block's weight count"}
+    for mode in sorted({r["mode"] for r in rows}):
+        per_block = max(r["seconds_per_block"] for r in rows if r["mode"] == mode)
+        for model, blocks in BLOCKS.items():
+            scale = BLOCK_WEIGHTS[model] / BLOCK_WEIGHTS["llama-2-7b"]
+            out[f"{model}_{mode}_hours"] = round(per_block * scale * blocks / 3600, 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

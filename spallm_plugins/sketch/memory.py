@@ -27,36 +27,6 @@ def row_chunks(out_features: int, in_features: int, max_memory: int | None = Non
     return [slice(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
 
 
-def sketch_memory(
-    model, targets: dict, nsamples: int, seqlen: int, max_memory: int | None = None, dense_bytes: int = 2
-) -> dict[str, int]:
-    """Bytes the streaming sketcher holds at its peak for ``model`` (built on the meta device).
-
-    The terms of ``README``'s table: one decoder block in float32, the workspace of its largest
-    linear (bounded by ``max_memory``), the Hessian matrices of the widest input (calibrated: the
-    collected sum, its scaled copy and the factors, at most five ``[in, in]`` float32 at once), the
-    calibration activations (inputs and outputs of a block, float32; zero with
-    ``--offload-activations``) and the largest tensor outside the blocks (copied through once).
-    """
-    from .driver import find_blocks
-
-    blocks_name, blocks = find_blocks(model, targets)
-    block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
-    inside = [m for name, m in targets.items() if name.startswith(blocks_name + ".")]
-    widest = max(m.in_features for m in inside)
-    largest = max(m.in_features * m.out_features for m in inside)
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    outside = [p.numel() for name, p in model.named_parameters() if not name.startswith(blocks_name + ".")]
-    hidden = model.config.hidden_size
-    return {
-        "block_float32_bytes": 4 * block_params,
-        "workspace_bytes": min(budget, largest * WORKSPACE_BYTES_PER_WEIGHT) + 100 * (1 << 20),
-        "hessian_bytes": 5 * 4 * widest * widest if nsamples else 0,
-        "activation_bytes": 2 * nsamples * seqlen * hidden * 4,
-        "largest_outside_bytes": max(outside, default=0) * dense_bytes,
-    }
-
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
