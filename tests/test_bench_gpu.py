@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +20,8 @@ def test_tiny_run_passes_every_step(tmp_path):
     needs("triton", "pip install '.[triton]' (nox -s tests installs it)")
     out = tmp_path / "gpu"
     env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
-    start = time.monotonic()
     proc = run_python(CLI_CODE, "bench", "gpu", "--tiny", "--out", str(out), env=env, check=False)
-    seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert seconds < 60, f"--tiny took {seconds:.0f} s"
     report = json.loads((out / gpu.JSON_NAME).read_text())
     assert report["tiny"] is True and report["status"] == "done" and report["failed_steps"] == []
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,5 +98,5 @@ def test_the_sweep_covers_every_value_first():
 
 @pytest.mark.skipif(os.name != "posix", reason="a bash script")
 def test_device_wrapper_runs_the_command_from_the_source_tree():
-    script = (gpu.repo_root() / "tests" / "gpu" / "run.sh").read_text()
+    script = (Path(__file__).parent / "gpu" / "run.sh").read_text()
     assert "-m spallm_plugins.cli bench gpu --out" in script and "PYTHONPATH" in script

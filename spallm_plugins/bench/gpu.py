@@ -247,9 +247,12 @@ def sync(device: str) -> None:
 
 
 def repo_root() -> Path | None:
-    """The source tree holding ``tests/`` next to this package, or None (an installed package)."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / KERNEL_TESTS).is_file() else None
+    """The source tree holding ``tests/``: next to this package (run from source), else the current
+    directory (an installed package run from a checkout, as CI does); None when neither has it."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / KERNEL_TESTS).is_file():
+            return root
+    return None
 
 
 def gpu_marked_test_files(root: Path) -> list[str]:
