@@ -222,6 +222,10 @@ def sketch_memory(
     }
 
 
+def _names_under(targets: dict, prefix: str) -> list[str]:
+    return [name for name in targets if name.startswith(prefix + ".")]
+
+
 _TAGS = ("a", "b")
 
 
@@ -332,7 +336,8 @@ def sketch_streaming(
         start = time.perf_counter()
         _materialize(block, prefix, reader, torch.float32, device)
         timings["read"] += time.perf_counter() - start
-        local = {name[len(prefix) + 1 :]: m for name, m in targets.items() if name.startswith(prefix + ".")}
+        # popped: once replaced in the block, nothing may keep the dense linears (and their weights) alive
+        local = {name[len(prefix) + 1 :]: targets.pop(name) for name in _names_under(targets, prefix)}
         if calibration_ids is not None:
             outputs = SpilledActivations(store.dir, _TAGS[(index + 1) % 2], device) if offload_activations else None
             _, hidden = sketch_block(
@@ -340,13 +345,16 @@ def sketch_streaming(
             )
         else:
             start = time.perf_counter()
-            for rel_name, linear in local.items():
+            for rel_name in list(local):
+                linear = local.pop(rel_name)
                 bar.set_postfix_str(rel_name)
                 layer, result = sketch_layer(linear, config, name=f"{prefix}.{rel_name}", max_memory=max_memory)
                 set_submodule(block, rel_name, layer)
                 report["layers"][f"{prefix}.{rel_name}"] = {"loss": result.loss}
+                del linear, layer
             report["blocks"].append({"index": index, "seconds": round(time.perf_counter() - start, 3), **peak_memory()})
             timings["sketch"] += time.perf_counter() - start
+        del local
         start = time.perf_counter()
         store.write_shard("block", index, _block_shard(block, prefix, dense))
         if calibration_ids is not None and not offload_activations:

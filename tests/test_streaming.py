@@ -4,6 +4,7 @@ resume at and inside block boundaries (bias model included), and damaged sources
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -110,6 +111,7 @@ def test_no_two_blocks_are_ever_resident(tmp_path, calib_file):
 
     source = save_sharded(tiny_llama(num_hidden_layers=4), tmp_path / "dense")
     reads: list[int] = []
+    dense_linears: dict[int, list] = {}  # block -> weak references to its dense nn.Linear modules
 
     def check(name, model):
         if not name.startswith("model.layers."):
@@ -119,10 +121,17 @@ def test_no_two_blocks_are_ever_resident(tmp_path, calib_file):
         for i, block in enumerate(model.model.layers):
             resident = [n for n, p in block.named_parameters() if p.device.type != "meta"]
             assert i == index or not resident, f"reading block {index} while block {i} holds {resident[:2]}"
+        if index not in dense_linears:
+            dense_linears[index] = [weakref.ref(m) for m in model.model.layers[index].modules()
+                                    if type(m) is torch.nn.Linear]  # fmt: skip
+        for i, refs in dense_linears.items():
+            alive = [m for m in (r() for r in refs) if m is not None and m.weight.device.type != "meta"]
+            assert i == index or not alive, f"reading block {index} while block {i}'s dense linears live on"
 
     ids = calibration_batch(str(calib_file), tiny_tokenizer(), 8, 32)
     for calibration in (None, ids):
         reads.clear()
+        dense_linears.clear()
         out = tmp_path / ("calibrated" if calibration is not None else "data-free")
         sketch_streaming(source, out, CALIBRATED if calibration is not None else DATA_FREE,
                          dense_dtype="float32", calibration_ids=calibration, on_read=check)  # fmt: skip

@@ -482,12 +482,14 @@ def sketch_model_calibrated(
         block = blocks[index]
         prefix = f"{blocks_name}.{index}"
         block.to(device)
-        local = {_rel(name, prefix): m for name, m in targets.items() if name.startswith(prefix + ".")}
+        names = [name for name in targets if name.startswith(prefix + ".")]
+        local = {_rel(name, prefix): targets.pop(name) for name in names}  # the replaced linears die with `local`
         block_tensors, hidden = sketch_block(block, index, prefix, local, hidden, kwargs_list, config, report,
                                              timings, bar=bar, max_memory=max_memory)  # fmt: skip
         if offload:
             block.to("cpu")
         store.save(index, block_tensors, torch.cat(hidden), report)
+        del local, block_tensors
         bar.update(1)
         if on_block_done is not None:
             on_block_done(index)

@@ -47,9 +47,11 @@ def sketch_model(
 
     targets = resolve_targets(model, config)
     losses: dict[str, float] = {}
-    for name, linear in tqdm(targets.items(), desc="sketching", unit="layer", disable=not progress):
+    for name in tqdm(list(targets), desc="sketching", unit="layer", disable=not progress):
+        linear = targets.pop(name)  # nothing else may keep the replaced dense layer alive
         hessian = hessians(name) if hessians else None
         layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
         set_submodule(model, name, layer)
         losses[name] = result.loss
+        del linear, hessian, layer
     return losses
