@@ -64,21 +64,32 @@ def test_memory_sizes_parse_and_bad_ones_are_named():
 
 
 _PEAK = """
-import resource, sys, torch
+import sys, torch
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.sketch import sketch_linear
+
+def status_kib(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
 weight = torch.randn(2048, 2048).to(torch.bfloat16)
 x = torch.randn(256, 2048)
 hessian = 2 * x.T @ x / 256
 config = SketchConfig(bits=4, groups_per_row=4, method="gptq", nsamples=1, seqlen=1, kmeans_restarts=0, kmeans_iters=5)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the high-water mark (VmHWM) to the current resident size
+base = status_kib("VmRSS")
 sketch_linear(weight, config, hessian, max_memory=int(sys.argv[1]))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print((status_kib("VmHWM") - base) * 1024)
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets Linux's VmHWM")
 def test_a_smaller_budget_means_a_smaller_workspace():
-    """Peak RSS growth of a calibrated sketch of a 2048 x 2048 matrix, one chunk vs 64-row chunks (own processes)."""
+    """Peak RSS growth of a calibrated sketch of a 2048 x 2048 matrix, one chunk vs 64-row chunks (own processes).
+
+    The high-water mark is reset right before the sketch, so what imports allocated does not hide it.
+    """
 
     def growth(budget: int) -> int:
         run = subprocess.run([sys.executable, "-c", _PEAK, str(budget)], capture_output=True, text=True, check=True)
@@ -86,4 +97,4 @@ def test_a_smaller_budget_means_a_smaller_workspace():
 
     whole, chunked = growth(1 << 40), growth(1)
     assert whole > 2048 * 2048 * 40  # one chunk: tens of bytes per weight (measured ~70)
-    assert chunked < whole / 2  # measured ~0.28
+    assert chunked < whole / 2  # measured ~0.3
