@@ -156,6 +156,61 @@ def test_row_parallel_tables_incompatible_sizes_say_what_to_change():
         row_parallel_tables(4, 576, 192, 0)
 
 
+class _RowsReversedBackend:
+    """A backend whose load-time layout differs from format v1 (rows stored in reverse order), over the
+    reference math: served through the layout it prepared, it equals the reference; misread, it does not."""
+
+    name, priority, min_capability = "rows-reversed", 0, 0
+
+    def can_implement(self, problem):
+        return True, ""
+
+    def prepare_weights(self, codes, tables, bits):
+        return codes.flip(0).contiguous(), tables.flip(0).contiguous()
+
+    def restore_weights(self, codes, tables, bits):
+        return codes.flip(0).contiguous(), tables.flip(0).contiguous()
+
+    def forward(self, x, codes, tables, bias, bits):
+        from spallm_plugins.kernels.reference import lut_linear
+
+        return lut_linear(x, *self.restore_weights(codes, tables, bits), bias, bits)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_process_weights_after_loading_serves_the_backends_prepared_layout(monkeypatch, bits):
+    from spallm_plugins.format import pack_codes
+    from spallm_plugins.integrations.vllm import quantization
+    from spallm_plugins.kernels.reference import dequantize, lut_linear
+
+    out_features, in_features, gpr = 24, 64, 2
+    method = quantization.SpaLLMLinearMethod(
+        quantization.SpaLLMQuantizationConfig.from_config(
+            {"quant_method": "spallm", "bits": bits, "groups_per_row": gpr}
+        )
+    )
+    import vllm.model_executor.parameter as vllm_parameter
+
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_rank", lambda: 0)  # one process, no TP group
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    layer = torch.nn.Module()
+    method.create_weights(layer, in_features, [out_features], in_features, out_features, torch.float32,
+                          weight_loader=lambda *a: None)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    codes = pack_codes(torch.randint(0, 2**bits, (out_features, in_features), generator=generator), bits)
+    tables = torch.randn(out_features, gpr, 2**bits, generator=generator)
+    layer.qweight.data.copy_(codes)
+    layer.tables.data.copy_(tables)
+    tables = layer.tables.detach().clone()  # in the configured table dtype
+    monkeypatch.setattr(quantization, "select_backend", lambda problem: _RowsReversedBackend())
+    method.process_weights_after_loading(layer)
+
+    assert torch.equal(layer.qweight, codes.flip(0))  # repacked once, at load time
+    x = torch.randn(5, in_features, generator=generator)
+    torch.testing.assert_close(method.apply(layer, x), lut_linear(x, codes, tables, None, bits))
+    assert torch.equal(method.dequantize_weight(layer), dequantize(codes, tables, bits, torch.float32))
+
+
 def test_offline_tiny_llama_matches_transformers(tmp_path, tiny_sketched):
     assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS), transformers_reference(tiny_sketched, PROMPTS))
 

@@ -42,7 +42,7 @@ from spallm_plugins.format import (
     validate_checkpoint_files,
 )
 from spallm_plugins.hooks import architecture_for, select_backend
-from spallm_plugins.kernels import LUTProblem
+from spallm_plugins.kernels import LUTProblem, prepare_weights, restore_weights
 
 CODES_PARAM = "qweight"
 
@@ -221,6 +221,10 @@ class SpaLLMLinearMethod(LinearMethodBase):
         layer.spallm_in_features = input_size_per_partition
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Pick the kernel backend once per layer and let it repack codes and tables into the layout
+        its kernels read (its ``prepare_weights``, e.g. 3-bit bit planes); ``dequantize_weight``
+        restores format v1. Per-request table sets reach ``forward_table_sets`` in format v1 (no
+        backend repacks tables today)."""
         tables = layer.tables.data
         if layer.spallm_table_mode == "replicate":
             tables = tables[:, layer.spallm_first_group : layer.spallm_first_group + 1]
@@ -236,7 +240,11 @@ class SpaLLMLinearMethod(LinearMethodBase):
             groups_per_row=layer.tables.shape[1],
             rows=1,
         )
-        layer.spallm_backend = select_backend(problem)
+        backend = select_backend(problem)
+        codes, tables = prepare_weights(backend, layer.qweight.data, layer.tables.data, self.config.sketch.bits)
+        layer.qweight = torch.nn.Parameter(codes, requires_grad=False)
+        layer.tables = torch.nn.Parameter(tables, requires_grad=False)
+        layer.spallm_backend = backend
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -246,4 +254,6 @@ class SpaLLMLinearMethod(LinearMethodBase):
     def dequantize_weight(self, layer: torch.nn.Module) -> torch.Tensor:
         from spallm_plugins.kernels.reference import dequantize
 
-        return dequantize(layer.qweight, layer.tables, self.config.sketch.bits, layer.spallm_act_dtype)
+        bits = self.config.sketch.bits
+        codes, tables = restore_weights(layer.spallm_backend, layer.qweight, layer.tables, bits)
+        return dequantize(codes, tables, bits, layer.spallm_act_dtype)
