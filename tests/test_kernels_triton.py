@@ -72,10 +72,23 @@ def test_lut_matmul_matches_reference(dtype, bits, gpr):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize(("m", "split"), [(1, 1), (5, 3), (16, 2)])
+@pytest.mark.parametrize(("m", "split"), [(1, 1), (3, 2), (5, 3), (16, 2)])
 def test_lut_gemv_matches_reference(dtype, bits, m, split):
+    """Rows 1 and 3 (a padded row) on the CUDA-core path, 5 and 16 through ``tl.dot``; tables staged."""
     x, codes, tables, bias = problem(m, 37, 192, 3, bits, dtype)  # 192 / 3 groups = 64, K-split edges
     got = lut_gemv(x, prepared(codes, bits), tables, bias, bits, block=(32, 64, split))
+    assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
+
+
+@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(
+    ("gpr", "k", "m", "dtype"),
+    [(1, 64, 2, torch.float16), (8, 256, 1, torch.bfloat16), (3, 120, 7, torch.float32)],  # 120 / 3 = 40: tiles
+)  # straddle groups and gather even when staged
+def test_gemv_tables_staged_or_gathered(staged, bits, gpr, k, m, dtype):
+    x, codes, tables, bias = problem(m, 37, k, gpr, bits, dtype, seed=gpr)
+    got = lut_gemv(x, prepared(codes, bits), tables, bias, bits, block=(32, 32, 2), staged=staged)
     assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
 
 
@@ -138,8 +151,9 @@ def test_grad_input_matches_reference(dtype, bits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("gpr", [1, 2, 4])
+@pytest.mark.parametrize("gpr", [1, 2, 4, 8])
 def test_fused_table_grad_matches_reference(dtype, bits, gpr):
+    """Binned code by code (no one-hot); gpr 8: 16-column groups, one 16-wide K tile each."""
     x, codes, tables, _ = problem(24, 36, 128, gpr, bits, dtype)
     grad = torch.randn(24, 36).to(dtype).to(DEVICE)
     _, expected = lut_linear_backward(grad.float(), x.float(), codes, tables.float(), bits, False, True)
@@ -151,6 +165,91 @@ def test_fused_table_grad_matches_reference(dtype, bits, gpr):
     again = lut_grad_tables(grad, x, planes, gpr, bits, deterministic=True, block=(32, 32))
     assert torch.equal(first, again)
     assert_matches(first, expected, dtype)
+
+
+SM90_COMPILE = """
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+module, name, signature, constexprs, num_warps = json.loads(sys.argv[1])
+kernel = getattr(importlib.import_module(module), name)
+signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+with tempfile.TemporaryDirectory() as tmp:
+    ptx = Path(tmp) / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(ptx) + ".o"],
+                         capture_output=True, text=True, check=True).stderr
+print(json.dumps({"rank3": re.findall(r"tensor<\\d+x\\d+x\\d+x", compiled.asm["ttir"]),
+                  "mma": "mma" in compiled.asm["ttgir"],
+                  "spill_bytes": sum(int(b) for b in re.findall(r"(\\d+) bytes spill stores", log))}))
+"""
+
+
+def compile_for_sm90(module, name, signature, constexprs, num_warps=4) -> dict:
+    """Kernel ``module.name`` compiled for an H100/H200 (sm90) without a GPU, by triton's bundled ptxas,
+    in a child process (this one runs the interpreter): its 3-D tensor types in Triton IR, whether it
+    uses tensor cores, and the bytes ptxas spills. The interpreter never lowers to GPU layouts, so
+    this is where a tile or layout the GPU cannot take, or register pressure, shows up on CPU."""
+    import json
+
+    from conftest import run_python
+
+    args = json.dumps([module, name, signature, constexprs, num_warps])
+    proc = run_python(SM90_COMPILE, args, env={"TRITON_INTERPRET": "0"})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU run compiles and runs the kernels for real")
+@pytest.mark.parametrize(("block_m", "bits"), [(1, 4), (4, 3), (16, 2)])
+def test_gemv_compiles_for_sm90_without_3d_intermediates(block_m, bits):
+    """No ``[M, BLOCK_N, BLOCK_K]`` product on either path (rows on CUDA cores, or ``tl.dot``)."""
+    signature = {
+        "x_ptr": "*fp16",
+        "codes_ptr": "*u8",
+        "tables_ptr": "*fp16",
+        "out_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "M_BUCKET": "i32",
+        "stride_xm": "i32",
+        "stride_cn": "i32",
+        "stride_tn": "i32",
+    }
+    constexprs = dict(GROUP_SIZE=256, BITS=bits, NUM_CODES=1 << bits, PRECISION="tf32", UPCAST=False,
+                      BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, STAGED=True)  # fmt: skip
+    got = compile_for_sm90("spallm_plugins.kernels.triton.lut_gemv", "lut_gemv_kernel", signature, constexprs)
+    assert got["rank3"] == [] and got["mma"] == (block_m >= 16)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU run compiles and runs the kernels for real")
+def test_table_grad_bins_without_a_one_hot_and_without_spilling_on_sm90():
+    """4-bit codes on the 64 x 64 tile the backend launches: the one-hot this replaced was a 3-D
+    ``[64, 64, 16]`` tensor and spilled 4 KB per thread on sm90; the code-by-code binning fits."""
+    signature = {
+        "g_ptr": "*fp16",
+        "x_ptr": "*fp16",
+        "codes_ptr": "*u8",
+        "out_ptr": "*fp32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "stride_gm": "i32",
+        "stride_xm": "i32",
+        "stride_cn": "i32",
+    }
+    constexprs = dict(GROUP_SIZE=1024, BITS=4, NUM_CODES=16, GROUPS=4, DETERMINISTIC=False, PRECISION="tf32",
+                      UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)  # fmt: skip
+    got = compile_for_sm90("spallm_plugins.kernels.triton.lut_backward", "lut_grad_tables_kernel", signature,
+                           constexprs)  # fmt: skip
+    assert got["rank3"] == [] and got["mma"] and got["spill_bytes"] == 0
 
 
 def test_backend_explains_what_it_cannot_run(monkeypatch):

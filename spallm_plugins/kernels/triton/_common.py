@@ -1,4 +1,14 @@
-"""Shared Triton helpers: unpacking codes and gathering table values inside a tile."""
+"""Shared Triton helpers: unpacking codes and turning a code tile into weights.
+
+Two ways to read ``W[n, k]`` for a tile. :func:`gather_weight_tile` loads one table value per
+weight from global memory (an L1 hit after the first touch; any group size). :func:`staged_weight_tile`,
+for a tile inside one group, loads that group's ``2**bits`` table values of each row once, as
+``[BLOCK_N]`` vectors in registers, and picks each weight's value with a fixed tree of selects on
+its code bits: no per-element address and no memory access at all beyond the codes. A register
+``tl.gather`` would be the natural form, but its layout pass asserts (the process aborts) when the
+index is much longer than the source along the gathered axis (triton#5836, #11600, both in the 3.6
+the GPU host runs), which is exactly a ``[BLOCK_N, 2**bits]`` table against a ``[BLOCK_N, BLOCK_K]`` tile.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +48,53 @@ def gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, st
     code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS)
     group = offs_k[None, :] // GROUP_SIZE
     return tl.load(tables_ptr + offs_n[:, None] * stride_tn + group * NUM_CODES + code, mask=mask, other=0.0)
+
+
+@triton.jit
+def staged_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K, group,
+                       BITS: tl.constexpr, NUM_CODES: tl.constexpr):  # fmt: skip
+    """``W[n, k]`` for a ``[BLOCK_N, BLOCK_K]`` tile whose columns all lie in table group ``group``.
+
+    Codes are resolved four at a time: the low two bits pick one of four values with three selects,
+    the bits above choose between those quads (none for 2-bit). A 4-bit code costs about 20 integer
+    operations per weight (a ``code == j`` chain: about 32; a one-hot: 3-D registers), 2-bit about 5.
+    Masked weights are 0, as in :func:`gather_weight_tile`.
+    """
+    mask = mask_n[:, None] & mask_k[None, :]
+    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS)
+    bit0 = (code & 1) != 0
+    bit1 = (code & 2) != 0
+    row = tables_ptr + offs_n * stride_tn + group * NUM_CODES
+    w = select_quad(row, mask_n, bit0, bit1)
+    for quad in tl.static_range(1, NUM_CODES // 4):
+        w = tl.where((code >> 2) == quad, select_quad(row + 4 * quad, mask_n, bit0, bit1), w)
+    return tl.where(mask, w, 0.0)
+
+
+@triton.jit
+def select_quad(row, mask_n, bit0, bit1):
+    """Of four consecutive table values per row (``row``: ``[BLOCK_N]`` pointers), the one each weight's
+    two low code bits name (``bit0``, ``bit1``: ``[BLOCK_N, BLOCK_K]``)."""
+    t0 = tl.load(row, mask=mask_n, other=0.0)[:, None]
+    t1 = tl.load(row + 1, mask=mask_n, other=0.0)[:, None]
+    t2 = tl.load(row + 2, mask=mask_n, other=0.0)[:, None]
+    t3 = tl.load(row + 3, mask=mask_n, other=0.0)[:, None]
+    return tl.where(bit1, tl.where(bit0, t3, t2), tl.where(bit0, t1, t0))
+
+
+@triton.jit
+def weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, k0, mask_n, mask_k, stride_cn, stride_tn, K,
+                GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGED: tl.constexpr):  # fmt: skip
+    """``W[n, k]`` for the ``[BLOCK_N, BLOCK_K]`` tile starting at column ``k0`` (a multiple of ``BLOCK_K``):
+    from tables staged in registers when ``STAGED`` and the tile lies in one group (``BLOCK_K`` divides
+    the group size), else gathered from global memory."""
+    if STAGED and GROUP_SIZE % BLOCK_K == 0:
+        return staged_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
+                                  k0 // GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
+    else:
+        return gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
+                                  GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
 
 
 def interpreting() -> bool:

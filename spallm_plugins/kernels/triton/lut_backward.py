@@ -1,9 +1,13 @@
 """Backward of the LUT linear: ``grad_x = grad_y @ W`` and the fused table gradient.
 
 The table gradient never materialises ``grad_W = grad_y^T x`` (``[N, K]``) in memory: each program
-computes one ``[BLOCK_N, BLOCK_K]`` tile of it in registers (fp32, reduced over M), bins it by code
-(``2**bits`` sums per row) and adds the bins into ``grad_tables[n, group, code]``, either with fp32
-atomics or, in deterministic mode, into per-K-block partials summed afterwards in a fixed order.
+computes one ``[BLOCK_N, BLOCK_K]`` tile of it in registers (``tl.dot``, fp32, reduced over M), bins it
+by code (``2**bits`` sums per row) and adds the bins into ``grad_tables[n, group, code]``, either with
+fp32 atomics or, in deterministic mode, into per-K-block partials summed afterwards in a fixed order.
+The binning is one masked 2-D reduction over K per code value, each placed into its column of a
+``[BLOCK_N, 2**bits]`` tile: a ``[BLOCK_N, BLOCK_K, 2**bits]`` one-hot would hold 2**bits times the
+tile in registers (16x at 4 bits) and spill. The input gradient gathers W tile by tile for ``tl.dot``,
+as the forward matmul does.
 """
 
 from __future__ import annotations
@@ -66,10 +70,12 @@ def lut_grad_tables_kernel(g_ptr, x_ptr, codes_ptr, out_ptr, M, N, K, stride_gm,
         a, b = dot_operands(tl.trans(g), x, UPCAST)
         grad_w += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
     mask = mask_n[:, None] & mask_k[None, :]
-    code = unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS)
+    code = tl.where(mask, unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS), NUM_CODES)
     values = tl.arange(0, NUM_CODES)
-    onehot = (code[:, :, None] == values[None, None, :]) & mask[:, :, None]
-    bins = tl.sum(tl.where(onehot, grad_w[:, :, None], 0.0), axis=1)  # [BLOCK_N, NUM_CODES]
+    bins = tl.zeros((BLOCK_N, NUM_CODES), dtype=tl.float32)
+    for j in tl.static_range(NUM_CODES):
+        bin_j = tl.sum(tl.where(code == j, grad_w, 0.0), axis=1)
+        bins = tl.where(values[None, :] == j, bin_j[:, None], bins)
     group = (pid_k * BLOCK_K) // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
     if DETERMINISTIC:
         ptrs = out_ptr + pid_k * N * NUM_CODES + offs_n[:, None] * NUM_CODES + values[None, :]

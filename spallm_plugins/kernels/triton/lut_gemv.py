@@ -4,6 +4,18 @@ Each program reads a ``[BLOCK_N, BLOCK_K]`` slab of packed codes (and the few ta
 indexes) exactly once and multiplies it with all M input rows, so the bytes moved are the codes,
 the tables and ``x`` once: ``N*K*bits/8 + N*groups*2**bits*2 + M*K*2``. Partial sums over K-splits
 are combined with fp32 atomics.
+
+No intermediate is 3-D (a ``[M, BLOCK_N, BLOCK_K]`` product costs M times the weight tile in
+registers). Up to 4 rows (buckets 1 and 2-4) multiply on the CUDA cores, row by row, a 2-D product
+reduced over K; from 5 rows (``GEMV_DOT_ROWS``) the rows are padded to a 16-row tile for ``tl.dot``,
+whose idle rows cost less than five or more passes over the tile.
+
+Weights come from tables staged in registers (``STAGED``, :func:`~._common.staged_weight_tile`):
+per K tile, each row's ``2**bits`` values of the tile's group are loaded once and every weight
+selects its value by its code bits, instead of one global load per weight. Which is faster at
+4 bits (about 20 selects per weight against one L1-hit load) depends on the GPU, so the autotuner
+is given both; tiles that straddle a group boundary (``BLOCK_K`` not dividing the group size)
+always gather.
 """
 
 from __future__ import annotations
@@ -12,24 +24,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gather_weight_tile, interpreting
+from ._common import dot_flags, dot_operands, interpreting, weight_tile
 from .layout import kernel_codes
-from .tiles import AUTOTUNE_KEY, GEMV_MAX_ROWS, m_bucket
+from .tiles import AUTOTUNE_KEY, GEMV_DOT_ROWS, GEMV_MAX_ROWS, m_bucket
 
+# At most 16 weights per thread: larger tiles (64 x 256 on 4 warps, as before) spill on sm90 with
+# either way of reading the tables (ptxas -v; see tests/test_kernels_triton.py's sm90 compile checks).
 CONFIGS = [
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4}, num_warps=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4}, num_warps=4),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 2}, num_warps=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 8}, num_warps=8),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4, "STAGED": True}, num_warps=8),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 8, "STAGED": True}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 4, "STAGED": True}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 8, "STAGED": True}, num_warps=8),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "STAGED": False}, num_warps=8),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4, "STAGED": False}, num_warps=4),
 ]
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, stride_xm, stride_cn, stride_tn,
                     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, NUM_CODES: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr):  # fmt: skip
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGED: tl.constexpr):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,15 +56,30 @@ def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, st
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        w = gather_weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, mask_n, mask_k, stride_cn, stride_tn, K,
-                               GROUP_SIZE, BITS, NUM_CODES).to(tl.float32)  # fmt: skip
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        w = weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, k0, mask_n, mask_k, stride_cn, stride_tn, K,
+                        GROUP_SIZE, BITS, NUM_CODES, BLOCK_K, STAGED)  # fmt: skip
+        if BLOCK_M >= 16:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)  # fmt: skip
+            a, b = dot_operands(x, w, UPCAST)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32, input_precision=PRECISION)
+        else:
+            w = w.to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
+                x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & row_ok, other=0.0).to(tl.float32)
+                row = tl.sum(w * x[None, :], axis=1)
+                acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
 _autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(lut_gemv_kernel)
+
+
+def gemv_block_m(rows: int) -> int:
+    """The row tile: the next power of two up to 4 rows (CUDA-core path), 16 from ``GEMV_DOT_ROWS`` on
+    (``tl.dot`` tiles are at least 16 rows)."""
+    return 16 if rows >= GEMV_DOT_ROWS else max(1, triton.next_power_of_2(rows))
 
 
 def lut_gemv(
@@ -59,8 +89,10 @@ def lut_gemv(
     bias: torch.Tensor | None,
     bits: int,
     block: tuple[int, int, int] | None = None,
+    staged: bool = True,
 ) -> torch.Tensor:
-    """``x [M <= 16, K]`` -> ``[M, N]``. ``block=(BLOCK_N, BLOCK_K, SPLIT_K)`` skips autotuning."""
+    """``x [M <= 16, K]`` -> ``[M, N]``. ``block=(BLOCK_N, BLOCK_K, SPLIT_K)`` skips autotuning, with the
+    tables staged in registers or (``staged=False``) gathered from global memory."""
     M, K = x.shape
     if M > GEMV_MAX_ROWS:
         raise ValueError(f"lut_gemv is for decode (M <= {GEMV_MAX_ROWS}), got M={M}; use lut_matmul")
@@ -68,9 +100,9 @@ def lut_gemv(
     codes = kernel_codes(codes, bits)  # 3-bit: bit planes (a no-op when prepared)
     x, codes, tables = x.contiguous(), codes.contiguous(), tables.contiguous()  # the kernel assumes unit inner strides
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    block_m = max(1, triton.next_power_of_2(M))
     args = (x, codes, tables, out, M, N, K, m_bucket(M), x.stride(0), codes.stride(0), tables.stride(0))
-    meta = dict(GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, BLOCK_M=block_m)
+    meta = dict(GROUP_SIZE=K // groups, BITS=bits, NUM_CODES=num_codes, **dot_flags(x.dtype),
+                BLOCK_M=gemv_block_m(M))  # fmt: skip
     if block is None and interpreting():
         block = (32, 64, 2)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:
@@ -78,7 +110,8 @@ def lut_gemv(
         _autotuned[grid](*args, **meta)
     else:
         bn, bk, split = block
-        lut_gemv_kernel[(triton.cdiv(N, bn), split)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split)
+        lut_gemv_kernel[(triton.cdiv(N, bn), split)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                                                     STAGED=staged)  # fmt: skip
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

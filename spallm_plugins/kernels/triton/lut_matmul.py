@@ -1,7 +1,10 @@
 """Fused LUT matmul ``Y = X @ W.T (+ b)``, W gathered tile by tile from packed codes and tables.
 
-For prefill and training (M >= 16): ``tl.dot`` on ``[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]`` tiles,
-fp32 accumulation; the dense W never exists in memory.
+For prefill and training (M > 16): each program dequantizes one ``[BLOCK_N, BLOCK_K]`` W tile per K
+step (tables gathered; the cost is shared by all ``BLOCK_M`` rows) and hands it to ``tl.dot``, which
+stages it in shared memory for the tensor cores; fp32 accumulation; the dense W never exists in memory.
+Dequantizing the whole W to bf16 for cuBLAS above some M is not done: that threshold is still to be
+measured (``spallm bench kernels`` reports dequantize-then-matmul beside this kernel).
 """
 
 from __future__ import annotations

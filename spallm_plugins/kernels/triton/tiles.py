@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 GEMV_MAX_ROWS = 16  # decode: up to this many rows go to the GEMV kernel, more to the tiled matmul
+GEMV_DOT_ROWS = 5  # from this many rows (the 5-16 bucket) on, the GEMV multiplies with tl.dot on a 16-row tile
 
 M_BUCKET_STARTS = (1, 2, 5, 17, 65, 257)  # row-count buckets 1, 2-4, 5-16, 17-64, 65-256, >256
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"]  # the row bucket and the layer shape, never M
