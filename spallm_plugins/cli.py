@@ -317,12 +317,19 @@ def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> 
     return rows
 
 
+def peer_list(text: str) -> list[str]:
+    """``--peers``: comma-separated peer names, or ``none``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
 def cmd_bench_quality(args: argparse.Namespace) -> int:
     from .bench.quality import run_quality
 
     run_quality(
         args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
         only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out, overwrite=args.overwrite,
+        peers=args.peers,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'quality.json'}")
     return 0
@@ -610,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None,
                    help="p of the calibrated variants' k-means weights (default: SketchConfig's)")  # fmt: skip
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
+    p.add_argument("--peers", type=peer_list, default=None,
+                   help="real quantizers to run beside them, comma-separated: nf4-bnb, hqq-g64, gptq-g128, or "
+                        "'none' (default: every one installed; with --only, those it names)")  # fmt: skip
     add_output_options(p, default="bench-quality", what="quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
