@@ -49,6 +49,7 @@ from .sketch.driver import (
     capture_block_inputs,
     find_blocks,
     peak_memory,
+    release_freed_memory,
     sketch_block,
 )
 from .sketch.memory import DEFAULT_MAX_MEMORY, WORKSPACE_BYTES_PER_WEIGHT
@@ -363,6 +364,7 @@ def sketch_streaming(
         store.commit(state)
         store.hidden_file(index).unlink(missing_ok=True)  # superseded once progress.json is committed
         _to_meta(block)
+        release_freed_memory()
         timings["write"] += time.perf_counter() - start
         bar.update(1)
         if on_block_done is not None:
