@@ -258,6 +258,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.kernels:
         summary["kernels"] = _kernel_report(plan.layers, config)
     summary["sketch_memory"] = _sketch_memory(model, config, args, getattr(torch, dense_dtype).itemsize)
+    if args.world_size is not None:
+        summary["sharded"] = _sharded_memory(model, config, args.world_size, getattr(torch, dense_dtype).itemsize)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -277,6 +279,15 @@ def cmd_info(args: argparse.Namespace) -> int:
                           if k != "peak_bytes")  # fmt: skip
         print(f"  sketching it (streaming; calibrated with {args.nsamples} x {args.seqlen} tokens): about "
               f"{human_bytes(memory['peak_bytes'])} ({terms})")  # fmt: skip
+    sharded = summary.get("sharded")
+    if sharded:
+        print(f"  FSDP2 over {sharded['world_size']} ranks, per rank (rank 0, the largest): codes "
+              f"{human_bytes(sharded['codes_bytes'])}, tables {human_bytes(sharded['tables_bytes'])}, dense rest "
+              f"{human_bytes(sharded['dense_bytes'])}, buffers {human_bytes(sharded['buffer_bytes'])}: "
+              f"{human_bytes(sharded['persistent_bytes'])} held")  # fmt: skip
+        print(f"    training the tables (Adam): + optimizer state {human_bytes(sharded['optimizer_bytes'])} + gathered "
+              f"blocks {human_bytes(sharded['training_gathered_bytes'])} = {human_bytes(sharded['training_peak_bytes'])} "
+              "before activations")  # fmt: skip
     if args.kernels:
         print("  kernel backends (first accepted is used):")
         for row in summary["kernels"]:
@@ -296,6 +307,20 @@ def _sketch_memory(model, config: SketchConfig, args: argparse.Namespace, dense_
     except ValueError:
         return {}
     return {**memory, "peak_bytes": sum(memory.values())}
+
+
+def _sharded_memory(model, config: SketchConfig, world_size: int, dense_bytes: int) -> dict[str, int]:
+    """Per-rank bytes of ``model`` sketched with ``config`` under FSDP2 (``sharding.sharded_memory``)."""
+    from .convert import resolve_targets
+    from .sharding import sharded_memory
+    from .sketch.driver import find_blocks
+
+    targets = resolve_targets(model, config)
+    try:
+        blocks_name, _ = find_blocks(model, targets)
+    except ValueError:
+        blocks_name = None
+    return sharded_memory(model, targets, config, world_size, dense_bytes, blocks_name)
 
 
 def _kernel_report(layers: list[tuple[str, int, int]], config: SketchConfig) -> list[dict[str, Any]]:
@@ -591,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence of the memory estimate (default 256)")
     p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
                    help="sketching workspace budget of the memory estimate (default 1GiB)")  # fmt: skip
+    p.add_argument("--world-size", dest="world_size", type=positive_int, default=None,
+                   help="also show what each of N ranks holds when training sharded with FSDP2")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -10,6 +10,7 @@ from torch import nn
 from .config import SketchConfig, packed_width, unpacked_width
 from .kernels.reference import dequantize
 from .ops import lut_linear
+from .sharding import register_sharding_hooks
 
 
 class CodesAndTables(Protocol):
@@ -20,9 +21,13 @@ class CodesAndTables(Protocol):
 class SketchedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W[r, c] = tables[r, c // (in / gpr), codes[r, c]]``.
 
-    ``codes`` is a persistent uint8 buffer (packed, see :mod:`spallm_plugins.format`), so it is saved,
-    moved with the module, and never seen by optimizers; ``tables`` is the only weight-like
-    ``Parameter``: fine-tuning a sketched model trains exactly the table values.
+    ``codes`` (packed, see :mod:`spallm_plugins.format`) is a frozen uint8 ``Parameter``
+    (``requires_grad=False``) rather than a buffer: FSDP2 and DeepSpeed ZeRO-3 shard parameters only,
+    and codes are most of a sketched model's bytes, so a buffer would be replicated on every rank
+    (``docs/design-sharding.md``). Frozen, it is never trained: optimizers built from the trainable
+    parameters never see it, and uint8 cannot require grad anyway. ``tables`` is the trainable
+    ``Parameter``: fine-tuning a sketched model trains exactly the table values. ``state_dict()`` is
+    format v1 either way (same keys, uint8 codes), also when sharded (:mod:`spallm_plugins.sharding`).
     """
 
     def __init__(
@@ -39,9 +44,6 @@ class SketchedLinear(nn.Module):
         SketchConfig(bits=bits, groups_per_row=groups_per_row).check_in_features(in_features, type(self).__name__)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.groups_per_row = bits, groups_per_row
-        self.register_buffer(
-            "codes", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
-        )
         self.tables = nn.Parameter(
             torch.zeros(out_features, groups_per_row, 1 << bits, dtype=table_dtype, device=device)
         )
@@ -49,6 +51,14 @@ class SketchedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=table_dtype, device=device))
         else:
             self.register_parameter("bias", None)
+        # registered last, so state_dict() keeps format v1's key order (tables, bias, codes)
+        self.codes = nn.Parameter(
+            torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device),
+            requires_grad=False,
+        )
+        # False once sharded (sharding.check_sharded): the backend's codes layout is then made per call
+        self.cache_prepared = True
+        register_sharding_hooks(self, ("codes", "tables", "bias"))
 
     @classmethod
     def empty_like(cls, linear: nn.Linear, config: SketchConfig, device=None) -> SketchedLinear:
@@ -82,7 +92,7 @@ class SketchedLinear(nn.Module):
         in_features = unpacked_width(result.codes.shape[1], config.bits)
         with torch.device("meta"):
             layer = cls(in_features, out_features, config.bits, config.groups_per_row, bias=False)
-        layer.codes = result.codes
+        layer.codes = nn.Parameter(result.codes, requires_grad=False)
         layer.tables = nn.Parameter(result.tables, requires_grad=True)
         layer.bias = None if bias is None else nn.Parameter(bias.detach())
         return layer
@@ -104,7 +114,7 @@ class SketchedLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lut_linear(x, self.codes, self.tables, self.bias, self.bits)
+        return lut_linear(x, self.codes, self.tables, self.bias, self.bits, cache=self.cache_prepared)
 
     def extra_repr(self) -> str:
         return (

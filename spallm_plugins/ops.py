@@ -42,19 +42,28 @@ def _stamp(codes: torch.Tensor) -> tuple | None:
         return None
 
 
-def prepared_codes(backend: object, codes: torch.Tensor, tables: torch.Tensor, bits: int) -> torch.Tensor:
+def prepared_codes(
+    backend: object, codes: torch.Tensor, tables: torch.Tensor, bits: int, cache: bool = True
+) -> torch.Tensor:
     """``codes`` in the layout ``backend`` reads: its load-time step (:func:`~spallm_plugins.kernels.prepare_weights`,
     e.g. the Triton backend's 3-bit bit planes), done once per codes tensor and reused while that tensor
-    lives unchanged, so a layer keeps its format-v1 ``codes`` buffer (``state_dict()`` is format v1) and
+    lives unchanged, so a layer keeps its format-v1 ``codes`` (``state_dict()`` is format v1) and
     repacks once per backend. Only the codes are prepared: tables reach the backend as they are, since
     they train (a backend whose ``prepare_weights`` changes tables must be driven through its
     prepared tensors directly, as vLLM does). A repacked layout costs one more copy of the codes while
     it lives (3-bit on the Triton backend: 3 bits per weight); the 2/4-bit layouts are the stored codes.
+
+    ``cache=False`` prepares for this call only: for a sharded layer (FSDP2), whose codes are gathered
+    into a persistent unsharded parameter, a cached layout would pin a full copy of every layer on every
+    rank, undoing the sharding (:func:`spallm_plugins.sharding.check_sharded` turns it off).
     """
     if getattr(backend, "prepare_weights", None) is None:
         return codes
     if torch.compiler.is_compiling():  # traced into the graph; a Python cache would not survive tracing
         return prepare_weights(backend, codes, tables, bits)[0]
+    if not cache:
+        with torch.no_grad():
+            return prepare_weights(backend, codes, tables, bits)[0]
     stamp = _stamp(codes)
     key = (type(backend), getattr(backend, "name", ""), bits)
     entries = _PREPARED.get(codes) if stamp is not None else None
@@ -100,13 +109,18 @@ def lut_linear(
     bias: torch.Tensor | None,
     bits: int,
     backend: KernelBackend | None = None,
+    cache: bool = True,
 ) -> torch.Tensor:
-    """Apply the LUT linear to ``x [..., in]``; returns ``[..., out]`` in ``x.dtype``."""
+    """Apply the LUT linear to ``x [..., in]``; returns ``[..., out]`` in ``x.dtype``.
+
+    ``cache``: keep the backend's prepared codes layout for the next call (see :func:`prepared_codes`).
+    """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if backend is None:
         backend = select_backend(describe_problem(x2, codes, tables, bits))
-    y = LUTLinearFunction.apply(x2, prepared_codes(backend, codes, tables, bits), tables, bias, bits, backend)
+    prepared = prepared_codes(backend, codes, tables, bits, cache)
+    y = LUTLinearFunction.apply(x2, prepared, tables, bias, bits, backend)
     return y.reshape(*lead, y.shape[-1])
 
 

@@ -132,8 +132,8 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _to_meta(module: nn.Module) -> None:
-    """Return a finished part of the model to the meta device: its parameters and its persistent buffers
-    (a sketched layer's codes), everything it wrote to its shard, so no block outlives its write."""
+    """Return a finished part of the model to the meta device: its parameters (a sketched layer's codes
+    included) and its persistent buffers, everything it wrote to its shard, so no block outlives its write."""
     for sub in module.modules():
         for key, param in sub._parameters.items():
             if param is not None:

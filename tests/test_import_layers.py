@@ -22,7 +22,7 @@ RANKS = [
     ("format", "outputs"),
     ("kernels",),
     ("hooks",),
-    ("ops", "layer", "convert"),
+    ("ops", "layer", "convert", "sharding"),
     ("sketch",),
     ("models", "validate", "evaluate"),
     ("streaming", "pipeline", "merge", "cli", "bench", "builtin_plugins", "_autoregister"),

@@ -21,7 +21,7 @@ def test_from_linear_stores_codes_and_tables(bits, gpr):
     layer = sketched(linear, SketchConfig(bits=bits, groups_per_row=gpr))
     assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (24, 64 * bits // 8)
     assert layer.tables.shape == (24, gpr, 1 << bits) and layer.tables.dtype == torch.float16
-    assert [n for n, _ in layer.named_parameters()] == ["tables", "bias"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["tables", "bias"]
     assert set(layer.state_dict()) == {"codes", "tables", "bias"}
     w = layer.dequantize(torch.float32)
     codes = unpack_codes(layer.codes, bits).long()
@@ -49,7 +49,13 @@ def test_error_falls_with_more_groups():
 def test_training_moves_only_the_tables():
     torch.manual_seed(0)
     layer = sketched(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
-    assert [n for n, p in layer.named_parameters()] == ["tables", "bias"]  # codes are a buffer, never a parameter
+    # codes are a frozen uint8 Parameter (so FSDP2 / ZeRO-3 shard them), never trained
+    assert [(n, p.requires_grad) for n, p in layer.named_parameters()] == [
+        ("tables", True),
+        ("bias", True),
+        ("codes", False),
+    ]
+    assert list(layer.state_dict()) == ["tables", "bias", "codes"]  # format v1's keys, in the old order
     layer.bias.requires_grad_(False)  # what a table fine-tune does (PEFT marks only spallm_tables trainable)
     codes, tables, bias = layer.codes.clone(), layer.tables.detach().clone(), layer.bias.detach().clone()
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)

@@ -137,6 +137,7 @@ def test_sketched_base_adapter_trains_only_tables_and_starts_as_the_base(sketche
     assert trainable and all(".spallm_tables." in n for n in trainable)
     layers = spallm_layers(model)
     assert sum(p.numel() for p in trainable.values()) == sum(m.out_features * 2 * 16 for m in layers)
+    assert model.get_nb_trainable_parameters()[0] == sum(p.numel() for p in trainable.values())  # codes: frozen
     assert all(not m.spallm_codes for m in layers), "a sketched base's codes are shared, not copied"
     train_steps(model)
     assert not torch.equal(logits(model), expected)
@@ -398,7 +399,8 @@ def test_trainer_with_gradient_checkpointing_trains_only_tables(tmp_path, sketch
 
     model = get_peft_model(sketched_base, SpaLLMConfig(task_type="CAUSAL_LM"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    codes_before = {n: b.clone() for n, b in model.named_buffers() if b.dtype == torch.uint8}
+    codes_before = {n: t.clone() for n, t in model.state_dict().items() if t.dtype == torch.uint8}
+    assert codes_before and not any(p.requires_grad for p in model.parameters() if p.dtype == torch.uint8)
     ids = torch.randint(4, 30, (8, 16), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(
@@ -412,7 +414,7 @@ def test_trainer_with_gradient_checkpointing_trains_only_tables(tmp_path, sketch
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in optimized}
     assert names == {n for n, p in model.named_parameters() if ".spallm_tables." in n}
-    assert all(torch.equal(b, codes_before[n]) for n, b in model.named_buffers() if n in codes_before)
+    assert all(torch.equal(t, codes_before[n]) for n, t in model.state_dict().items() if n in codes_before)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 

@@ -19,6 +19,7 @@ from torch import nn
 from spallm_plugins.kernels.reference import dequantize, flat_indices
 from spallm_plugins.layer import SketchedLinear
 from spallm_plugins.ops import lut_linear
+from spallm_plugins.sharding import register_sharding_hooks
 
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names=
 MIXED_BATCH_WEIGHT_BYTES = 256 << 20  # per-sample weights gathered at once in a mixed batch
@@ -62,6 +63,11 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         self._merged_base: torch.Tensor | None = None  # base tables/weight replaced by merge()
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.module_name = "?"  # the qualified name, set by SpaLLMModel
+        self.cache_prepared = True  # False once sharded (spallm_plugins.sharding.check_sharded)
+        # sharded (FSDP2), the adapter's tables still save and load as full format-v1 tensors; its
+        # rows must be sharded like the base codes they index
+        aligned = ("base_layer.codes",) if isinstance(base_layer, SketchedLinear) else ()
+        register_sharding_hooks(self, ("spallm_tables", "spallm_codes"), aligned=aligned)
         self.update_layer(adapter_name, **kwargs)
 
     @property
@@ -186,7 +192,8 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         # Computed in the activations' dtype, as the base layer does: the weight is gathered from
         # (float32) tables straight into x.dtype, so a merged layer computes exactly the same.
         tables = self.tables_for(name)
-        return lut_linear(x, self.codes_for(name), tables, self.get_base_layer().bias, self.bits[name])
+        cache = self.cache_prepared and getattr(self.get_base_layer(), "cache_prepared", True)
+        return lut_linear(x, self.codes_for(name), tables, self.get_base_layer().bias, self.bits[name], cache=cache)
 
     def _base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         base = self.get_base_layer()

@@ -1,0 +1,516 @@
+"""Sharded training with FSDP2 on real ``torch.distributed``: 2 processes on gloo (CPU), tiny models.
+
+Each distributed test spawns two ranks that ``fully_shard`` a model built in-process (the same seed
+as the single-process reference the test computes itself) and return what they saw through files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.layer import SketchedLinear
+from spallm_plugins.sharding import check_sharded, is_sharded, local_state_dict
+from spallm_plugins.sketch import sketch_layer
+
+WORLD = 2
+STEPS = 3
+LR = 0.5
+FAST = {"groups_per_row": 2, "kmeans_iters": 4, "kmeans_restarts": 1}  # any sketch will do: tests compare runs
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# models and the two-rank launcher
+
+
+def sketched(in_f: int, out_f: int, bits: int, bias: bool = False) -> SketchedLinear:
+    linear = nn.Linear(in_f, out_f, bias=bias)
+    layer, _ = sketch_layer(linear, SketchConfig(bits=bits, table_dtype="float32", **FAST))
+    return layer
+
+
+def tiny_model(seed: int = 0) -> nn.Sequential:
+    """Two blocks of sketched linears (3- and 4-bit, 24 and 16 rows) and a 9-row head (uneven on 2 ranks)."""
+    torch.manual_seed(seed)
+    blocks = [nn.Sequential(sketched(16, 24, 3), nn.ReLU(), sketched(24, 16, 4, bias=True)) for _ in range(2)]
+    return nn.Sequential(*blocks, sketched(16, 9, 4, bias=True))
+
+
+def data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 9, generator=g)
+
+
+def shard(model: nn.Module, blocks: list[nn.Module], **kwargs: Any) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model)
+
+
+def local_half(t: torch.Tensor, rank: int) -> torch.Tensor:
+    n = t.shape[0] // WORLD
+    return t[rank * n : (rank + 1) * n]
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], torch.optim.Optimizer]:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(global_mean(loss.detach()))
+    return losses, opt
+
+
+def global_mean(value: torch.Tensor, sharded: bool = True) -> float:
+    """The mean of ``value`` over the ranks (each rank's loss is its half batch's): the whole batch's loss."""
+    if sharded and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, port: int, scenarios: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for scenario in scenarios:  # one failing scenario fails its own test, not the others
+            try:
+                results[scenario] = globals()[scenario](rank)
+            except Exception:
+                results[scenario] = RankError(traceback.format_exc())
+            dist.barrier()
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+class RankError(str):
+    """A scenario's traceback on one rank."""
+
+
+def run_ranks(scenarios: list[str], out: Path) -> list[dict[str, Any]]:
+    """Run each ``scenario(rank)`` on 2 gloo ranks (one process group for all: starting ranks is the
+    slow part); returns, per rank, what each scenario returned or its traceback."""
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_entry, args=(_free_port(), scenarios, str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+SCENARIOS = ["scenario_placement", "scenario_train_and_save", "scenario_load", "scenario_bad_input", "scenario_peft"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict[str, Any]]:
+    return run_ranks(SCENARIOS, tmp_path_factory.mktemp("ranks"))
+
+
+def results(two_ranks: list[dict[str, Any]], scenario: str) -> list[Any]:
+    seen = [r[scenario] for r in two_ranks]
+    errors = [f"rank {rank}:\n{s}" for rank, s in enumerate(seen) if isinstance(s, RankError)]
+    if errors:
+        pytest.fail("\n".join(errors), pytrace=False)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# scenarios (run on each rank)
+
+
+def scenario_placement(rank: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Shard
+
+    from spallm_plugins import ops
+
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    check_sharded(model)  # what the trainer integrations call once the model is sharded
+    prepared = len(ops._PREPARED)
+    _, opt = train(model, *(local_half(t, rank) for t in data()))
+    optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SketchedLinear):
+            codes, tables = m.codes, m.tables
+            layers[name] = {
+                "sharded": is_sharded(codes) and is_sharded(tables),
+                "placements": (tuple(codes.placements), tuple(tables.placements)) if is_sharded(codes) else None,
+                "dtype": codes.dtype,
+                "requires_grad": codes.requires_grad,
+                "optimized": id(codes) in optimized,
+                "rows": (m.out_features, codes.to_local().shape[0] if is_sharded(codes) else codes.shape[0]),
+                "table_rows": tables.to_local().shape[0] if is_sharded(tables) else tables.shape[0],
+                "bytes": (codes.to_local() if is_sharded(codes) else codes).nbytes,
+                "full_bytes": m.out_features * codes.shape[1],
+            }
+    cache = [m.cache_prepared for m in model.modules() if isinstance(m, SketchedLinear)]
+    pinned = len(ops._PREPARED) - prepared  # layouts kept alive by the unsharded codes FSDP2 holds on to
+    return {"layers": layers, "shard0": (Shard(0),), "cache_prepared": cache, "pinned": pinned}
+
+
+def scenario_train_and_save(rank: int) -> dict[str, Any]:
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    x, y = data()
+    losses, _ = train(model, local_half(x, rank), local_half(y, rank))
+    sd = model.state_dict()  # collective: every rank gathers
+    with local_state_dict():
+        kept = {k: is_sharded(v) for k, v in model.state_dict().items()}
+    return {"losses": losses, "state_dict": sd, "local_kept_sharded": kept}
+
+
+def scenario_load(rank: int) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    x, _ = data()
+    other = tiny_model(seed=5).state_dict()  # a format-v1 state dict from another model
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    result = model.load_state_dict(other)
+    placed = all(is_sharded(m.codes) for m in model.modules() if isinstance(m, SketchedLinear))
+    with torch.no_grad():
+        out_plain = model(x).detach()
+    back = model.state_dict()
+    model2 = tiny_model()
+    shard(model2, list(model2[:2]))
+    set_model_state_dict(model2, other, options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():
+        out_dcp = model2(x).detach()
+    # after a forward the root's layers (here the head) stay unsharded: plain tensors until FSDP2's own
+    # load hook reshards them, which runs after ours unless ours runs it first
+    model3 = tiny_model()
+    shard(model3, list(model3[:2]))
+    with torch.no_grad():
+        model3(x)
+        model3.load_state_dict(other)
+        out_after_forward = model3(x).detach()
+    return {
+        "missing": result.missing_keys,
+        "placed": placed,
+        "out": out_plain,
+        "out_dcp": out_dcp,
+        "out_after_forward": out_after_forward,
+        "back": back,
+    }
+
+
+def scenario_bad_input(rank: int) -> dict[str, str]:
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    with local_state_dict():
+        sharded_sd = model.state_dict()
+    head = model[2]
+    local_rows = head.codes.to_local().clone()  # one rank's rows, saved as a plain tensor
+    full = model.state_dict()
+    try:
+        model.load_state_dict({**full, "2.codes": local_rows})
+    except ValueError as err:
+        errors["shard_into_sharded"] = str(err)
+    try:
+        tiny_model().load_state_dict(sharded_sd)
+    except ValueError as err:
+        errors["dtensor_into_unsharded"] = str(err)
+    # codes left out of sharding while the tables are sharded: runs, but replicates the codes
+    mixed = tiny_model()
+    fully_shard(mixed[0], ignored_params={mixed[0][0].codes})
+    fully_shard(mixed)
+    try:
+        check_sharded(mixed)
+    except ValueError as err:
+        errors["check_sharded"] = str(err)
+    return errors
+
+
+def scenario_peft(rank: int) -> dict[str, Any] | None:
+    """The sharded PEFT run and, first, the same fine-tune unsharded in this process (no collectives):
+    computed here so the test process never imports transformers and peft."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return None
+    expected = peft_run(None)
+    return {"expected": expected, "sharded": peft_run(rank, load=expected["adapter"])}
+
+
+def peft_model():
+    from conftest import tiny_llama
+    from peft import get_peft_model
+
+    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.sketch import sketch_model
+
+    base = tiny_llama(seed=0)
+    sketch_model(base, SketchConfig(bits=4, table_dtype="float32", **FAST))
+    torch.manual_seed(0)
+    return get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False))
+
+
+def peft_ids() -> torch.Tensor:
+    return torch.randint(4, 30, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def peft_train(model, ids: torch.Tensor, sharded: bool) -> list[float]:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    losses = []
+    for _ in range(STEPS):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(global_mean(loss.detach(), sharded))
+    return losses
+
+
+def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The PEFT fine-tune on one process (``rank=None``) or as one rank of a sharded run; then, if
+    given, the adapter state dict ``load`` loaded into it and read back."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = peft_model()
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    ids = peft_ids()
+    sharded = {}
+    if rank is not None:
+        layers = model.base_model.model.model.layers
+        shard(model, list(layers))
+        check_sharded(model)
+        ids = local_half(ids, rank)
+        for name, p in model.named_parameters():
+            if ".spallm_tables." in name or name.endswith(".codes"):
+                sharded[name] = (is_sharded(p), p.dtype, p.requires_grad)
+    losses = peft_train(model, ids, sharded=rank is not None)
+    adapter = get_peft_model_state_dict(model)  # collective when sharded: model.state_dict() gathers
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, is_main_process=rank in (None, 0))  # every rank calls it, rank 0 writes
+        file = Path(folder) / "adapter_model.safetensors"
+        saved = load_file(file) if file.exists() else None
+    held = held_bytes(model) if rank is not None else None
+    reloaded = None
+    if load is not None:
+        set_peft_model_state_dict(model, load)
+        reloaded = get_peft_model_state_dict(model)
+    return {
+        "losses": losses,
+        "adapter": adapter,
+        "saved": saved,
+        "trainable": trainable,
+        "sharded": sharded,
+        "held": held,
+        "reloaded": reloaded,
+        "info": spallm_info_world_size() if rank is not None else None,
+    }
+
+
+def held_bytes(model: nn.Module) -> dict[str, int]:
+    """What this rank holds: local shards by kind, buffers, and the Adam training state of the tables
+    (one step on the gradients the last backward left)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return (t.to_local() if is_sharded(t) else t).nbytes
+
+    held = dict.fromkeys(("codes_bytes", "tables_bytes", "dense_bytes", "adapter_bytes"), 0)
+    for name, p in model.named_parameters():
+        kind = "adapter" if ".spallm_tables." in name else name.rsplit(".", 1)[-1]
+        held[f"{kind}_bytes" if kind in ("adapter", "codes", "tables") else "dense_bytes"] += nbytes(p)
+    held["buffer_bytes"] = sum(b.nbytes for b in model.buffers())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable)
+    opt.step()
+    moments = sum(nbytes(v) for state in opt.state.values() for k, v in state.items() if k != "step")
+    held["optimizer_bytes"] = held["adapter_bytes"] + sum(nbytes(p.grad) for p in trainable) + moments
+    return held
+
+
+def spallm_info_world_size() -> dict[str, int]:
+    """``spallm info CONFIG --world-size 2 --json`` for the tiny Llama sketched as the PEFT scenario does."""
+    import contextlib
+    import io
+    import json
+
+    from conftest import tiny_llama_config
+
+    from spallm_plugins.cli import main
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_llama_config().save_pretrained(folder)
+        args = ["info", folder, "--bits", "4", "--gpr", "2", "--table-dtype", "float32", "--dense-dtype", "float32"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            main([*args, "--world-size", str(WORLD), "--json"])
+    return json.loads(out.getvalue())["sharded"]
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_codes_shard_as_frozen_uint8_rows_aligned_with_tables(two_ranks):
+    ranks = results(two_ranks, "scenario_placement")
+    for rank, seen in enumerate(ranks):
+        assert seen["layers"], "no SketchedLinear found"
+        for name, layer in seen["layers"].items():
+            assert layer["sharded"], f"rank {rank}: {name} codes/tables are not DTensors (a buffer is replicated)"
+            assert layer["placements"] == (seen["shard0"], seen["shard0"]), name
+            assert layer["dtype"] == torch.uint8 and not layer["requires_grad"] and not layer["optimized"], name
+            out_f, local_rows = layer["rows"]
+            assert local_rows == len(torch.arange(out_f).chunk(WORLD)[rank]) == layer["table_rows"], name
+            assert local_rows <= math.ceil(out_f / WORLD), name
+            assert layer["bytes"] == local_rows * layer["full_bytes"] // out_f, name  # this rank's rows only
+        assert seen["pinned"] == 0, "prepared codes layouts stay pinned by FSDP2's unsharded codes"
+        assert not any(seen["cache_prepared"]), "check_sharded leaves the prepared-codes cache on"
+    for name in ranks[0]["layers"]:
+        assert sum(r["layers"][name]["bytes"] for r in ranks) == ranks[0]["layers"][name]["full_bytes"]
+    head = [ranks[r]["layers"]["2"]["rows"][1] for r in range(WORLD)]
+    assert head == [5, 4]  # 9 rows: uneven is fine
+
+
+def test_two_ranks_train_like_one_process_and_save_format_v1(two_ranks):
+    model = tiny_model()
+    x, y = data()
+    expected_losses, _ = train(model, x, y)
+    expected = model.state_dict()
+    ranks = results(two_ranks, "scenario_train_and_save")
+    for seen in ranks:
+        assert seen["losses"] == pytest.approx(expected_losses, rel=1e-5)
+        sd = seen["state_dict"]
+        assert list(sd) == list(expected)
+        for key, value in expected.items():
+            got = sd[key]
+            assert type(got) is torch.Tensor and got.dtype == value.dtype and got.shape == value.shape, key
+            if value.dtype == torch.uint8:
+                assert torch.equal(got, value), key  # codes never change and come back whole
+            else:
+                torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+        assert all(seen["local_kept_sharded"].values())  # local_state_dict() keeps DTensors for DCP
+
+
+def test_a_format_v1_state_dict_loads_into_a_sharded_model(two_ranks):
+    reference = tiny_model(seed=5)
+    x, _ = data()
+    with torch.no_grad():
+        expected = reference(x)
+    ranks = results(two_ranks, "scenario_load")
+    for seen in ranks:
+        assert seen["missing"] == [] and seen["placed"]
+        torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen["out_dcp"], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen["out_after_forward"], expected, rtol=1e-5, atol=1e-6)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(seen["back"][key], value), key
+
+
+def test_bad_state_dicts_and_mixed_layouts_are_refused_by_name(two_ranks):
+    ranks = results(two_ranks, "scenario_bad_input")
+    for rank, errors in enumerate(ranks):
+        assert set(errors) == {"shard_into_sharded", "dtensor_into_unsharded", "check_sharded"}, errors
+        assert (
+            "2.codes" in errors["shard_into_sharded"]
+            and "one rank's shard (world size 2?)" in errors["shard_into_sharded"]
+        ), rank
+        assert "comes from a sharded model" in errors["dtensor_into_unsharded"]
+        assert errors["dtensor_into_unsharded"].split(":")[0] in ("0.0.tables", "0.0.codes")
+        assert "codes and tables of 0.0 are sharded differently" in errors["check_sharded"]
+
+
+def test_prepared_codes_are_made_per_call_without_the_cache():
+    from spallm_plugins import ops
+    from spallm_plugins.kernels.reference import ReferenceBackend
+
+    layer = tiny_model()[2]
+    x = torch.randn(2, 16)
+    expected = layer(x)
+    assert layer.codes in ops._PREPARED  # an unsharded layer keeps its backend's layout
+    ops._PREPARED.pop(layer.codes)
+    layer.cache_prepared = False
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.codes not in ops._PREPARED
+    codes = layer.codes.detach()
+    ops.lut_linear(x, codes, layer.tables, layer.bias, 4, backend=ReferenceBackend(), cache=False)
+    assert codes not in ops._PREPARED
+
+
+def test_one_ranks_shard_into_an_unsharded_layer_is_refused():
+    model = tiny_model()
+    state = model.state_dict()
+    state["2.tables"] = state["2.tables"][:5].clone()  # rank 0's rows of 9
+    with pytest.raises(ValueError, match=r"2\.tables: 5 rows where this layer has 9: it is one rank's shard"):
+        model.load_state_dict(state)
+
+
+def test_peft_adapter_on_a_sharded_base_trains_and_saves_like_one_process(two_ranks):
+    ranks = results(two_ranks, "scenario_peft")
+    if ranks[0] is None:
+        pytest.skip("peft is not installed")
+    for both in ranks:
+        expected, seen = both["expected"], both["sharded"]
+        assert expected["trainable"] and all(".spallm_tables." in n for n in expected["trainable"])
+        assert seen["trainable"] == expected["trainable"]
+        assert seen["sharded"] and all(s for s, _, _ in seen["sharded"].values())
+        assert all(
+            (dtype == torch.float32 and grad) if ".spallm_tables." in n else (dtype == torch.uint8 and not grad)
+            for n, (_, dtype, grad) in seen["sharded"].items()
+        )
+        assert seen["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+        assert list(seen["adapter"]) == list(expected["adapter"])
+        for key, value in expected["adapter"].items():
+            got = seen["adapter"][key]
+            assert type(got) is torch.Tensor and got.dtype == value.dtype and got.shape == value.shape, key
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+        assert seen["reloaded"].keys() == expected["adapter"].keys()  # v1 loads into the sharded tables
+        assert all(torch.equal(seen["reloaded"][k], v) for k, v in expected["adapter"].items())
+    saved, expected_saved = ranks[0]["sharded"]["saved"], ranks[0]["expected"]["saved"]
+    assert ranks[1]["sharded"]["saved"] is None  # only rank 0 wrote
+    assert saved.keys() == expected_saved.keys()
+    for key, value in expected_saved.items():
+        assert saved[key].dtype == value.dtype and saved[key].shape == value.shape, key
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_spallm_info_world_size_is_what_rank_0_holds(two_ranks):
+    ranks = results(two_ranks, "scenario_peft")
+    if ranks[0] is None:
+        pytest.skip("peft is not installed")
+    held = [r["sharded"]["held"] for r in ranks]
+    info = ranks[0]["sharded"]["info"]
+    assert info["world_size"] == WORLD
+    for key in ("codes_bytes", "tables_bytes", "dense_bytes", "buffer_bytes", "optimizer_bytes"):
+        assert info[key] == held[0][key], key  # rank 0: the largest
+        assert held[1][key] <= held[0][key], key
+    assert info["persistent_bytes"] == sum(
+        held[0][k] for k in ("codes_bytes", "tables_bytes", "dense_bytes", "buffer_bytes")
+    )
+    # every row count of the tiny Llama is even: each rank holds half the codes
+    assert held[0]["codes_bytes"] + held[1]["codes_bytes"] == 2 * held[0]["codes_bytes"]
+    assert info["training_peak_bytes"] > info["persistent_bytes"] + info["optimizer_bytes"]
