@@ -106,6 +106,21 @@ def test_validation_rows_are_held_out_of_training(tmp_path):
         split_validation(tmp_path, tmp_path / "split2", ("ARC-Easy",), len(rows))
 
 
+def test_eval_data_links_are_laid_out_again_on_a_rerun(tmp_path):
+    from spallm_plugins.integrations.peft.bench import eval_data_dir
+
+    tasks = ("arc_easy_local", "boolq_local")
+    for other in ("ARC-Easy", "boolq"):
+        (tmp_path / "data" / other).mkdir(parents=True)
+        (tmp_path / "data" / other / "test.json").write_text("[]")
+    for _ in range(2):  # the second run is bench finetune --overwrite into the same --out
+        splits = eval_data_dir(tmp_path / "data", tmp_path / "eval", tasks, ("openbookqa",))
+    assert splits == {"arc_easy_local": "test", "boolq_local": "test"}
+    assert (tmp_path / "eval" / "boolq" / "test.json").resolve() == (
+        tmp_path / "data" / "boolq" / "test.json"
+    ).resolve()
+
+
 def test_training_rows_are_the_lm_eval_prompts_with_the_answer_as_continuation(tmp_path):
     from spallm_plugins.integrations.peft.bench import encode_pair, render_training_rows
 

@@ -133,6 +133,7 @@ def eval_data_dir(data: Path, out: Path, tasks: tuple[str, ...], mix: tuple[str,
         if split == "train" and (folder in mix or not (data / folder / "train.json").is_file()):
             raise FileNotFoundError(f"{data / folder}/test.json: no such file (and its train split is not held out)")
         (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / "test.json").unlink(missing_ok=True)  # a rerun (--overwrite) links afresh
         (out / folder / "test.json").symlink_to((data / folder / f"{split}.json").resolve())
         splits[task] = split
     return splits
