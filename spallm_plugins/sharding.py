@@ -242,7 +242,8 @@ def check_sharded(model: nn.Module) -> None:
     codes left out of sharding (``ignored_params``, accelerate's ``ignored_modules``) replicate most
     of the model's bytes on every rank, and another placement breaks the row alignment the memo relies
     on. Sharded layers stop caching their backend's codes layout (:func:`_disable_prepared_cache`).
-    Call it once after ``fully_shard`` (the integrations' trainer hooks do).
+    Call it once after ``fully_shard`` (nothing calls it for you yet; the save and load hooks turn the
+    cache off lazily).
     """
     for module_name, module in model.named_modules():
         names = _row_tensors(module)
