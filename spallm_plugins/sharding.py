@@ -1,4 +1,5 @@
-"""Sharded training (FSDP2 ``fully_shard``): format v1 in and out of a model whose codes and tables are DTensors.
+"""Sharded training (FSDP2 ``fully_shard``, DeepSpeed ZeRO-3): format v1 in and out of a model whose codes
+and tables are sharded.
 
 ``SketchedLinear.codes`` is a frozen uint8 ``Parameter``, so FSDP2 (and DeepSpeed ZeRO-3) shard it
 like any parameter: ``Shard(0)``, cut into the same row ranges as the layer's tables
@@ -13,6 +14,12 @@ uint8 codes) as an unsharded one does:
 - ``load_state_dict(full)`` cuts each full tensor into this rank's shard locally (no communication).
 - A tensor that is one rank's shard, or a sharded state dict loaded into an unsharded layer, is a
   ``ValueError`` naming the key instead of a size mismatch or silently wrong rows.
+
+ZeRO-3 partitions every parameter itself (``param.ds_tensor``) and leaves an empty placeholder in
+``param.data``, so without these hooks ``state_dict()`` would hold empty tensors. The same hooks gather
+a partitioned parameter (``deepspeed.zero.GatheredParameters``, collective) on save and load a full
+tensor into its partitions; parameters DeepSpeed has already gathered (its own loaders gather before
+calling ``load_state_dict``) are left to the default copy.
 
 The core registers the hooks on ``SketchedLinear``; integrations register them on their own layers
 (PEFT's ``SpaLLMLayer`` for ``spallm_tables``) through :func:`register_sharding_hooks`.
@@ -81,9 +88,40 @@ def _owned(module: nn.Module, key: str, prefix: str) -> str | None:
     return None
 
 
+def _zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a DeepSpeed ZeRO-3 parameter whose data is partitioned away right now."""
+    if not hasattr(param, "ds_id"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.NOT_AVAILABLE
+
+
+def _zero3_owned(module: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    """The ZeRO-3 parameters among ``module``'s converted tensors, by state-dict key."""
+    if "deepspeed" not in sys.modules:
+        return {}
+    return {
+        prefix + name: param
+        for name, param in module.named_parameters()
+        if hasattr(param, "ds_id") and _owned(module, prefix + name, prefix) is not None
+    }
+
+
 def _gather_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post hook: each ``DTensor`` of ``module`` becomes the full tensor (format v1)."""
-    if _dtensor_type() is None or _keeping_shards():
+    """``state_dict`` post hook: each ``DTensor`` or ZeRO-3 partitioned parameter of ``module`` becomes
+    the full tensor (format v1)."""
+    if _keeping_shards():
+        return
+    zero3 = {key: param for key, param in _zero3_owned(module, prefix).items() if key in state_dict}
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(zero3.values())):  # collective: every rank gathers
+            for key, param in zero3.items():
+                state_dict[key] = param.detach().cpu().clone()
+        _disable_prepared_cache(module)
+    if _dtensor_type() is None:
         return
     for key in list(state_dict):
         value = state_dict[key]
@@ -125,6 +163,7 @@ def _distribute_hook(
 ) -> None:
     """``load_state_dict`` pre hook: a full (format v1) tensor loads into a sharded parameter as this
     rank's shard; shards and sharded state dicts that cannot be meant are refused by name."""
+    _load_zero3(module, state_dict, prefix)
     for key in list(state_dict):
         name = _owned(module, key, prefix)
         if name is None:
@@ -164,6 +203,31 @@ def _distribute_hook(
             if value.dim() == len(full) and tuple(value.shape[1:]) == full[1:] and 0 < value.shape[0] < full[0]:
                 raise _shard_error(key, value, full[0])
     _disable_prepared_cache(module)
+
+
+def _load_zero3(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Copy each full tensor meant for a partitioned ZeRO-3 parameter into its partitions (gathered,
+    written, partitioned again: collective, as DeepSpeed's own loading is), and leave the default loader
+    the empty placeholder to copy onto itself."""
+    owned = {key: param for key, param in _zero3_owned(module, prefix).items() if key in state_dict}
+    for key, param in owned.items():
+        value = state_dict[key]
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(param.ds_shape):
+            raise ValueError(
+                f"{key}: shape {list(value.shape)} where this layer has {list(param.ds_shape)}; a ZeRO-3 model loads "
+                "format v1 (full tensors: state_dict() called on every rank, or the consolidated 16-bit state dict)"
+            )
+    partitioned = {key: param for key, param in owned.items() if _zero3_partitioned(param)}
+    if not partitioned:
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(partitioned.values()), modifier_rank=0):
+        with torch.no_grad():
+            for key, param in partitioned.items():
+                param.data.copy_(state_dict[key].to(param.dtype))
+    for key, param in partitioned.items():
+        state_dict[key] = param.detach()
 
 
 def _fsdp_to_sharded(owner: nn.Module) -> None:
@@ -228,9 +292,12 @@ def _has_parameter(module: nn.Module, name: str) -> bool:
 
 
 def _disable_prepared_cache(module: nn.Module) -> None:
-    """A sharded layer's codes are all-gathered into a persistent unsharded parameter: caching its
-    backend layout (``ops.prepared_codes``) would pin one more full copy of every layer on every rank."""
-    if hasattr(module, "cache_prepared") and any(is_sharded(p) for p in module.parameters(recurse=True)):
+    """A sharded layer's codes are all-gathered into an unsharded parameter (FSDP2 keeps it, ZeRO-3
+    frees it): caching its backend layout (``ops.prepared_codes``) would pin one more full copy of
+    every layer on every rank."""
+    if hasattr(module, "cache_prepared") and any(
+        is_sharded(p) or hasattr(p, "ds_id") for p in module.parameters(recurse=True)
+    ):
         module.cache_prepared = False
 
 
@@ -260,6 +327,7 @@ def check_sharded(model: nn.Module) -> None:
             )
         placement = next(iter(layouts.values()))
         if placement is None:
+            _disable_prepared_cache(module)  # a ZeRO-3 layer (partitioned by DeepSpeed, not a DTensor)
             continue
         from torch.distributed.tensor import Shard
 

@@ -97,7 +97,9 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, port: int, scenarios: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
@@ -125,7 +127,15 @@ def run_ranks(scenarios: list[str], out: Path) -> list[dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-SCENARIOS = ["scenario_placement", "scenario_train_and_save", "scenario_load", "scenario_bad_input", "scenario_peft"]
+SCENARIOS = [
+    "scenario_placement",
+    "scenario_train_and_save",
+    "scenario_load",
+    "scenario_bad_input",
+    "scenario_peft",
+    "scenario_zero3",
+    "scenario_zero3_peft",
+]
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +271,103 @@ def scenario_peft(rank: int) -> dict[str, Any] | None:
         return None
     expected = peft_run(None)
     return {"expected": expected, "sharded": peft_run(rank, load=expected["adapter"])}
+
+
+def zero3_engine(model: nn.Module, batch: int | None = None):
+    """``model`` under DeepSpeed ZeRO-3 (CPU accelerator, gloo) with the tests' SGD; every parameter is
+    partitioned (persistence threshold 0) and gradients are not clipped (DeepSpeed clips at 1.0 by default)."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": (batch or data()[0].shape[0]) // WORLD,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine
+
+
+def scenario_zero3(rank: int) -> dict[str, Any] | None:
+    """ZeRO-3 on the same tiny model: placement, 3 steps, state_dict(), loading format v1, a DeepSpeed
+    checkpoint round trip, and a wrong shape."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return None
+    x, y = data()
+    engine = zero3_engine(tiny_model())
+    model = engine.module
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SketchedLinear):
+            codes = m.codes
+            layers[name] = {
+                "partitioned": hasattr(codes, "ds_id") and codes.numel() == 0,
+                "dtype": (codes.dtype, codes.ds_tensor.dtype),
+                "requires_grad": codes.requires_grad,
+                "local_numel": codes.ds_tensor.numel(),
+                "full_numel": math.prod(codes.ds_shape),
+            }
+    losses = []
+    for _ in range(STEPS):
+        loss = (engine(local_half(x, rank)) - local_half(y, rank)).pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(global_mean(loss.detach()))
+    trained = model.state_dict()  # collective
+    cache = [m.cache_prepared for m in model.modules() if isinstance(m, SketchedLinear)]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = [folder]
+        dist.broadcast_object_list(folder)  # one directory for both ranks
+        engine.save_checkpoint(folder[0], tag="step3")
+        resumed = zero3_engine(tiny_model(seed=7))
+        resumed.load_checkpoint(folder[0], tag="step3")
+        resumed_state = resumed.module.state_dict()
+        dist.barrier()
+    other = tiny_model(seed=5).state_dict()
+    result = model.load_state_dict(other)
+    with torch.no_grad():
+        out = model(x).detach()
+    error = ""
+    try:
+        model.load_state_dict({**other, "2.codes": other["2.codes"][:5]})
+    except ValueError as err:
+        error = str(err)
+    return {
+        "layers": layers,
+        "losses": losses,
+        "state_dict": trained,
+        "cache_prepared": cache,
+        "resumed": resumed_state,
+        "missing": result.missing_keys,
+        "out": out,
+        "error": error,
+    }
+
+
+def scenario_zero3_peft(rank: int) -> dict[str, Any] | None:
+    """The PEFT fine-tune of ``scenario_peft`` under ZeRO-3: the adapter reads its base layer's codes
+    without calling it (DeepSpeed fetches them on access)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed  # noqa: F401
+        from peft import get_peft_model_state_dict
+    except ImportError:
+        return None
+    ids = peft_ids()
+    engine = zero3_engine(peft_model(), batch=ids.shape[0])
+    engine.train()
+    losses = []
+    for _ in range(STEPS):
+        loss = engine(local_half(ids, rank), labels=local_half(ids, rank)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(global_mean(loss.detach()))
+    return {"losses": losses, "adapter": get_peft_model_state_dict(engine.module)}
 
 
 def peft_model():
@@ -514,3 +621,54 @@ def test_spallm_info_world_size_is_what_rank_0_holds(two_ranks):
     # every row count of the tiny Llama is even: each rank holds half the codes
     assert held[0]["codes_bytes"] + held[1]["codes_bytes"] == 2 * held[0]["codes_bytes"]
     assert info["training_peak_bytes"] > info["persistent_bytes"] + info["optimizer_bytes"]
+
+
+def test_zero3_partitions_codes_trains_like_one_process_and_saves_format_v1(two_ranks):
+    from conftest import needs
+
+    needs("deepspeed", "the ZeRO-3 test (the tests nox session installs it)")
+    ranks = results(two_ranks, "scenario_zero3")
+    model = tiny_model()
+    x, y = data()
+    expected_losses, _ = train(model, x, y)
+    expected = model.state_dict()
+    reference = tiny_model(seed=5)
+    with torch.no_grad():
+        expected_out = reference(x)
+    for rank, seen in enumerate(ranks):
+        assert seen["layers"], "no SketchedLinear found"
+        for name, layer in seen["layers"].items():
+            assert layer["partitioned"], f"rank {rank}: {name} codes are not partitioned by ZeRO-3"
+            assert layer["dtype"] == (torch.uint8, torch.uint8) and not layer["requires_grad"], name
+            assert layer["local_numel"] == math.ceil(layer["full_numel"] / WORLD), name  # half the codes' bytes
+        assert seen["losses"] == pytest.approx(expected_losses, rel=1e-5)
+        for state in (seen["state_dict"], seen["resumed"]):
+            assert list(state) == list(expected)
+            for key, value in expected.items():
+                got = state[key]
+                assert got.dtype == value.dtype and got.shape == value.shape, key  # not ZeRO-3's empty placeholder
+                if value.dtype == torch.uint8:
+                    assert torch.equal(got, value), key
+                else:
+                    torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+        assert not any(seen["cache_prepared"])
+        assert seen["missing"] == []
+        torch.testing.assert_close(seen["out"], expected_out, rtol=1e-5, atol=1e-6)
+        assert seen["error"].startswith("2.codes: shape [5, 8] where this layer has [9, 8]"), seen["error"]
+
+
+def test_peft_adapter_under_zero3_trains_and_saves_like_one_process(two_ranks):
+    from conftest import needs
+
+    needs("deepspeed", "the ZeRO-3 test (the tests nox session installs it)")
+    ranks = results(two_ranks, "scenario_zero3_peft")
+    if ranks[0] is None:
+        pytest.skip("peft is not installed")
+    expected = results(two_ranks, "scenario_peft")[0]["expected"]
+    for seen in ranks:
+        assert seen["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+        assert list(seen["adapter"]) == list(expected["adapter"])
+        for key, value in expected["adapter"].items():
+            got = seen["adapter"][key]
+            assert got.dtype == value.dtype and got.shape == value.shape, key
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
