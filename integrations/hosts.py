@@ -7,6 +7,7 @@ library's integration only when asked for that host, so building the plugin mana
 from __future__ import annotations
 
 import importlib
+import sys
 
 from spallm_plugins.hooks import hookimpl
 
@@ -14,12 +15,24 @@ REGISTRATIONS = {
     "transformers": "spallm_plugins.integrations.transformers.quantizer",
     "peft": "spallm_plugins.integrations.peft.registration",
 }
+_DEFERRED: set[str] = set()
 
 
 @hookimpl
 def spallm_register_host(host: str) -> bool | None:
-    module = REGISTRATIONS.get(host)
-    if module is None:
+    name = REGISTRATIONS.get(host)
+    if name is None:
         return None
-    importlib.import_module(module).register()
+    module = sys.modules.get(name)
+    if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # importing this very module imported the host (``import spallm_plugins.integrations.transformers``
+        # before transformers): it has no ``register`` yet, and calls it when it finishes
+        _DEFERRED.add(host)
+        return True
+    importlib.import_module(name).register()
     return True
+
+
+def registration_deferred(host: str) -> bool:
+    """Whether ``host``'s registration was asked for while its module was still being imported."""
+    return host in _DEFERRED

@@ -95,3 +95,13 @@ def test_editable_wheel_installs_the_pth_file_too(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "spallm_plugins_autoregister.pth" in names, names
     assert zipfile.ZipFile(wheel).read("spallm_plugins_autoregister.pth") == (root / PTH.name).read_bytes()
+
+
+def test_importing_the_integration_before_transformers_still_registers(sketched_dir, expected_logits):
+    """``from spallm_plugins.integrations.transformers... import X`` is what first imports transformers'
+    quantizers: the automatic registration then fires while our quantizer module is half-imported."""
+    code = "import spallm_plugins._autoregister\nimport spallm_plugins.integrations.transformers.trainer\n"
+    proc = run_python(code + LOAD_AND_COMPARE, str(sketched_dir), str(expected_logits),
+                      env={"SPALLM_NO_AUTOREGISTER": ""})  # fmt: skip
+    assert "SketchedLinear EQUAL" in proc.stdout
+    assert "registration via transformers failed" not in proc.stderr

@@ -136,3 +136,13 @@ def register() -> None:
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(SpaLLMHfQuantizer)
     _registered = True
+
+
+def _register_if_deferred() -> None:
+    from spallm_plugins.integrations.hosts import registration_deferred
+
+    if registration_deferred("transformers"):
+        register()
+
+
+_register_if_deferred()
