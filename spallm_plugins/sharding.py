@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_sharded", "is_sharded", "local_state_dict", "register_sharding_hooks"]
+__all__ = ["check_deepspeed_config", "check_sharded", "is_sharded", "local_state_dict", "register_sharding_hooks"]
 
 _LOCAL = threading.local()
 SHARDED_ATTRIBUTE = "_spallm_sharded_names"  # the parameter names (or child prefixes) a module's hooks convert
@@ -344,6 +344,29 @@ def check_sharded(model: nn.Module) -> None:
                 stacklevel=2,
             )
         _disable_prepared_cache(module)
+
+
+# DeepSpeed ZeRO options that break SpaLLM's frozen uint8 codes, and why
+ZERO3_REFUSED = {
+    "zero_quantized_nontrainable_weights": "ZeRO++ would quantize the frozen parameters, and the codes are "
+    "already k-bit indices (uint8): quantizing them changes which table value each weight reads",
+    "stage3_use_all_reduce_for_fetch_params": "its coalesced fetch requires one dtype per bucket and fails on the "
+    "uint8 codes beside float tables (RuntimeError: expected there to be only one unique element ...)",
+}
+
+
+def check_deepspeed_config(config: dict[str, Any] | None, source: str = "the DeepSpeed config") -> None:
+    """Refuse the ZeRO options SpaLLM layers cannot train under (:data:`ZERO3_REFUSED`), naming
+    ``source`` (the file or argument the config came from) and the key.
+
+    Called by the trainer integrations before training starts, so a run fails in seconds instead of
+    after loading a large model (or, for ZeRO++ quantization, training on corrupted codes).
+    """
+    zero = (config or {}).get("zero_optimization") or {}
+    for key, why in ZERO3_REFUSED.items():
+        value = zero.get(key)
+        if value is True or (isinstance(value, str) and value.lower() == "true"):
+            raise ValueError(f"{source}: zero_optimization.{key} is true: {why}; set it to false for SpaLLM models")
 
 
 # -------------------------------------------------------------------------------------------------

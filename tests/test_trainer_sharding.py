@@ -1,0 +1,130 @@
+"""The transformers Trainer with DeepSpeed ZeRO-3 (its CPU accelerator, one process) on a SpaLLM
+adapter, and the refusals of :mod:`spallm_plugins.sharding` for DeepSpeed options that break codes.
+
+FSDP2 through the Trainer is not testable on CPU: accelerate 1.15 ignores its FSDP plugin there and
+wraps the model in DDP (tests/test_sharding.py shards with ``fully_shard`` directly).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import needs, run_python
+
+from spallm_plugins.sharding import ZERO3_REFUSED, check_deepspeed_config
+
+
+@pytest.mark.parametrize("key", sorted(ZERO3_REFUSED))
+@pytest.mark.parametrize("value", [True, "true"])
+def test_deepspeed_options_that_break_codes_are_refused_by_name(key, value):
+    config = {"zero_optimization": {"stage": 3, key: value}}
+    with pytest.raises(ValueError, match=rf"^ds_z3\.json: zero_optimization\.{key} is true: .*set it to false"):
+        check_deepspeed_config(config, "ds_z3.json")
+
+
+def test_deepspeed_configs_without_them_pass():
+    for config in (None, {}, {"zero_optimization": {"stage": 3, **dict.fromkeys(ZERO3_REFUSED, False)}}):
+        check_deepspeed_config(config)
+
+
+TRAIN_ZERO3 = r"""
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                  DS_ACCELERATOR="cpu")
+import torch
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+from spallm_plugins import SpaLLMConfig
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
+from spallm_plugins.sketch import sketch_model
+
+def base():
+    model = tiny_llama(seed=0)
+    sketch_model(model, SketchConfig(bits=4, groups_per_row=2, kmeans_iters=4, kmeans_restarts=1,
+                                     table_dtype="float32"))
+    return model
+
+zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                               "stage3_gather_16bit_weights_on_model_save": True}}
+if sys.argv[1] == "refused":
+    zero3["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+ids = torch.randint(4, 30, (16, 12), generator=torch.Generator().manual_seed(3))
+rows = [{"input_ids": r, "labels": r} for r in ids]
+out = {}
+folder = sys.argv[3]
+args = TrainingArguments(output_dir=folder, per_device_train_batch_size=4, max_steps=4, learning_rate=0.05,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                         deepspeed=zero3)
+torch.manual_seed(0)
+model = get_peft_model(base(), SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False))
+try:
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[SpaLLMShardingCallback()])
+except ValueError as err:
+    print("REFUSED", err)
+    sys.exit(0)
+if sys.argv[1] == "resume":  # a fresh process: accelerate allows one DeepSpeed Accelerator per process
+    trainer.train(resume_from_checkpoint=folder + "/checkpoint-2")
+    trainer.save_model(folder + "/resumed")
+    again, saved = (load_file(f"{folder}/{name}/adapter_model.safetensors") for name in ("resumed", "adapter"))
+    out["resumed_max_diff"] = max((again[k] - v).abs().max().item() for k, v in saved.items())
+    print("RESULT", json.dumps(out))
+    sys.exit(0)
+trainer.train()
+codes = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.codes
+out["partitioned"] = hasattr(codes, "ds_id")
+out["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+trainer.save_model(folder + "/adapter")
+saved = load_file(folder + "/adapter/adapter_model.safetensors")
+reloaded = PeftModel.from_pretrained(base(), folder + "/adapter")
+loaded = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if ".spallm_tables." in n}
+out["saved"] = {k: list(v.shape) for k, v in saved.items()}
+out["expected"] = {k: list(p.shape) for k, p in loaded.items()}
+out["loaded_equal"] = saved.keys() == loaded.keys() and all(torch.equal(v, loaded[k]) for k, v in saved.items())
+
+print("RESULT", json.dumps(out))
+"""
+
+
+def _port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_trainer_with_deepspeed_zero3_trains_a_spallm_adapter_saves_it_whole_and_resumes(tmp_path):
+    needs("deepspeed", "the ZeRO-3 test (the tests nox session installs it)")
+    needs("peft")
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    proc = run_python(TRAIN_ZERO3, "trained", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["partitioned"], "the base layer's codes are not ZeRO-3 parameters"
+    losses = result["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert result["saved"] and all(k.endswith(".spallm_tables") for k in result["saved"])
+    assert result["saved"] == result["expected"]  # full tables, not ZeRO-3's empty placeholders
+    assert result["loaded_equal"], "PeftModel.from_pretrained did not load the saved tables"
+    assert (tmp_path / "checkpoint-2").is_dir()
+    proc = run_python(TRAIN_ZERO3, "resume", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    resumed = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert resumed["resumed_max_diff"] <= 1e-6  # from checkpoint-2 (DeepSpeed's): the uninterrupted run's tables
+
+
+def test_trainer_refuses_zero_quantized_codes_before_deepspeed_sees_the_model(tmp_path):
+    needs("deepspeed", "the ZeRO-3 test (the tests nox session installs it)")
+    needs("peft")
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    proc = run_python(TRAIN_ZERO3, "refused", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    assert "REFUSED TrainingArguments.deepspeed: zero_optimization.zero_quantized_nontrainable_weights is true" in (
+        proc.stdout
+    ), proc.stdout[-2000:]
