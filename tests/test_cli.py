@@ -24,16 +24,30 @@ def llama2_config(tmp_path):
     return path
 
 
-@pytest.mark.parametrize(("gpr", "printed"), [(1, "21.8M"), (2, "43.5M"), (4, "87.0M"), (8, "174.1M")])
-def test_info_llama2_7b_table_values_from_config_alone(llama2_config, gpr, printed):
-    out = run_cli("info", str(llama2_config), "--gpr", str(gpr)).stdout
-    assert f"table values (trainable): {printed}" in out
-    data = json.loads(run_cli("info", str(llama2_config.parent), "--gpr", str(gpr), "--json").stdout)
+def in_process_cli(*args: str) -> str:
+    """``spallm ARGS``'s stdout from this process: for the many quick ``info`` calls (a fresh interpreter
+    per call costs seconds; the entry point itself is run as a user would in the other tests)."""
+    import contextlib
+    import io
+
+    from spallm_plugins.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(list(args)) in (0, None)
+    return out.getvalue()
+
+
+def test_info_llama2_7b_table_values_from_config_alone(llama2_config):
+    out = run_cli("info", str(llama2_config), "--gpr", "4").stdout
+    assert "table values (trainable): 87.0M" in out
     h, i, n = 4096, 11008, 32
     rows_per_layer = 4 * h + 2 * i + h  # q, k, v, o, gate, up (out = h, h, h, h, i, i) + down (out = h)
-    assert data["table_values"] == n * rows_per_layer * gpr * 16
-    assert data["sketched_layers"] == 7 * n
-    assert data["code_bytes"] == n * (4 * h * h + 3 * h * i) // 2
+    for gpr, printed in [(1, "21.8M"), (2, "43.5M"), (4, "87.0M"), (8, "174.1M")]:
+        assert f"table values (trainable): {printed}" in in_process_cli("info", str(llama2_config), "--gpr", str(gpr))
+        data = json.loads(in_process_cli("info", str(llama2_config.parent), "--gpr", str(gpr), "--json"))
+        assert data["table_values"] == n * rows_per_layer * gpr * 16
+        assert data["sketched_layers"] == 7 * n
+        assert data["code_bytes"] == n * (4 * h * h + 3 * h * i) // 2
 
 
 def test_info_estimates_the_memory_of_sketching_it(llama2_config):

@@ -3,11 +3,15 @@
 The base model is either a sketched checkpoint (``spallm sketch``; loaded through the ``spallm``
 transformers quantizer, so the adapter trains table sets over its codes) or a dense model, sketched
 when the adapter is injected (data-free, or calibrated with ``spallm: {calibration: ...}``).
-``lora_model_dir`` continues from saved tables. Checkpoints, resume and saving are PEFT's.
+``lora_model_dir`` continues from saved tables. Checkpoints, resume and saving are PEFT's. Sharded
+runs (``fsdp_version: 2``, ``deepspeed:`` ZeRO-3) get ``SpaLLMShardingCallback``, and DeepSpeed options
+that break the codes are refused when the config is read.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -30,6 +34,26 @@ def peft_config_from_cfg(cfg: Any):
     return SpaLLMConfig(task_type="CAUSAL_LM", **options)
 
 
+def check_deepspeed(deepspeed: str | dict | None) -> None:
+    """Refuse, before any model loads, the DeepSpeed options SpaLLM's codes cannot train under; the
+    ``deepspeed:`` key is a JSON file or an inline mapping (a path that does not exist is Axolotl's to report)."""
+    if not deepspeed:
+        return
+    from spallm_plugins.sharding import check_deepspeed_config
+
+    if isinstance(deepspeed, dict):
+        check_deepspeed_config(deepspeed, "deepspeed (Axolotl config)")
+        return
+    path = Path(str(deepspeed))
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable DeepSpeed JSON config ({err})") from err
+    check_deepspeed_config(config, str(path))
+
+
 class SpaLLMPlugin(BasePlugin):
     """Makes ``adapter: spallm`` valid and loads it; merges go through ``merge_and_unload``."""
 
@@ -40,9 +64,20 @@ class SpaLLMPlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER, lora_like=False, relora=False)]
 
     def register(self, cfg: dict) -> None:
+        if cfg.get("adapter") != ADAPTER:
+            return
         # Axolotl's default memory-efficient merge reads LoRA tensors only; merge_and_unload works.
-        if cfg.get("adapter") == ADAPTER and not cfg.get("merge_method"):
+        if not cfg.get("merge_method"):
             cfg["merge_method"] = "legacy"
+        check_deepspeed(cfg.get("deepspeed"))
+
+    def add_callbacks_post_trainer(self, cfg, trainer) -> list:
+        if cfg.adapter != ADAPTER:
+            return []
+        from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
+
+        LOG.info("spallm: SpaLLMShardingCallback checks codes and tables placement when training starts")
+        return [SpaLLMShardingCallback()]
 
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         if cfg.adapter != ADAPTER:
