@@ -354,7 +354,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     run_quality(
         args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
         only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out, overwrite=args.overwrite,
-        peers=args.peers,
+        peers=args.peers, seed=args.seed,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'quality.json'}")
     return 0
@@ -413,6 +413,16 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     run_scale_bench(args.out, layers=tuple(args.layers), nsamples=args.nsamples, seqlen=args.seqlen,
                     groups_per_row=args.groups_per_row, modes=tuple(args.modes), overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {Path(args.out) / 'scale.json'}")
+    return 0
+
+
+def cmd_bench_sharding(args: argparse.Namespace) -> int:
+    from .bench.sharding import SMOLLM2, TINY, run_sharding_bench
+
+    run_sharding_bench(args.out, world_sizes=tuple(args.world_sizes), shape={"smollm2": SMOLLM2, "tiny": TINY}[args.shape],
+                       bits=args.bits, groups_per_row=args.groups_per_row, steps=args.steps, batch=args.batch,
+                       seqlen=args.seqlen, overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {Path(args.out) / 'sharding.json'}")
     return 0
 
 
@@ -643,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity window in tokens (default 256)")  # fmt: skip
     p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=None,
                    help="p of the calibrated variants' k-means weights (default: SketchConfig's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="k-means seed of the SpaLLM variants (default 0)")
     p.add_argument("--only", nargs="+", help="run only these variants (names as in the JSON)")
     p.add_argument("--peers", type=peer_list, default=None,
                    help="real quantizers to run beside them, comma-separated: nf4-bnb, hqq-g64, gptq-g128, or "
@@ -682,6 +693,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table groups per row (default 4)")  # fmt: skip
     add_output_options(p, default="bench-scale", what="scale.json (the models are made and removed under OUT/work)")
     p.set_defaults(func=cmd_bench_scale)
+
+    p = bench.add_parser("sharding", help="FSDP2 on gloo: per-rank bytes and step time against one process")
+    p.add_argument("--world-sizes", dest="world_sizes", type=int, nargs="+", default=[2],
+                   help="ranks of each sharded run, beside one plain process (default 2)")  # fmt: skip
+    p.add_argument("--shape", choices=["smollm2", "tiny"], default="smollm2",
+                   help="Llama widths with random codes and tables (default smollm2: SmolLM2-135M's)")  # fmt: skip
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="code bits (default 4)")
+    p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
+                   help="table groups per row (default 4)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=5, help="timed Adam steps after one warm-up (default 5)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step, split over the ranks (default 8)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per sequence (default 128)")
+    add_output_options(p, default="bench-sharding", what="sharding.json")
+    p.set_defaults(func=cmd_bench_sharding)
 
     p = sub.add_parser("quickstart", help="end to end on the embedded SmolLM2: sketch, perplexity, answers")
     p.add_argument(

@@ -672,3 +672,20 @@ def test_peft_adapter_under_zero3_trains_and_saves_like_one_process(two_ranks):
             got = seen["adapter"][key]
             assert got.dtype == value.dtype and got.shape == value.shape, key
             torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_sharding_measures_what_each_rank_holds_against_the_projection(tmp_path):
+    from spallm_plugins.bench.sharding import TINY, run_sharding_bench
+
+    results = run_sharding_bench(tmp_path / "out", shape=TINY, steps=1, batch=4, seqlen=16, log=lambda *_: None)
+    assert (tmp_path / "out" / "sharding.json").is_file()
+    single, sharded = results["rows"]
+    assert (single["world_size"], sharded["world_size"]) == (1, 2) and sharded["sharded"]
+    assert sharded["rank0_codes_fraction"] == 0.5  # every row count of TINY is even
+    for row in results["rows"]:
+        for rank in row["ranks"]:
+            for key in ("codes_bytes", "tables_bytes", "dense_bytes"):
+                assert rank[key] == row["projected_rank0"][key], (row["world_size"], key)
+            assert rank["optimizer_state_bytes"] == 2 * rank["tables_bytes"]  # Adam's two moments of the tables
+            assert len(rank["step_seconds"]) == 1 and rank["peak_rss_bytes"] > 0
+    assert sharded["step_time_ratio_to_one_process"] > 0

@@ -267,6 +267,9 @@ def default_variants() -> list[dict[str, Any]]:
                 suffix = ("refit" if refit else "norefit") + ("-seq" if staged else "")
                 rows.append({"name": f"spallm-b{bits}-g{gpr}-calib-{suffix}", "bits": bits, "gpr": gpr,
                              "method": "gptq", "refit": refit, "true_sequential": staged})  # fmt: skip
+            if bits == 4:  # GPTQ's act-order: error feedback in descending H_cc order
+                rows.append({"name": f"spallm-b4-g{gpr}-calib-refit-seq-actorder", "bits": 4, "gpr": gpr,
+                             "method": "gptq", "refit": True, "true_sequential": True, "act_order": True})  # fmt: skip
     return rows
 
 
@@ -284,6 +287,7 @@ def run_quality(
     *,
     overwrite: bool = False,
     peers: list[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)
     into ``out_dir``, which must be new or empty unless ``overwrite``.
@@ -318,6 +322,7 @@ def run_quality(
         "nsamples": nsamples,
         "seqlen": seqlen,
         "eval_seqlen": eval_seqlen,
+        "seed": seed,
         "torch_threads": torch.get_num_threads(),
         "peers": {
             p: {"package": PEERS[p].distribution, "version": peer_version(p), "settings": PEERS[p].settings}
@@ -343,13 +348,16 @@ def run_quality(
             row["implementation"] = f"{peer.distribution} {peer_version(variant['peer'])}: {peer.settings}"
         elif "bits" in variant:
             fields = {"bits": variant["bits"], "groups_per_row": variant["gpr"], "method": variant["method"]}
-            for key in ("refit", "true_sequential"):
+            for key in ("refit", "true_sequential", "act_order"):
                 if key in variant:
                     fields[key] = variant[key]
             if grid_exponent is not None:
                 fields["grid_exponent"] = grid_exponent
             config = SketchConfig(
-                **fields, nsamples=nsamples if ids is not None else 0, seqlen=seqlen if ids is not None else 0
+                **fields,
+                nsamples=nsamples if ids is not None else 0,
+                seqlen=seqlen if ids is not None else 0,
+                seed=seed,
             )
             if config.method == "gptq":
                 detail = sketch_model_calibrated(model, config, ids)
