@@ -15,7 +15,7 @@ REGISTRATIONS = {
     "transformers": "spallm_plugins.integrations.transformers.quantizer",
     "peft": "spallm_plugins.integrations.peft.registration",
 }
-_DEFERRED: set[str] = set()
+DEFERRED_ATTRIBUTE = "_spallm_register_when_imported"  # set on a half-imported registration module
 
 
 @hookimpl
@@ -26,13 +26,8 @@ def spallm_register_host(host: str) -> bool | None:
     module = sys.modules.get(name)
     if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
         # importing this very module imported the host (``import spallm_plugins.integrations.transformers``
-        # before transformers): it has no ``register`` yet, and calls it when it finishes
-        _DEFERRED.add(host)
+        # before transformers): it has no ``register`` yet; its last line calls it when this flag is set
+        setattr(module, DEFERRED_ATTRIBUTE, True)
         return True
     importlib.import_module(name).register()
     return True
-
-
-def registration_deferred(host: str) -> bool:
-    """Whether ``host``'s registration was asked for while its module was still being imported."""
-    return host in _DEFERRED

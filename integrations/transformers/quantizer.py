@@ -138,11 +138,7 @@ def register() -> None:
     _registered = True
 
 
-def _register_if_deferred() -> None:
-    from spallm_plugins.integrations.hosts import registration_deferred
-
-    if registration_deferred("transformers"):
-        register()
-
-
-_register_if_deferred()
+# set by the registration hook (integrations.hosts) when transformers' import, triggered by importing this
+# module, asked for the registration before ``register`` existed
+if globals().get("_spallm_register_when_imported"):
+    register()
