@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -98,7 +99,12 @@ def _free_port() -> int:
 
 def _entry(rank: int, port: int, scenarios: list[str], out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        SPALLM_TEST_RANKS_DIR=out,
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -193,8 +199,11 @@ def scenario_train_and_save(rank: int) -> dict[str, Any]:
     losses, _ = train(model, local_half(x, rank), local_half(y, rank))
     sd = model.state_dict()  # collective: every rank gathers
     with local_state_dict():
-        kept = {k: is_sharded(v) for k, v in model.state_dict().items()}
-    return {"losses": losses, "state_dict": sd, "local_kept_sharded": kept}
+        local = model.state_dict()
+    kept = {k: is_sharded(v) for k, v in local.items()}
+    checkpoint = Path(os.environ["SPALLM_TEST_RANKS_DIR"]) / "dcp-train"
+    dcp.save(local, checkpoint_id=checkpoint)  # each rank writes its own shards
+    return {"losses": losses, "state_dict": sd, "local_kept_sharded": kept, "dcp": str(checkpoint)}
 
 
 def scenario_load(rank: int) -> dict[str, Any]:
@@ -521,6 +530,24 @@ def test_two_ranks_train_like_one_process_and_save_format_v1(two_ranks):
             else:
                 torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
         assert all(seen["local_kept_sharded"].values())  # local_state_dict() keeps DTensors for DCP
+
+
+def test_a_dcp_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
+    """Resuming at another world size: DCP reshards the 2 ranks' codes and tables into whole tensors."""
+    model = tiny_model()
+    x, y = data()
+    train(model, x, y)
+    expected = model.state_dict()
+    checkpoint = results(two_ranks, "scenario_train_and_save")[0]["dcp"]
+    resumed = tiny_model(seed=5)
+    state = resumed.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in expected.items() if v.dtype == torch.uint8)
+    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    resumed.load_state_dict(state)
+    for key, value in expected.items():
+        got = resumed.state_dict()[key]
+        assert got.dtype == value.dtype, key
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_a_format_v1_state_dict_loads_into_a_sharded_model(two_ranks):
