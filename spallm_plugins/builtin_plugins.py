@@ -1,4 +1,4 @@
-"""The plugins that ship with spallm-plugins: the reference and Triton kernels, the known architectures.
+"""The plugins that ship with spallm-plugins: the reference, CPU and Triton kernels, the known architectures.
 
 Registered through this package's own ``spallm`` entry point (``builtin``), like any third-party plugin.
 """
@@ -13,9 +13,10 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 
 @hookimpl
 def spallm_kernel_backends() -> list:
+    from .kernels.cpu import CPUBackend
     from .kernels.reference import ReferenceBackend
 
-    backends = [ReferenceBackend()]
+    backends = [ReferenceBackend(), CPUBackend()]
     try:
         from .kernels.triton import TritonBackend
     except ImportError:

@@ -72,6 +72,7 @@ def test_info_kernels_explains_the_choice(llama2_config):
     for case in {r["case"] for r in cpu}:
         verdicts = {r["backend"]: (r["accepted"], r["reason"]) for r in cpu if r["case"] == case}
         assert verdicts["reference"] == (True, "")
+        assert verdicts["cpu"] == (True, "")
         accepted, reason = verdicts["triton"]
         assert not accepted and reason in ("runs on CUDA, not cpu (CPU tests use TRITON_INTERPRET=1)",
                                            "triton is not installed (pip install 'spallm-plugins[triton]')")  # fmt: skip
