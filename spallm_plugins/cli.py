@@ -394,7 +394,13 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import run_kernel_bench
 
-    run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out, overwrite=args.overwrite)
+    if args.device == "cpu":
+        from .bench.kernels import run_cpu_kernel_bench
+
+        run_cpu_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out,
+                             overwrite=args.overwrite)  # fmt: skip
+    else:
+        run_kernel_bench(bits=args.bits, groups_per_row=args.groups_per_row, out_dir=args.out, overwrite=args.overwrite)
     print(f"wrote {Path(args.out) / 'kernels.json'}")
     return 0
 
@@ -411,7 +417,8 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     from .bench.scale import run_scale_bench
 
     run_scale_bench(args.out, layers=tuple(args.layers), nsamples=args.nsamples, seqlen=args.seqlen,
-                    groups_per_row=args.groups_per_row, modes=tuple(args.modes), overwrite=args.overwrite)  # fmt: skip
+                    groups_per_row=args.groups_per_row, modes=tuple(args.modes), device=args.device,
+                    overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {Path(args.out) / 'scale.json'}")
     return 0
 
@@ -669,7 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=cmd_bench_kmeans)
-    p = bench.add_parser("kernels", help="Triton kernels vs cuBLAS fp16 and dequantize+matmul (needs CUDA)")
+    p = bench.add_parser("kernels", help="LUT kernels vs dense matmul and dequantize+matmul (CUDA, or --device cpu)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: the Triton kernels vs cuBLAS fp16; cpu: the compiled CPU kernels vs torch's "
+                        "float32 matmul and the reference (default cuda)")  # fmt: skip
     p.add_argument("--bits", type=int, default=4, help="bits per code (default 4)")
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="table groups per row (default 4)")  # fmt: skip
@@ -691,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="table groups per row (default 4)")  # fmt: skip
+    p.add_argument("--device", default="cpu",
+                   help="where each block is sketched: cpu (default) or cuda (one block on the GPU at a time)")  # fmt: skip
     add_output_options(p, default="bench-scale", what="scale.json (the models are made and removed under OUT/work)")
     p.set_defaults(func=cmd_bench_scale)
 

@@ -204,3 +204,27 @@ def test_inference_bench_tiny_mode_times_generate_side_by_side(tmp_path, dense, 
     assert variants["spallm"]["model_bytes"] < variants["dense"]["model_bytes"]
     # merged and unmerged QLoRA are the same function: the same greedy tokens
     assert variants["qlora-merged"]["generate"][0]["first_row"] == variants["qlora"]["generate"][0]["first_row"]
+
+
+def test_inference_bench_rounds_rotate_the_order_and_report_ratios_within_each_round(tmp_path, dense, monkeypatch):
+    from spallm_plugins.integrations.peft.inference import run_inference_bench
+
+    monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
+    summary = run_inference_bench(
+        str(dense), tmp_path / "out", variants=("spallm", "dense"), batches=(1,), prompt_tokens=4, new_tokens=3,
+        repeats=1, rounds=2,
+    )  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out").glob("inference-*-round*.json")) == [
+        "inference-dense-round0.json", "inference-dense-round1.json",
+        "inference-spallm-round0.json", "inference-spallm-round1.json",
+    ]  # fmt: skip
+    rounds = summary["tokens_per_second_by_round"]
+    assert len(rounds) == 2 and summary["rounds"] == 2
+    ratio = summary["spallm_speed_ratios"]["spallm/dense"]["1"]
+    expected = [r["spallm"]["1"] / r["dense"]["1"] for r in rounds]
+    assert ratio["by_round"] == pytest.approx(expected)
+    assert ratio["min"] <= ratio["median"] <= ratio["max"] and ratio["median"] == pytest.approx(sum(expected) / 2)
+    first = json.loads((tmp_path / "out" / "inference-spallm-round0.json").read_text())
+    assert summary["variants"]["spallm"] == first
+    with pytest.raises(ValueError, match="rounds=0: expected at least 1"):
+        run_inference_bench(str(dense), tmp_path / "none", variants=("dense",), rounds=0)

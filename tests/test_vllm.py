@@ -103,16 +103,21 @@ def assert_same(vllm_out: list[dict], reference: list[dict], atol: float = 1e-4)
 
 @pytest.fixture(scope="module")
 def tiny_sketched(tmp_path_factory) -> Path:
+    return sketch_tiny(
+        tmp_path_factory.mktemp("tiny"), 3,
+        hidden_size=384, intermediate_size=768, num_attention_heads=6, num_key_value_heads=3,
+    )  # fmt: skip
+
+
+def sketch_tiny(root: Path, groups_per_row: int, **shape) -> Path:
+    """A tiny random Llama of ``shape`` (vocabulary 192) saved with a tokenizer, sketched 4-bit."""
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.pipeline import sketch_to_folder
 
-    root = tmp_path_factory.mktemp("tiny")
     dense = root / "dense"
-    tiny_llama(
-        hidden_size=384, intermediate_size=768, num_attention_heads=6, num_key_value_heads=3, vocab_size=192
-    ).save_pretrained(dense)
+    tiny_llama(vocab_size=192, **shape).save_pretrained(dense)
     tiny_tokenizer().save_pretrained(dense)
-    sketch_to_folder(dense, root / "sketched", SketchConfig(bits=4, groups_per_row=3), progress=False)
+    sketch_to_folder(dense, root / "sketched", SketchConfig(bits=4, groups_per_row=groups_per_row), progress=False)
     return root / "sketched"
 
 
@@ -494,17 +499,10 @@ def test_mixed_table_sets_in_one_batch_equal_their_merged_checkpoints(tmp_path, 
 @pytest.fixture(scope="module")
 def tiny_sketched_gpr2(tmp_path_factory) -> Path:
     """A tiny Llama whose heads, KV heads and table groups all divide by 2 (TP 2 with PP 2)."""
-    from spallm_plugins.config import SketchConfig
-    from spallm_plugins.pipeline import sketch_to_folder
-
-    root = tmp_path_factory.mktemp("tiny_gpr2")
-    dense = root / "dense"
-    tiny_llama(
-        seed=1, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=192
-    ).save_pretrained(dense)
-    tiny_tokenizer().save_pretrained(dense)
-    sketch_to_folder(dense, root / "sketched", SketchConfig(bits=4, groups_per_row=2), progress=False)
-    return root / "sketched"
+    return sketch_tiny(
+        tmp_path_factory.mktemp("tiny_gpr2"), 2,
+        seed=1, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

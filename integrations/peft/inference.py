@@ -129,8 +129,16 @@ def run_inference_bench(
     repeats: int = 3,
     rank: int | None = None,
     overwrite: bool = False,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """All ``variants`` side by side (one child each); writes ``inference.json`` into ``out_dir``."""
+    """All ``variants`` side by side (one child each); writes ``inference.json`` into ``out_dir``.
+
+    ``rounds``: run the whole set of variants this many times, the order rotated each round, and report
+    each round's speed ratios (SpaLLM against each other variant) and their median: the variants of one
+    round run minutes apart, and on a shared machine the speed drifts over minutes, so one round's ratio
+    can be off by more than the effect measured. ``variants`` holds the first round's full results."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: expected at least 1")
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.models import cache_dir, load_model, resolve_model
@@ -155,19 +163,16 @@ def run_inference_bench(
         table_values = plan_sketch(model, SketchConfig(bits=4, groups_per_row=groups_per_row)).table_values
         rank = lora_rank_matching(model, targets_of(model), table_values)
         del model
-    results = {}
-    for variant in variants:
-        path = out_dir / f"inference-{variant}.json"
-        cmd = [
-            sys.executable, "-m", __name__, "--variant", variant, "--dense", str(dense), "--rank", str(rank),
-            "--batches", ",".join(map(str, batches)), "--prompt-tokens", str(prompt_tokens),
-            "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--json", str(path),
-        ]  # fmt: skip
-        if variant == "spallm":
-            cmd += ["--sketched", str(sketched)] + (["--adapter", str(adapter)] if adapter else [])
-        print(f"[{variant}] {' '.join(cmd[3:])}", flush=True)
-        subprocess.run(cmd, check=True)
-        results[variant] = json.loads(path.read_text())
+    per_round: list[dict[str, Any]] = []
+    for round_index in range(rounds):
+        order = variants[round_index % len(variants) :] + variants[: round_index % len(variants)]
+        suffix = "" if rounds == 1 else f"-round{round_index}"
+        measured = {}
+        for v in order:
+            path = out_dir / f"inference-{v}{suffix}.json"
+            measured[v] = _run_variant(v, path, dense, sketched, adapter, rank, batches, prompt_tokens, new_tokens,
+                                       repeats)  # fmt: skip
+        per_round.append(measured)
     summary = {
         "model": str(dense),
         "sketched": None if sketched is None else str(sketched),
@@ -176,12 +181,49 @@ def run_inference_bench(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "rounds": rounds,
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
-        "variants": results,
+        "variants": {v: per_round[0][v] for v in variants},
+        "tokens_per_second_by_round": [
+            {v: {str(g["batch"]): g["tokens_per_second"] for g in r[v]["generate"]} for v in variants}
+            for r in per_round
+        ],
+        "spallm_speed_ratios": speed_ratios(per_round, variants, batches),
     }
     (out_dir / "inference.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def speed_ratios(per_round: list[dict[str, Any]], variants: tuple[str, ...], batches: tuple[int, ...]) -> dict:
+    """``{"spallm/OTHER": {batch: {"by_round": [...], "median", "min", "max"}}}``: SpaLLM's tokens/s over
+    each other variant's, within each round (never across rounds)."""
+    if "spallm" not in variants:
+        return {}
+    ratios = {}
+    for other in (v for v in variants if v != "spallm"):
+        by_batch = {}
+        for i, batch in enumerate(batches):
+            values = [r["spallm"]["generate"][i]["tokens_per_second"] / r[other]["generate"][i]["tokens_per_second"]
+                      for r in per_round]  # fmt: skip
+            by_batch[str(batch)] = {"by_round": values, "median": statistics.median(values), "min": min(values),
+                                    "max": max(values)}  # fmt: skip
+        ratios[f"spallm/{other}"] = by_batch
+    return ratios
+
+
+def _run_variant(variant, path, dense, sketched, adapter, rank, batches, prompt_tokens, new_tokens, repeats) -> dict:
+    """One variant in its own child process; its JSON."""
+    cmd = [
+        sys.executable, "-m", __name__, "--variant", variant, "--dense", str(dense), "--rank", str(rank),
+        "--batches", ",".join(map(str, batches)), "--prompt-tokens", str(prompt_tokens),
+        "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--json", str(path),
+    ]  # fmt: skip
+    if variant == "spallm":
+        cmd += ["--sketched", str(sketched)] + (["--adapter", str(adapter)] if adapter else [])
+    print(f"[{variant}] {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads(path.read_text())
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -207,11 +249,14 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
     summary = run_inference_bench(
         args.model, args.out, sketched=args.sketched, adapter=args.adapter, variants=tuple(args.variants.split(",")),
         groups_per_row=args.groups_per_row, batches=args.batches, prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite,
+        new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite, rounds=args.rounds,
     )  # fmt: skip
     for name, v in summary["variants"].items():
         speeds = "  ".join(f"batch {g['batch']}: {g['tokens_per_second']:7.1f} tok/s" for g in v["generate"])
         print(f"{name:13s} {human_bytes(v['model_bytes']):>10s}  {speeds}")
+    for pair, by_batch in summary["spallm_speed_ratios"].items():
+        text = "  ".join(f"batch {b}: x{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})" for b, r in by_batch.items())
+        print(f"{pair:20s} {text}  (median over {summary['rounds']} round(s), min-max)")
     print(f"wrote {Path(args.out) / 'inference.json'}")
     return 0
 
@@ -227,6 +272,9 @@ def add_commands(commands, bench) -> None:
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="gpr of the default sketch; QLoRA's LoRA rank matches its table count (default 4)")  # fmt: skip
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run all variants this many times (order rotated); SpaLLM's speed ratios per round and "
+                        "their median (default 1)")  # fmt: skip
     add_measure_options(p)
     add_output_options(p, default="bench-inference", what="inference.json")
     p.set_defaults(func=cmd_bench_inference)

@@ -233,9 +233,9 @@ def load_table_set(worker_manager: Any, lora_request: Any, path: str) -> Any:
     loras = {}
     for module, parts in sorted(modules.items()):
         name = mapper._map_name(module) if mapper is not None else module
-        if name is not None and name not in wrapped and is_pp_missing_parameter(name, model):
-            continue  # a layer of another pipeline stage: that stage's worker loads its tables
         if name is None or name not in wrapped:
+            if name is not None and is_pp_missing_parameter(name, model):
+                continue  # a layer of another pipeline stage: that stage's worker loads its tables
             raise AdapterBaseMismatchError(
                 f"{path}: adapted layer {module} is not served with table sets here (it would silently keep "
                 "the base tables): add its name to --lora-target-modules"

@@ -1,4 +1,5 @@
-"""``spallm bench kernels``: the Triton kernels against cuBLAS and dequantize-then-matmul (CUDA).
+"""``spallm bench kernels``: the Triton kernels against cuBLAS and dequantize-then-matmul (CUDA);
+with ``--device cpu``, the compiled CPU kernels against torch's dense matmul and the reference.
 
 For Llama-7B/8B shapes and M in {1, 4, 16, 64, 256, 1024, 4096}, side by side in one run:
 the LUT kernel (GEMV for M <= 16, tiled matmul otherwise), ``torch.matmul`` on a dense weight
@@ -13,6 +14,7 @@ with ``spallm bench gpu`` (:mod:`spallm_plugins.bench.gpu`).
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -151,6 +153,119 @@ def run_kernel_bench(
         results["training"].append(train)
         log(f"train N={n} K={k}: lut fwd+bwd {train['lut_fwd_bwd_us']:.0f} us vs dense "
             f"{train['dense_fwd_bwd_us']:.0f} us (x{train['ratio']:.2f})")  # fmt: skip
+    from ..format import write_json
+
+    write_json(out_dir / "kernels.json", results)
+    return results
+
+
+CPU_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]
+CPU_ROWS = [1, 4, 8, 16, 32, 64, 256]
+
+
+def timed_us(fn: Callable[[], Any], budget_s: float = 0.3) -> float:
+    """Median microseconds per call by the wall clock over as many calls as fit ``budget_s`` (3 to 200),
+    after a warm-up call."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    samples = []
+    for _ in range(max(3, min(200, int(budget_s / max(once, 1e-6))))):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e6 * sorted(samples)[len(samples) // 2]
+
+
+class QLoRALayer:
+    """QLoRA's linear at inference, unmerged: bitsandbytes NF4 (blocks of 64, double quant) of ``dense``,
+    plus a LoRA tower of ``rank`` (the rank whose trainable count matches the tables)."""
+
+    def __init__(self, dense: torch.Tensor, rank: int):
+        import bitsandbytes
+        import bitsandbytes.functional as bnb_functional
+
+        self.rank = rank
+        self.matmul_4bit = bitsandbytes.matmul_4bit
+        self.weight, self.state = bnb_functional.quantize_4bit(dense, blocksize=64, compress_statistics=True,
+                                                               quant_type="nf4")  # fmt: skip
+        self.lora_a = torch.randn(rank, dense.shape[1]) * 0.01
+        self.lora_b = torch.randn(dense.shape[0], rank) * 0.01
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul_4bit(x, self.weight.t(), quant_state=self.state) + (x @ self.lora_a.T) @ self.lora_b.T
+
+
+def matched_lora_rank(n: int, k: int, bits: int, groups_per_row: int) -> int:
+    """The LoRA rank whose ``r * (n + k)`` trainable values are closest to the layer's ``n * gpr * 2**bits`` table values."""
+    return max(1, round(n * groups_per_row * (1 << bits) / (n + k)))
+
+
+def time_cpu_layer(
+    codes: torch.Tensor, tables: torch.Tensor, dense: torch.Tensor, bits: int, m: int, qlora: QLoRALayer | None = None
+) -> dict[str, Any]:
+    """One row of the CPU table: ``x [m, K]`` float32 through the LUT GEMM, dequantize + matmul, the
+    backend's choice between them, torch's dense matmul, the reference (int64 gather + matmul), and,
+    given ``qlora``, QLoRA's unmerged linear (bitsandbytes NF4 + LoRA)."""
+    from ..kernels import reference
+    from ..kernels.cpu import GEMV_MAX_ROWS, CPUBackend, library
+
+    n, k = dense.shape
+    x = torch.randn(m, k)
+    backend = CPUBackend()
+    lut = library.lut_linear(x, codes, tables, None, bits)
+    row = {
+        "N": n, "K": k, "M": m,
+        "lut_gemm_us": timed_us(lambda: library.lut_linear(x, codes, tables, None, bits)),
+        "dequant_matmul_us": timed_us(lambda: x @ library.dequantize(codes, tables, bits).T),
+        "backend_us": timed_us(lambda: backend.forward(x, codes, tables, None, bits)),
+        "backend_path": "lut_gemm" if m <= GEMV_MAX_ROWS else "dequant_matmul",
+        "dense_us": timed_us(lambda: x @ dense.T),
+        "reference_us": timed_us(lambda: reference.lut_linear(x, codes, tables, None, bits), budget_s=0.1),
+        "max_abs_error_vs_dense": float((lut - x @ dense.T).abs().max()),
+    }  # fmt: skip
+    if qlora is not None:
+        row["qlora_rank"] = qlora.rank
+        row["qlora_us"] = timed_us(lambda: qlora(x))
+        row["speedup_vs_qlora"] = row["qlora_us"] / row["backend_us"]
+    row["speedup_vs_dense"] = row["dense_us"] / row["backend_us"]
+    row["speedup_vs_reference"] = row["reference_us"] / row["backend_us"]
+    return row
+
+
+def run_cpu_kernel_bench(
+    shapes=CPU_SHAPES, rows=CPU_ROWS, bits: int = 4, groups_per_row: int = 4, out_dir: str | Path = "bench-kernels",
+    log=print, *, overwrite: bool = False, table_dtype: torch.dtype = torch.float16,
+) -> dict[str, Any]:  # fmt: skip
+    """Time the CPU kernels (float32 activations, ``table_dtype`` tables) and write ``kernels.json``."""
+    from ..kernels.cpu import GEMV_MAX_ROWS, library
+    from ..kernels.reference import dequantize
+    from ..outputs import prepare_output_dir
+
+    reason = library.unavailable_reason()
+    if reason:
+        raise BenchUnavailableError(f"the CPU kernels cannot run here: {reason}")
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
+    results: dict[str, Any] = {"device": "cpu", "isa": library.requested_isa(), "threads": torch.get_num_threads(),
+                               "bits": bits, "groups_per_row": groups_per_row, "gemv_max_rows": GEMV_MAX_ROWS,
+                               "table_dtype": str(table_dtype).removeprefix("torch."), "rows": []}  # fmt: skip
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    results["qlora"] = (
+        "bitsandbytes NF4 + LoRA" if has_bnb else "bitsandbytes is not installed (pip install '.[peers]')"
+    )
+    torch.manual_seed(0)
+    for n, k in shapes:
+        codes, tables = random_layer(n, k, bits, groups_per_row, table_dtype, "cpu")
+        dense = dequantize(codes, tables, bits, torch.float32)
+        qlora = QLoRALayer(dense, matched_lora_rank(n, k, bits, groups_per_row)) if has_bnb else None
+        for m in rows:
+            row = time_cpu_layer(codes, tables, dense, bits, m, qlora)
+            results["rows"].append(row)
+            versus = f"  qlora {row['qlora_us']:9.1f}" if qlora is not None else ""
+            log(f"N={n:<6} K={k:<6} M={m:<4} lut {row['lut_gemm_us']:9.1f} us  deq+mm {row['dequant_matmul_us']:9.1f}"
+                f"  dense {row['dense_us']:9.1f}  reference {row['reference_us']:9.1f}{versus}"
+                f"  backend x{row['speedup_vs_dense']:.2f} vs dense")  # fmt: skip
     from ..format import write_json
 
     write_json(out_dir / "kernels.json", results)
