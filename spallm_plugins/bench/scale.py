@@ -87,8 +87,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     if args.calib:
         config = config.replace(method="gptq", calibration=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
     start = time.perf_counter()
-    report = sketch_to_folder(args.source, args.out, config, progress=False, overwrite=True)
+    report = sketch_to_folder(args.source, args.out, config, progress=False, overwrite=True, device=args.device)
     seconds = [b["seconds"] for b in report["blocks"]]
+    gpu_peaks = [b["peak_gpu_bytes"] for b in report["blocks"] if "peak_gpu_bytes" in b]
     return {
         "wall_seconds": round(time.perf_counter() - start, 2),
         "seconds_per_block": round(sum(seconds) / len(seconds), 3),
@@ -96,15 +97,21 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "block_peak_rss_bytes": [b["peak_rss_bytes"] for b in report["blocks"]],
         "blocks": len(seconds),
+        "device": args.device,
+        "peak_gpu_bytes": max(gpu_peaks) if gpu_peaks else None,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
 
 
 def run_scale_bench(
     out_dir: str | Path, *, layers: tuple[int, ...] = (2, 4, 8), nsamples: int = 16, seqlen: int = 256,
     groups_per_row: int = 4, shape: dict[str, int] | None = None, modes: tuple[str, ...] = ("data-free", "calibrated"),
-    overwrite: bool = False, log=print,
+    device: str = "cpu", overwrite: bool = False, log=print,
 ) -> dict[str, Any]:  # fmt: skip
-    """Make the checkpoints, sketch each in a child process, write ``scale.json`` into ``out_dir``."""
+    """Make the checkpoints, sketch each in a child process, write ``scale.json`` into ``out_dir``.
+
+    ``device="cuda"`` sketches one block at a time on the GPU (the rest of the model is never
+    loaded); the peak GPU memory is recorded beside the peak RSS."""
     from ..outputs import prepare_output_dir
 
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
@@ -116,7 +123,7 @@ def run_scale_bench(
         source = make_checkpoint(work / f"llama-{n}-layers", n, shape=shape)
         for mode in modes:
             cmd = [sys.executable, "-m", "spallm_plugins.bench.scale", "--child", "--source", str(source),
-                   "--out", str(work / f"sketch-{n}-{mode}"), "--gpr", str(groups_per_row)]  # fmt: skip
+                   "--out", str(work / f"sketch-{n}-{mode}"), "--gpr", str(groups_per_row), "--device", device]  # fmt: skip
             if mode == "calibrated":
                 cmd += ["--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -125,7 +132,7 @@ def run_scale_bench(
             row = {"layers": n, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])}
             rows.append(row)
             log(f"{n} layers {mode:<10} peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB  "
-                f"{row['seconds_per_block']:.1f} s/block  wall {row['wall_seconds']:.1f} s")  # fmt: skip
+                f"{row['seconds_per_block']:.1f} s/block  wall {row['wall_seconds']:.1f} s  on {device}")  # fmt: skip
             shutil.rmtree(work / f"sketch-{n}-{mode}", ignore_errors=True)
         shutil.rmtree(source, ignore_errors=True)
     growth = {}
@@ -134,6 +141,7 @@ def run_scale_bench(
         if len(peaks) > 1:
             growth[mode] = peaks[-1] - peaks[0]
     results = {
+        "device": device,
         "projections": project(rows) if shape is None else {},
         "shape": {**LLAMA2_7B, **(shape or {})},
         "nsamples": nsamples,
@@ -156,7 +164,7 @@ BLOCKS = {"llama-2-7b": 32, "llama-3-70b": 80}
 
 
 def project(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whole-model sketch times on this machine from the measured seconds per 7B-shaped block.
+    """Whole-model sketch times on the device measured from its seconds per 7B-shaped block.
 
     Assumes a block's time grows with its weight count (k-means, error feedback and refit are
     linear in the rows and, per row, in the columns; the Hessian factorisation, cubic in the
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--device", default="cpu")
     print(json.dumps(run_child(p.parse_args(argv))))
     return 0
 
