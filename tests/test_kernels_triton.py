@@ -23,13 +23,16 @@ from spallm_plugins.kernels import LUTProblem  # noqa: E402
 from spallm_plugins.kernels.reference import lut_linear, lut_linear_backward, lut_linear_table_sets  # noqa: E402
 from spallm_plugins.kernels.triton import TritonBackend  # noqa: E402
 from spallm_plugins.kernels.triton import lut_gemv as gemv_module  # noqa: E402
+from spallm_plugins.kernels.triton import lut_gemv_bytes as gemv_bytes_module  # noqa: E402
 from spallm_plugins.kernels.triton import lut_matmul as matmul_module  # noqa: E402
 from spallm_plugins.kernels.triton import lut_table_sets as table_sets_module  # noqa: E402
-from spallm_plugins.kernels.triton.lut_backward import lut_grad_input, lut_grad_tables  # noqa: E402
+from spallm_plugins.kernels.triton.dequantize import lut_dequantize  # noqa: E402
+from spallm_plugins.kernels.triton.lut_backward import bin_weight_grad, lut_grad_input, lut_grad_tables  # noqa: E402
 from spallm_plugins.kernels.triton.lut_gemv import lut_gemv  # noqa: E402
+from spallm_plugins.kernels.triton.lut_gemv_bytes import lut_gemv_bytes  # noqa: E402
 from spallm_plugins.kernels.triton.lut_matmul import lut_matmul  # noqa: E402
 from spallm_plugins.kernels.triton.lut_table_sets import lut_table_sets  # noqa: E402
-from spallm_plugins.kernels.triton.tiles import m_bucket  # noqa: E402
+from spallm_plugins.kernels.triton.tiles import DEQUANTIZE_MAX_BYTES, dequantized_path, m_bucket  # noqa: E402
 
 BITS = [4, 2, 3]  # 3-bit: bit planes (prepared), the kernels' own layout
 
@@ -134,6 +137,27 @@ def test_table_sets_tiles_visit_only_the_slots_their_rows_use(sort):
     assert_matches(got, table_sets_want(x, codes, sets, slots, bias, 3), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("m", "gpr", "split"), [(1, 3, 2), (3, 3, 3), (4, 1, 1)])
+def test_byte_wise_gemv_matches_reference(dtype, bits, m, gpr, split):
+    """Whole code bytes per load, each field looked up in turn; N off the 16-row tile, 64-wide groups
+    crossing K tiles and splits."""
+    x, codes, tables, bias = problem(m, 37, 192, gpr, bits, dtype)
+    got = lut_gemv_bytes(x, codes, tables, bias, bits, block=(16, 16, split))
+    assert got.dtype == dtype and got.shape == (m, 37)
+    assert_matches(got, lut_linear(x.float(), codes, tables.float(), bias.float(), bits), dtype)
+
+
+def test_byte_wise_gemv_takes_only_decode_rows_of_2_or_4_bit_codes():
+    x, codes, tables, _ = problem(5, 8, 64, 1, 4, torch.float32)
+    with pytest.raises(ValueError, match="M <= 4"):
+        lut_gemv_bytes(x, codes, tables, None, 4)
+    x, codes, tables, _ = problem(1, 8, 64, 1, 3, torch.float32)
+    with pytest.raises(ValueError, match="2- or 4-bit"):
+        lut_gemv_bytes(x, prepared(codes, 3), tables, None, 3)
+
+
 def test_gemv_refuses_prefill_sizes():
     x, codes, tables, _ = problem(17, 8, 64, 1, 4, torch.float32)
     with pytest.raises(ValueError, match="M <= 16"):
@@ -165,6 +189,45 @@ def test_fused_table_grad_matches_reference(dtype, bits, gpr):
     again = lut_grad_tables(grad, x, planes, gpr, bits, deterministic=True, block=(32, 32))
     assert torch.equal(first, again)
     assert_matches(first, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("gpr", [1, 3])
+def test_dequantize_matches_reference(dtype, bits, gpr):
+    from spallm_plugins.kernels.reference import dequantize
+
+    _, codes, tables, _ = problem(1, 40, 192, gpr, bits, dtype)  # N, K off the (32, 64) tile grid; 64-wide groups
+    got = lut_dequantize(prepared(codes, bits), tables, bits, dtype, block=(32, 128 * bits // 8 if bits != 3 else 128))
+    assert got.dtype == dtype and got.shape == (40, 192)
+    assert torch.equal(got, dequantize(codes, tables, bits, dtype))
+    assert torch.equal(lut_dequantize(prepared(codes, bits), tables, bits, dtype), got)  # the default tile
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("k", "gpr"), [(128, 1), (128, 8), (192, 4)])
+def test_bin_weight_grad_sums_each_code_s_weights(bits, k, gpr):
+    """grad_tables[n, g, j] = sum of grad_W[n, c] over the columns c of group g whose code is j; 192 / 4 = 48-wide
+    groups end inside a 64-wide K tile (the mask stops at the group's end)."""
+    from spallm_plugins.format import unpack_codes
+
+    _, codes, _, _ = problem(1, 36, k, gpr, bits, torch.float32)
+    grad_w = torch.randn(36, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    values = unpack_codes(codes.cpu(), bits).long()
+    group = torch.arange(k) // (k // gpr)
+    expected = torch.zeros(36, gpr, 1 << bits)
+    expected.view(36, -1).scatter_add_(1, group * (1 << bits) + values, grad_w.cpu())
+    expected = expected.to(DEVICE)
+    got = bin_weight_grad(grad_w, prepared(codes, bits), gpr, bits, block=(32, 64))
+    assert got.dtype == torch.float32 and got.shape == (36, gpr, 1 << bits)
+    assert_matches(got, expected, torch.float32)
+    assert torch.equal(got, bin_weight_grad(grad_w, prepared(codes, bits), gpr, bits, block=(32, 64)))
+
+
+def test_rows_above_the_gemv_range_dequantize_unless_w_is_too_large():
+    assert not dequantized_path(16, 4096, 4096, 2)
+    assert dequantized_path(17, 4096, 4096, 2) and dequantized_path(4096, 28672, 8192, 2)
+    assert not dequantized_path(4096, DEQUANTIZE_MAX_BYTES // 4096 + 1, 2048, 2)
 
 
 SM90_COMPILE = """
@@ -299,7 +362,8 @@ def autotuners():
 
 def test_autotuned_kernels_key_on_the_row_bucket_never_on_m():
     tuners = autotuners()
-    assert set(tuners) == {"lut_gemv._autotuned", "lut_matmul._autotuned", "lut_table_sets._autotuned"}
+    assert set(tuners) == {"lut_gemv._autotuned", "lut_gemv_bytes._autotuned", "lut_matmul._autotuned",
+                           "lut_table_sets._autotuned"}  # fmt: skip
     for name, tuner in tuners.items():
         assert "M" not in tuner.keys, name
         assert "M_BUCKET" in tuner.keys and set(tuner.keys) <= set(tuner.arg_names), name
@@ -315,6 +379,11 @@ def launch_gemv(m, bits):
     return gemv_module.lut_gemv(x, codes, tables, bias, bits), lut_linear(x, codes, tables, bias, bits)
 
 
+def launch_gemv_bytes(m, bits):
+    x, codes, tables, bias = problem(m, 24, 64, 2, bits, torch.float32)
+    return gemv_bytes_module.lut_gemv_bytes(x, codes, tables, bias, bits), lut_linear(x, codes, tables, bias, bits)
+
+
 def launch_table_sets(m, bits):
     x, codes, tables, bias = problem(m, 24, 64, 2, bits, torch.float32)
     sets, slots = torch.stack([tables, -tables]), torch.arange(m, device=DEVICE) % 2
@@ -327,6 +396,7 @@ def launch_table_sets(m, bits):
     [
         (matmul_module, launch_matmul, (20, 40), 70),
         (gemv_module, launch_gemv, (2, 4), 5),
+        (gemv_bytes_module, launch_gemv_bytes, (2, 4), 1),
         (table_sets_module, launch_table_sets, (20, 40), 70),
     ],
 )

@@ -266,4 +266,6 @@ def test_bench_scale_makes_sharded_checkpoints_and_measures_each_sketch(tmp_path
     assert rows[(3, "calibrated")]["blocks"] == 3
     assert set(results["peak_rss_growth_bytes_first_to_last"]) == {"data-free", "calibrated"}
     assert json.loads((tmp_path / "bench" / "scale.json").read_text())["rows"] == results["rows"]
-    assert results["device"] == "cpu" and all(r["device"] == "cpu" and r["peak_gpu_bytes"] is None for r in rows.values())
+    assert results["device"] == "cpu" and all(
+        r["device"] == "cpu" and r["peak_gpu_bytes"] is None for r in rows.values()
+    )

@@ -686,7 +686,7 @@ def time_train_steps(model, params, ids, device: str, warmup: int, steps: int, d
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     times.sort()
     return {"step_ms": 1e3 * times[len(times) // 2] if times else None, "steps_timed": len(times),
             "losses": losses, "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),

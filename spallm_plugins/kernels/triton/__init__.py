@@ -1,5 +1,7 @@
-"""Triton kernels for the LUT linear: fused matmul (prefill/training), GEMV (decode),
-fused backward, and the multi-table-set matmul (multi-tenant serving).
+"""Triton kernels for the LUT linear: GEMV (decode; byte-wise for 2/4-bit codes at 1-4 rows),
+dequantize for cuBLAS (prefill and training above 16 rows, and the table gradient's binning), fused
+matmul and backward (layers whose dense W would be too large to materialise), and the
+multi-table-set matmul (multi-tenant serving). ``tiles.py`` holds the dispatch rules.
 
 Importing this package does not import triton; the kernels load on first use. Each kernel file holds
 one kernel and its launcher; ``ops.py`` exposes them as ``torch.library`` custom ops

@@ -97,6 +97,20 @@ def weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, k0, mask_n, mask_k, strid
                                   GROUP_SIZE, BITS, NUM_CODES)  # fmt: skip
 
 
+@triton.jit
+def bin_by_code(grad_w, code, NUM_CODES: tl.constexpr):
+    """``bins[n, j] = sum of grad_w[n, k] over the k where code[n, k] == j``: a ``[BLOCK_N, NUM_CODES]``
+    fp32 tile from ``[BLOCK_N, BLOCK_K]`` tiles, one masked 2-D reduction per code value (a 3-D
+    one-hot would hold ``NUM_CODES`` times the tile in registers and spill). Codes outside
+    ``[0, NUM_CODES)`` (masked lanes) fall in no bin."""
+    values = tl.arange(0, NUM_CODES)
+    bins = tl.zeros((grad_w.shape[0], NUM_CODES), dtype=tl.float32)
+    for j in tl.static_range(NUM_CODES):
+        bin_j = tl.sum(tl.where(code == j, grad_w, 0.0), axis=1)
+        bins = tl.where(values[None, :] == j, bin_j[:, None], bins)
+    return bins
+
+
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (CPU tests)."""
     return bool(triton.knobs.runtime.interpret)

@@ -8,6 +8,10 @@ The binning is one masked 2-D reduction over K per code value, each placed into 
 ``[BLOCK_N, 2**bits]`` tile: a ``[BLOCK_N, BLOCK_K, 2**bits]`` one-hot would hold 2**bits times the
 tile in registers (16x at 4 bits) and spill. The input gradient gathers W tile by tile for ``tl.dot``,
 as the forward matmul does.
+
+Above the GEMV range (:func:`~.tiles.dequantized_path`) the backend instead takes ``grad_W`` from
+cuBLAS and bins it with :func:`bin_weight_grad` (one program per row block and table group, a fixed
+summation order: deterministic with no second pass), and ``grad_x`` from cuBLAS on the dequantized W.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, dot_operands, gather_weight_tile, unpack_codes_tile
+from ._common import bin_by_code, dot_flags, dot_operands, gather_weight_tile, unpack_codes_tile
 from .layout import code_columns, kernel_codes
 from .tiles import table_grad_block_k
 
@@ -71,11 +75,8 @@ def lut_grad_tables_kernel(g_ptr, x_ptr, codes_ptr, out_ptr, M, N, K, stride_gm,
         grad_w += tl.dot(a, b, out_dtype=tl.float32, input_precision=PRECISION)
     mask = mask_n[:, None] & mask_k[None, :]
     code = tl.where(mask, unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS), NUM_CODES)
+    bins = bin_by_code(grad_w, code, NUM_CODES)
     values = tl.arange(0, NUM_CODES)
-    bins = tl.zeros((BLOCK_N, NUM_CODES), dtype=tl.float32)
-    for j in tl.static_range(NUM_CODES):
-        bin_j = tl.sum(tl.where(code == j, grad_w, 0.0), axis=1)
-        bins = tl.where(values[None, :] == j, bin_j[:, None], bins)
     group = (pid_k * BLOCK_K) // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
     if DETERMINISTIC:
         ptrs = out_ptr + pid_k * N * NUM_CODES + offs_n[:, None] * NUM_CODES + values[None, :]
@@ -128,4 +129,41 @@ def lut_grad_tables(grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor
     )  # fmt: skip
     if deterministic:
         out = out.view(groups, k_blocks // groups, N, num_codes).sum(1).permute(1, 0, 2).contiguous()
+    return out
+
+
+@triton.jit
+def bin_weight_grad_kernel(gw_ptr, codes_ptr, out_ptr, N, K, stride_gn, stride_cn, GROUP_SIZE: tl.constexpr,
+                           BITS: tl.constexpr, NUM_CODES: tl.constexpr, GROUPS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    group = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    bins = tl.zeros((BLOCK_N, NUM_CODES), dtype=tl.float32)
+    group_end = (group + 1) * GROUP_SIZE
+    for k0 in range(group * GROUP_SIZE, group_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < group_end)[None, :]
+        grad_w = tl.load(gw_ptr + offs_n[:, None] * stride_gn + offs_k[None, :], mask=mask, other=0.0)
+        code = tl.where(mask, unpack_codes_tile(codes_ptr, offs_n, offs_k, mask, stride_cn, K, BITS), NUM_CODES)
+        bins += bin_by_code(grad_w.to(tl.float32), code, NUM_CODES)
+    values = tl.arange(0, NUM_CODES)
+    ptrs = out_ptr + offs_n[:, None] * (GROUPS * NUM_CODES) + group * NUM_CODES + values[None, :]
+    tl.store(ptrs, bins, mask=mask_n[:, None])
+
+
+def bin_weight_grad(grad_w: torch.Tensor, codes: torch.Tensor, groups: int, bits: int,
+                    block: tuple[int, int] = (32, 64)) -> torch.Tensor:  # fmt: skip
+    """``grad_tables [N, groups, 2**bits]`` (fp32) from a dense ``grad_W [N, K]``: each table value's
+    gradient is the sum of ``grad_W`` over the weights whose code names it."""
+    N, K = grad_w.shape
+    num_codes = 1 << bits
+    grad_w, codes = grad_w.contiguous(), kernel_codes(codes, bits).contiguous()
+    out = torch.empty(N, groups, num_codes, dtype=torch.float32, device=grad_w.device)
+    bn, bk = block
+    bin_weight_grad_kernel[(triton.cdiv(N, bn), groups)](
+        grad_w, codes, out, N, K, grad_w.stride(0), codes.stride(0), GROUP_SIZE=K // groups, BITS=bits,
+        NUM_CODES=num_codes, GROUPS=groups, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(K // groups)),
+    )  # fmt: skip
     return out

@@ -105,16 +105,22 @@ def lut_gemv(
                 BLOCK_M=gemv_block_m(M))  # fmt: skip
     if block is None and interpreting():
         block = (32, 64, 2)  # the CPU interpreter cannot autotune (no device timer)
-    if block is None:
-        grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), m["SPLIT_K"])  # noqa: E731
-        _autotuned[grid](*args, **meta)
+    fixed = None if block is None else dict(zip(("BLOCK_N", "BLOCK_K", "SPLIT_K"), block), STAGED=staged)
+    return launch_split_k(_autotuned, lut_gemv_kernel, args, meta, fixed, out, bias, x.dtype)
+
+
+def launch_split_k(autotuned, kernel, args: tuple, meta: dict, fixed: dict | None, out: torch.Tensor,
+                   bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Launch a split-K decode kernel on ``(cdiv(N, BLOCK_N), SPLIT_K)`` programs, autotuned or with the
+    tile constants ``fixed``; the programs add into the fp32 ``out [M, N]``, returned with the bias in ``dtype``."""
+    n = out.shape[1]
+    if fixed is None:
+        autotuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]), m["SPLIT_K"])](*args, **meta)
     else:
-        bn, bk, split = block
-        lut_gemv_kernel[(triton.cdiv(N, bn), split)](*args, **meta, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                                                     STAGED=staged)  # fmt: skip
+        kernel[(triton.cdiv(n, fixed["BLOCK_N"]), fixed["SPLIT_K"])](*args, **meta, **fixed)
     if bias is not None:
         out += bias.float()
-    return out.to(x.dtype)
+    return out.to(dtype)
 
 
 def gemv_bytes(M: int, N: int, K: int, groups: int, bits: int, table_bytes: int = 2, act_bytes: int = 2) -> int:

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import torch
 
+from .dequantize import lut_dequantize
 from .layout import code_columns
+from .lut_backward import bin_weight_grad
 from .lut_backward import lut_grad_input as _grad_input
 from .lut_backward import lut_grad_tables as _grad_tables
 from .lut_gemv import lut_gemv
+from .lut_gemv_bytes import lut_gemv_bytes
 from .lut_matmul import lut_matmul
 from .lut_table_sets import lut_table_sets
-from .tiles import GEMV_MAX_ROWS
+from .tiles import GEMV_BYTES_MAX_ROWS, GEMV_MAX_ROWS, dequantized_path
 
 
 @torch.library.custom_op("spallm::lut_linear", mutates_args=())
 def lut_linear(
     x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
-    """``x [M, K] -> [M, N]``: the GEMV kernel for decode (M <= 16), the tiled matmul otherwise."""
-    if x.shape[0] <= GEMV_MAX_ROWS:
+    """``x [M, K] -> [M, N]``: decode (M <= 16) through a GEMV kernel (the byte-wise one for 2/4-bit codes
+    at M <= 4); above it dequantize + cuBLAS, or the tiled matmul for a W too large to materialise
+    (:func:`~.tiles.dequantized_path`)."""
+    M, K = x.shape
+    if M <= GEMV_BYTES_MAX_ROWS and bits in (2, 4):
+        return lut_gemv_bytes(x, codes, tables, bias, bits)
+    if M <= GEMV_MAX_ROWS:
         return lut_gemv(x, codes, tables, bias, bits)
+    if dequantized_path(M, tables.shape[0], K, x.element_size()):
+        weight = lut_dequantize(codes, tables, bits, x.dtype)
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
     return lut_matmul(x, codes, tables, bias, bits)
 
 
@@ -48,6 +59,10 @@ def _(x, codes, table_sets, slots, bias, bits):
 
 @torch.library.custom_op("spallm::lut_grad_input", mutates_args=())
 def lut_grad_input(grad_out: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int) -> torch.Tensor:
+    """``grad_out [M, N] @ W``: on the dequantized W with cuBLAS above the GEMV range, else gathered per tile."""
+    M, N = grad_out.shape
+    if dequantized_path(M, N, code_columns(codes, bits), grad_out.element_size()):
+        return grad_out @ lut_dequantize(codes, tables, bits, grad_out.dtype)
     return _grad_input(grad_out, codes, tables, bits)
 
 
@@ -60,6 +75,11 @@ def _(grad_out, codes, tables, bits):
 def lut_grad_tables(
     grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, groups: int, bits: int, deterministic: bool
 ) -> torch.Tensor:
+    """``grad_tables [N, groups, 2**bits]`` (fp32): above the GEMV range ``grad_W = grad_outᵀ x`` from
+    cuBLAS, binned by code (deterministic either way); else the fused kernel, which never holds ``grad_W``."""
+    M, N = grad_out.shape
+    if dequantized_path(M, N, x.shape[1], grad_out.element_size()):
+        return bin_weight_grad(grad_out.t() @ x.to(grad_out.dtype), codes, groups, bits)
     return _grad_tables(grad_out, x, codes, groups, bits, deterministic)
 
 

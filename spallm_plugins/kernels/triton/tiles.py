@@ -4,6 +4,14 @@ from __future__ import annotations
 
 GEMV_MAX_ROWS = 16  # decode: up to this many rows go to the GEMV kernel, more to the tiled matmul
 GEMV_DOT_ROWS = 5  # from this many rows (the 5-16 bucket) on, the GEMV multiplies with tl.dot on a 16-row tile
+GEMV_BYTES_MAX_ROWS = GEMV_DOT_ROWS - 1  # 2/4-bit codes at up to this many rows: the byte-wise GEMV
+
+# Above the GEMV range the layer runs as dequantize (one Triton pass, codes -> W in the activation dtype)
+# then cuBLAS, forward and backward: measured on an H200 (bf16, Llama-7B/8B shapes, M = 64..4096) the
+# fused tiled kernels were 2-20x slower than that pair. A W larger than DEQUANTIZE_MAX_BYTES is never
+# materialised: such layers keep the fused kernels.
+DEQUANTIZE_MIN_ROWS = GEMV_MAX_ROWS + 1
+DEQUANTIZE_MAX_BYTES = 1 << 31
 
 M_BUCKET_STARTS = (1, 2, 5, 17, 65, 257)  # row-count buckets 1, 2-4, 5-16, 17-64, 65-256, >256
 AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "GROUP_SIZE", "BITS"]  # the row bucket and the layer shape, never M
@@ -29,3 +37,8 @@ def table_grad_block_k(group_size: int, preferred: int = 64) -> int:
             return bk
         bk //= 2
     return 0
+
+
+def dequantized_path(rows: int, out_features: int, in_features: int, element_size: int) -> bool:
+    """Whether ``rows`` rows through an ``out x in`` layer go through dequantize + cuBLAS (see above)."""
+    return rows >= DEQUANTIZE_MIN_ROWS and out_features * in_features * element_size <= DEQUANTIZE_MAX_BYTES
