@@ -14,11 +14,12 @@ import torch
 from .. import LUTProblem
 from ..reference import lut_linear_backward as reference_backward
 from .library import TABLE_DTYPES, unavailable_reason
-from .ops import GEMV_MAX_ROWS
+from .ops import GEMV_MAX_ROWS, linear_rows
 
 __all__ = ["GEMV_MAX_ROWS", "SUPPORTED_DTYPES", "CPUBackend"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class CPUBackend:
@@ -47,15 +48,16 @@ class CPUBackend:
         reason = unavailable_reason()
         return not reason, reason
 
-    def prepare_weights(self, codes, tables, bits):
-        """Format v1 as stored: the kernels unpack each row's codes as they go."""
-        return codes, tables
-
-    def restore_weights(self, codes, tables, bits):
-        return codes, tables
+    # No prepare_weights: the kernels read format v1 as stored (each row's codes unpacked as they go),
+    # so ops.lut_linear skips its per-call layout cache.
 
     def forward(self, x, codes, tables, bias, bits):
-        return torch.ops.spallm.lut_linear_cpu(x, codes, tables, bias, bits)
+        """Through the custom op where torch traces (torch.compile, fake or other tensor subclasses); plain
+        tensors in eager mode call its body directly: the op's dispatch cost about 30 us a call, as much
+        as the kernel itself on SmolLM2's 576 x 576 layers."""
+        if torch.compiler.is_compiling() or not all(type(t) in _PLAIN for t in (x, codes, tables)):
+            return torch.ops.spallm.lut_linear_cpu(x, codes, tables, bias, bits)
+        return linear_rows(x, codes, tables, bias, bits)
 
     def forward_table_sets(self, x, codes, table_sets, slots, bias, bits):
         """One :meth:`forward` per table set in use, on that set's rows (the slots are read on the host,

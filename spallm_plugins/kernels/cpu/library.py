@@ -13,6 +13,7 @@ torch's ops and these kernels share one thread pool (no two pools spinning on 2 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -36,16 +37,18 @@ CHOICES = (*ISA_FLAGS, "auto", "off")
 _LOADED: dict[str, ctypes.CDLL | str] = {}  # isa -> library, or why it cannot be had
 
 
-def host_isas() -> list[str]:
-    """The instruction sets this CPU runs, best first (torch's own CPU capability probe)."""
+@functools.cache
+def host_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs, best first (torch's own CPU capability probe; asked once, as
+    every kernel call resolves its library through it)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ["portable"]
+        return ("portable",)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
-        return ["avx512", "avx2", "portable"]
+        return ("avx512", "avx2", "portable")
     if capability.startswith("AVX2"):
-        return ["avx2", "portable"]
-    return ["portable"]
+        return ("avx2", "portable")
+    return ("portable",)
 
 
 def requested_isa() -> str:

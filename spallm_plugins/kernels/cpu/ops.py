@@ -9,12 +9,11 @@ from .library import dequantize, lut_linear
 
 # `spallm bench kernels --device cpu` on 2 cores: the LUT GEMM is faster than dequantize + matmul up to 32
 # rows on every shape measured (Llama-2-7B's 4096 x 4096 at M = 32: 13 ms against 40 ms); from 64 rows on
-# SmolLM2's shapes, dequantize + matmul is
+# SmolLM2's shapes, dequantize + matmul is faster.
 GEMV_MAX_ROWS = 32
 
 
-@torch.library.custom_op("spallm::lut_linear_cpu", mutates_args=())
-def lut_linear_cpu(
+def linear_rows(
     x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
     """``x [M, in] -> [M, out]`` in ``x.dtype`` (computed in float32): the LUT GEMM for up to
@@ -27,6 +26,9 @@ def lut_linear_cpu(
     else:
         y = torch.nn.functional.linear(x32, dequantize(codes, tables, bits), bias32)
     return y.to(x.dtype)
+
+
+lut_linear_cpu = torch.library.custom_op("spallm::lut_linear_cpu", linear_rows, mutates_args=())
 
 
 @lut_linear_cpu.register_fake
