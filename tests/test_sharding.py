@@ -580,16 +580,30 @@ def test_bad_state_dicts_and_mixed_layouts_are_refused_by_name(two_ranks):
 
 def test_prepared_codes_are_made_per_call_without_the_cache():
     from spallm_plugins import ops
+    from spallm_plugins.hooks import hookimpl, register_plugin, unregister_plugin
     from spallm_plugins.kernels.reference import ReferenceBackend
 
-    layer = tiny_model()[2]
-    x = torch.randn(2, 16)
-    expected = layer(x)
-    assert layer.codes in ops._PREPARED  # an unsharded layer keeps its backend's layout
-    ops._PREPARED.pop(layer.codes)
-    layer.cache_prepared = False
-    torch.testing.assert_close(layer(x), expected)
-    assert layer.codes not in ops._PREPARED
+    class Preparing(ReferenceBackend):  # a backend with a load-time layout step, chosen over the CPU kernels
+        name, priority = "preparing-reference", 1_000_000
+
+    class Plugin:
+        @hookimpl
+        def spallm_kernel_backends(self) -> list:
+            return [Preparing()]
+
+    plugin = Plugin()
+    register_plugin(plugin, name="test-preparing-reference")
+    try:
+        layer = tiny_model()[2]
+        x = torch.randn(2, 16)
+        expected = layer(x)
+        assert layer.codes in ops._PREPARED  # an unsharded layer keeps its backend's layout
+        ops._PREPARED.pop(layer.codes)
+        layer.cache_prepared = False
+        torch.testing.assert_close(layer(x), expected)
+        assert layer.codes not in ops._PREPARED
+    finally:
+        unregister_plugin(plugin)
     codes = layer.codes.detach()
     ops.lut_linear(x, codes, layer.tables, layer.bias, 4, backend=ReferenceBackend(), cache=False)
     assert codes not in ops._PREPARED
