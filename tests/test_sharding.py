@@ -139,6 +139,7 @@ SCENARIOS = [
     "scenario_load",
     "scenario_bad_input",
     "scenario_peft",
+    "scenario_peft_dense",
     "scenario_zero3",
     "scenario_zero3_peft",
 ]
@@ -282,6 +283,17 @@ def scenario_peft(rank: int) -> dict[str, Any] | None:
     return {"expected": expected, "sharded": peft_run(rank, load=expected["adapter"])}
 
 
+def scenario_peft_dense(rank: int) -> dict[str, Any] | None:
+    """``scenario_peft`` on a dense base: the adapter sketches each linear at injection and carries its
+    own codes (``spallm_codes``), which must shard by rows like its tables."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return None
+    expected = peft_run(None, dense=True)
+    return {"expected": expected, "sharded": peft_run(rank, load=expected["adapter"], dense=True)}
+
+
 def zero3_engine(model: nn.Module, batch: int | None = None):
     """``model`` under DeepSpeed ZeRO-3 (CPU accelerator, gloo) with the tests' SGD; every parameter is
     partitioned (persistence threshold 0) and gradients are not clipped (DeepSpeed clips at 1.0 by default)."""
@@ -379,7 +391,9 @@ def scenario_zero3_peft(rank: int) -> dict[str, Any] | None:
     return {"losses": losses, "adapter": get_peft_model_state_dict(engine.module)}
 
 
-def peft_model():
+def peft_model(dense: bool = False):
+    """A tiny Llama with a SpaLLM adapter: on a sketched base (tables over the base's codes) or, with
+    ``dense``, on the dense base (sketched at injection, the adapter holds the codes)."""
     from conftest import tiny_llama
     from peft import get_peft_model
 
@@ -387,9 +401,13 @@ def peft_model():
     from spallm_plugins.sketch import sketch_model
 
     base = tiny_llama(seed=0)
-    sketch_model(base, SketchConfig(bits=4, table_dtype="float32", **FAST))
+    if dense:
+        config = SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False, bits=4, table_dtype="float32", **FAST)
+    else:
+        sketch_model(base, SketchConfig(bits=4, table_dtype="float32", **FAST))
+        config = SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False)
     torch.manual_seed(0)
-    return get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False))
+    return get_peft_model(base, config)
 
 
 def peft_ids() -> torch.Tensor:
@@ -409,13 +427,13 @@ def peft_train(model, ids: torch.Tensor, sharded: bool) -> list[float]:
     return losses
 
 
-def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None, dense: bool = False) -> dict[str, Any]:
     """The PEFT fine-tune on one process (``rank=None``) or as one rank of a sharded run; then, if
     given, the adapter state dict ``load`` loaded into it and read back."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    model = peft_model()
+    model = peft_model(dense)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     ids = peft_ids()
     sharded = {}
@@ -425,8 +443,8 @@ def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None) -> d
         check_sharded(model)
         ids = local_half(ids, rank)
         for name, p in model.named_parameters():
-            if ".spallm_tables." in name or name.endswith(".codes"):
-                sharded[name] = (is_sharded(p), p.dtype, p.requires_grad)
+            if ".spallm_tables." in name or ".spallm_codes." in name or name.endswith(".codes"):
+                sharded[name] = (is_sharded(p), p.dtype, p.requires_grad, local_nbytes(p))
     losses = peft_train(model, ids, sharded=rank is not None)
     adapter = get_peft_model_state_dict(model)  # collective when sharded: model.state_dict() gathers
     with tempfile.TemporaryDirectory() as folder:
@@ -450,12 +468,15 @@ def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None) -> d
     }
 
 
+def local_nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` this rank holds (its shard when sharded)."""
+    return (t.to_local() if is_sharded(t) else t).nbytes
+
+
 def held_bytes(model: nn.Module) -> dict[str, int]:
     """What this rank holds: local shards by kind, buffers, and the Adam training state of the tables
     (one step on the gradients the last backward left)."""
-
-    def nbytes(t: torch.Tensor) -> int:
-        return (t.to_local() if is_sharded(t) else t).nbytes
+    nbytes = local_nbytes
 
     held = dict.fromkeys(("codes_bytes", "tables_bytes", "dense_bytes", "adapter_bytes"), 0)
     for name, p in model.named_parameters():
@@ -617,18 +638,16 @@ def test_one_ranks_shard_into_an_unsharded_layer_is_refused():
         model.load_state_dict(state)
 
 
-def test_peft_adapter_on_a_sharded_base_trains_and_saves_like_one_process(two_ranks):
-    ranks = results(two_ranks, "scenario_peft")
-    if ranks[0] is None:
-        pytest.skip("peft is not installed")
+def assert_peft_like_one_process(ranks: list[dict[str, Any]]) -> None:
+    """Each rank's sharded PEFT run trained, gathered, saved and reloaded what one process did."""
     for both in ranks:
         expected, seen = both["expected"], both["sharded"]
         assert expected["trainable"] and all(".spallm_tables." in n for n in expected["trainable"])
         assert seen["trainable"] == expected["trainable"]
-        assert seen["sharded"] and all(s for s, _, _ in seen["sharded"].values())
+        assert seen["sharded"] and all(s for s, *_ in seen["sharded"].values())
         assert all(
             (dtype == torch.float32 and grad) if ".spallm_tables." in n else (dtype == torch.uint8 and not grad)
-            for n, (_, dtype, grad) in seen["sharded"].items()
+            for n, (_, dtype, grad, _) in seen["sharded"].items()
         )
         assert seen["losses"] == pytest.approx(expected["losses"], rel=1e-5)
         assert list(seen["adapter"]) == list(expected["adapter"])
@@ -644,6 +663,28 @@ def test_peft_adapter_on_a_sharded_base_trains_and_saves_like_one_process(two_ra
     for key, value in expected_saved.items():
         assert saved[key].dtype == value.dtype and saved[key].shape == value.shape, key
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_adapter_on_a_sharded_base_trains_and_saves_like_one_process(two_ranks):
+    ranks = results(two_ranks, "scenario_peft")
+    if ranks[0] is None:
+        pytest.skip("peft is not installed")
+    assert_peft_like_one_process(ranks)
+
+
+def test_peft_adapter_on_a_sharded_dense_base_shards_its_own_codes(two_ranks):
+    ranks = results(two_ranks, "scenario_peft_dense")
+    if ranks[0] is None:
+        pytest.skip("peft is not installed")
+    assert_peft_like_one_process(ranks)
+    codes = {n for n in ranks[0]["sharded"]["sharded"] if ".spallm_codes." in n}
+    assert codes and not any(n.endswith(".codes") for n in ranks[0]["sharded"]["sharded"]), "the base is dense"
+    assert all(k.endswith(".spallm_codes") for k in ranks[0]["expected"]["saved"] if "codes" in k)
+    assert any(k.endswith(".spallm_codes") for k in ranks[0]["sharded"]["saved"]), "the adapter saves its codes"
+    local = {name: [r["sharded"]["sharded"][name][3] for r in ranks] for name in codes}
+    assert all(mine[0] == mine[1] > 0 for mine in local.values()), local  # the tiny Llama's row counts are even
+    full = [v.nbytes for k, v in ranks[0]["expected"]["adapter"].items() if k.endswith(".spallm_codes")]
+    assert len(full) == len(codes) and sum(map(sum, local.values())) == sum(full), "each rank holds half the codes"
 
 
 def test_spallm_info_world_size_is_what_rank_0_holds(two_ranks):

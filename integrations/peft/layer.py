@@ -12,7 +12,6 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -46,7 +45,7 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("spallm_tables",)
     # spallm_codes is deliberately not listed: PEFT casts and moves the entries of other_param_names
-    # to the base layer's float dtype, which would destroy uint8 codes.
+    # to the base layer's float dtype, and marks adapter_layer_names trainable; uint8 codes are neither.
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
@@ -55,7 +54,9 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
             raise TypeError(f"SpaLLM adapts nn.Linear or SketchedLinear layers, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.spallm_tables = nn.ParameterDict({})
-        self.spallm_codes = BufferDict({}, persistent=True)
+        # frozen uint8 Parameters, not buffers, so that FSDP2 / ZeRO-3 shard them (by rows, like the
+        # tables) instead of replicating a dense base's codes on every rank; never in the optimizer
+        self.spallm_codes = nn.ParameterDict({})
         self.bits: dict[str, int] = {}
         self.storage_dtype: dict[str, torch.dtype] = {}
         self._disable_adapters = False
@@ -103,7 +104,8 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
             tables = (tables.float() + 0.1 * scale * noise.to(device)).to(tables.dtype)
         self.spallm_tables[adapter_name] = nn.Parameter(tables)
         if codes is not None:
-            self.spallm_codes[adapter_name] = codes.detach().to(device=device, dtype=torch.uint8).clone()
+            codes = codes.detach().to(device=device, dtype=torch.uint8).clone()
+            self.spallm_codes[adapter_name] = nn.Parameter(codes, requires_grad=False)
         self.bits[adapter_name] = bits
         self.storage_dtype[adapter_name] = storage_dtype
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
