@@ -1,13 +1,18 @@
-"""The transformers Trainer with DeepSpeed ZeRO-3 (its CPU accelerator, one process) on a SpaLLM
-adapter, and the refusals of :mod:`spallm_plugins.sharding` for DeepSpeed options that break codes.
+"""The transformers Trainer on a SpaLLM adapter with DeepSpeed ZeRO-3 (its CPU accelerator, one
+process) and with accelerate's FSDP2 (2 processes on gloo), and the refusals of
+:mod:`spallm_plugins.sharding` for DeepSpeed options that break codes.
 
-FSDP2 through the Trainer is not testable on CPU: accelerate 1.15 ignores its FSDP plugin there and
-wraps the model in DDP (tests/test_sharding.py shards with ``fully_shard`` directly).
+accelerate selects FSDP only for accelerator devices: on CPU it ignores the Trainer's FSDP plugin and
+falls back to DDP. The FSDP2 test therefore sets accelerate's distributed type to FSDP right after the
+Trainer built its ``Accelerator`` (what accelerate itself does on GPUs); everything after that, the
+model's preparation (``fully_shard`` per decoder layer), the Trainer's FSDP checkpoints and their
+resumption, and the adapter's save, is accelerate's and the Trainer's own code.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import needs, run_python
@@ -88,6 +93,111 @@ out["loaded_equal"] = saved.keys() == loaded.keys() and all(torch.equal(v, loade
 
 print("RESULT", json.dumps(out))
 """
+
+
+TRAIN_FSDP2 = r"""
+import json, os, sys
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from conftest import tiny_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+from spallm_plugins import SpaLLMConfig
+from spallm_plugins.config import SketchConfig
+from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
+from spallm_plugins.sharding import is_sharded
+from spallm_plugins.sketch import sketch_model
+
+
+class CPUFSDPTrainer(Trainer):
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+def base():
+    model = tiny_llama(seed=0)
+    sketch_model(model, SketchConfig(bits=4, groups_per_row=2, kmeans_iters=4, kmeans_restarts=1,
+                                     table_dtype="float32"))
+    return model
+
+
+mode, folder = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+ids = torch.randint(4, 30, (16, 12), generator=torch.Generator().manual_seed(3))
+rows = [{"input_ids": r, "labels": r} for r in ids]
+args = TrainingArguments(output_dir=folder, per_device_train_batch_size=2, max_steps=4, learning_rate=0.05,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                         fsdp=True, fsdp_config={"fsdp_version": 2, "reshard_after_forward": True,
+                                                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+torch.manual_seed(0)
+model = get_peft_model(base(), SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False))
+trainer = CPUFSDPTrainer(model=model, args=args, train_dataset=rows, callbacks=[SpaLLMShardingCallback()])
+out = {}
+if mode == "resume":
+    trainer.train(resume_from_checkpoint=folder + "/checkpoint-2")
+    trainer.save_model(folder + "/resumed")
+else:
+    trainer.train()
+    codes = {n: p for n, p in trainer.model.named_parameters() if n.endswith(".codes")}
+    out["codes_sharded"] = bool(codes) and all(is_sharded(p) for p in codes.values())
+    out["codes_local_bytes"] = sum(p.to_local().nbytes for p in codes.values() if is_sharded(p))
+    out["codes_full_bytes"] = sum(p.numel() * p.element_size() for p in codes.values())
+    out["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    trainer.save_model(folder + "/adapter")
+    if rank == 0:
+        saved = load_file(folder + "/adapter/adapter_model.safetensors")
+        reloaded = PeftModel.from_pretrained(base(), folder + "/adapter")
+        loaded = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if ".spallm_tables." in n}
+        out["saved"] = {k: list(v.shape) for k, v in saved.items()}
+        out["expected"] = {k: list(p.shape) for k, p in loaded.items()}
+        out["loaded_equal"] = saved.keys() == loaded.keys() and all(torch.equal(v, loaded[k]) for k, v in saved.items())
+with open(f"{folder}/{mode}-rank{rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _torchrun(script: Path, *args: str, cwd: str) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _port()]
+    proc = subprocess.run([*command, str(script), *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def test_trainer_with_accelerate_fsdp2_on_two_ranks_shards_codes_saves_a_normal_adapter_and_resumes(tmp_path):
+    needs("peft")
+    tests = Path(__file__).parent
+    script = tmp_path / "train_fsdp2.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(tests)!r})\n" + TRAIN_FSDP2)
+    folder = tmp_path / "run"
+    _torchrun(script, "trained", str(folder), cwd=str(tests))
+    ranks = [json.loads((folder / f"trained-rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["codes_sharded"], "accelerate's FSDP2 left the base layers' codes unsharded"
+        assert 2 * seen["codes_local_bytes"] == seen["codes_full_bytes"]  # the tiny Llama's rows are even
+        assert seen["losses"] == ranks[0]["losses"]  # the loss the Trainer logs is the global one
+    losses = ranks[0]["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    result = ranks[0]
+    assert result["saved"] and all(k.endswith(".spallm_tables") for k in result["saved"])
+    assert result["saved"] == result["expected"]  # full tables, not one rank's shard
+    assert result["loaded_equal"], "PeftModel.from_pretrained did not load the saved tables"
+    assert (folder / "checkpoint-2").is_dir()
+    _torchrun(script, "resume", str(folder), cwd=str(tests))  # a fresh pair of processes
+    from safetensors.torch import load_file
+
+    trained, resumed = (load_file(folder / name / "adapter_model.safetensors") for name in ("adapter", "resumed"))
+    assert trained.keys() == resumed.keys()
+    assert max((resumed[k] - v).abs().max().item() for k, v in trained.items()) <= 1e-6
 
 
 def _port() -> str:
