@@ -8,6 +8,8 @@ Runs on any device and dtype torch supports.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..format import unpack_codes
@@ -97,21 +99,41 @@ def lut_linear_table_sets(
     where a host sync would break CUDA graphs): :func:`table_sets_graph_safe`, no syncs and no
     data-dependent shapes.
     """
-    if slots.shape != (x.shape[0],):
-        raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
-    slots = slots.clamp(0, table_sets.shape[0] - 1)
+    slots = checked_slots(x, slots, table_sets.shape[0])
     if graph_safe if graph_safe is not None else x.device.type != "cpu":
         return table_sets_graph_safe(x, codes, table_sets, slots, bias, bits)
-    present = torch.unique(slots).tolist()
-    if len(present) == 1:
-        return lut_linear(x, codes, table_sets[present[0]], bias, bits)
     idx = flat_indices(codes, bits, table_sets.shape[2])  # unpacked once for all sets
     b = None if bias is None else bias.to(x.dtype)
-    y = x.new_empty(x.shape[0], table_sets.shape[1])
+
+    def forward_set(rows: torch.Tensor, slot: int) -> torch.Tensor:
+        w = dequantize(codes, table_sets[slot], bits, x.dtype, indices=idx)
+        return torch.nn.functional.linear(rows, w, b)
+
+    return per_slot(x, slots, forward_set)
+
+
+def checked_slots(x: torch.Tensor, slots: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """``slots`` (one per row of ``x``) clamped into ``[0, num_sets)``, as the kernels read them."""
+    if slots.shape != (x.shape[0],):
+        raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
+    return slots.clamp(0, num_sets - 1)
+
+
+def per_slot(
+    x: torch.Tensor, slots: torch.Tensor, forward_set: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """``forward_set(rows, slot)`` once per distinct slot, on that slot's rows of ``x``, scattered back in
+    row order. Reads the slots on the host (one sync): for CPU paths, never inside a CUDA graph."""
+    present = torch.unique(slots).tolist()
+    if len(present) == 1:
+        return forward_set(x, present[0])
+    y = None
     for slot in present:
         rows = (slots == slot).nonzero().squeeze(1)
-        w = dequantize(codes, table_sets[slot], bits, x.dtype, indices=idx)
-        y[rows] = torch.nn.functional.linear(x[rows], w, b)
+        part = forward_set(x[rows], slot)
+        if y is None:
+            y = part.new_empty(x.shape[0], part.shape[-1])
+        y[rows] = part
     return y
 
 

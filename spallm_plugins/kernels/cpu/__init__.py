@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import LUTProblem
+from ..reference import checked_slots, per_slot
 from ..reference import lut_linear_backward as reference_backward
 from .library import TABLE_DTYPES, unavailable_reason
 from .ops import GEMV_MAX_ROWS, linear_rows
@@ -62,17 +63,8 @@ class CPUBackend:
     def forward_table_sets(self, x, codes, table_sets, slots, bias, bits):
         """One :meth:`forward` per table set in use, on that set's rows (the slots are read on the host,
         as the reference's CPU path does)."""
-        if slots.shape != (x.shape[0],):
-            raise ValueError(f"slots has shape {list(slots.shape)}, expected [{x.shape[0]}] (one per row of x)")
-        slots = slots.clamp(0, table_sets.shape[0] - 1)
-        present = torch.unique(slots).tolist()
-        if len(present) == 1:
-            return self.forward(x, codes, table_sets[present[0]], bias, bits)
-        y = x.new_empty(x.shape[0], table_sets.shape[1])
-        for slot in present:
-            rows = (slots == slot).nonzero().squeeze(1)
-            y[rows] = self.forward(x[rows], codes, table_sets[slot], bias, bits)
-        return y
+        slots = checked_slots(x, slots, table_sets.shape[0])
+        return per_slot(x, slots, lambda rows, slot: self.forward(rows, codes, table_sets[slot], bias, bits))
 
     def backward(self, grad_out, x, codes, tables, bits, need_input_grad, need_tables_grad):
         grad_x = None
