@@ -3,10 +3,9 @@ process) and with accelerate's FSDP2 (2 processes on gloo), and the refusals of
 :mod:`spallm_plugins.sharding` for DeepSpeed options that break codes.
 
 accelerate selects FSDP only for accelerator devices: on CPU it ignores the Trainer's FSDP plugin and
-falls back to DDP. The FSDP2 test therefore sets accelerate's distributed type to FSDP right after the
-Trainer built its ``Accelerator`` (what accelerate itself does on GPUs); everything after that, the
-model's preparation (``fully_shard`` per decoder layer), the Trainer's FSDP checkpoints and their
-resumption, and the adapter's save, is accelerate's and the Trainer's own code.
+falls back to DDP. The FSDP2 test therefore makes that one switch itself (``tests/cpu_fsdp.py``);
+everything after it, the model's preparation (``fully_shard`` per decoder layer), the Trainer's FSDP
+checkpoints and their resumption, and the adapter's save, is accelerate's and the Trainer's own code.
 """
 
 from __future__ import annotations
@@ -98,27 +97,16 @@ print("RESULT", json.dumps(out))
 TRAIN_FSDP2 = r"""
 import json, os, sys
 import torch
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from conftest import tiny_llama
+from cpu_fsdp import CPUFSDPTrainer
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from spallm_plugins import SpaLLMConfig
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
 from spallm_plugins.sharding import is_sharded
 from spallm_plugins.sketch import sketch_model
-
-
-class CPUFSDPTrainer(Trainer):
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
-        assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
-        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        self.is_fsdp_enabled = True
 
 
 def base():
