@@ -18,12 +18,16 @@ def use_fsdp(trainer: Trainer) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    import os
+
     state = trainer.accelerator.state
-    if trainer.args.fsdp_plugin_args is None:
-        raise ValueError("use_fsdp: the Trainer's arguments configure no FSDP (fsdp / fsdp_config)")
+    plugin_args = trainer.args.fsdp_plugin_args
+    if plugin_args is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        raise ValueError("use_fsdp: neither the Trainer's arguments nor ACCELERATE_USE_FSDP configure FSDP")
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise ValueError(f"use_fsdp is for CPU ranks, but accelerate chose {state.distributed_type}")
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    # without Trainer arguments (Axolotl), the plugin reads accelerate's FSDP_* environment
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
     # both: a later AcceleratorState() copies PartialState's shared state over its own
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
