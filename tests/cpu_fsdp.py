@@ -4,8 +4,7 @@ accelerate 1.15 turns a Trainer's FSDP plugin into ``DistributedType.FSDP`` only
 devices; on CPU ranks (gloo) it keeps ``MULTI_CPU`` and silently falls back to DDP. :func:`use_fsdp`
 makes that one switch after the Trainer built its ``Accelerator``, so the rest (``fully_shard`` per
 decoder layer in ``prepare``, FSDP checkpoints, resumption, saving) runs accelerate's and the
-Trainer's own code. Used by the Trainer test (``CPUFSDPTrainer``) and, through :class:`CPUFSDPPlugin`,
-by the Axolotl test.
+Trainer's own code. Axolotl builds its own device mesh on ``"cuda"`` and cannot use it (README).
 """
 
 from __future__ import annotations
@@ -18,16 +17,12 @@ def use_fsdp(trainer: Trainer) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    import os
-
     state = trainer.accelerator.state
-    plugin_args = trainer.args.fsdp_plugin_args
-    if plugin_args is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
-        raise ValueError("use_fsdp: neither the Trainer's arguments nor ACCELERATE_USE_FSDP configure FSDP")
+    if trainer.args.fsdp_plugin_args is None:
+        raise ValueError("use_fsdp: the Trainer's arguments configure no FSDP (fsdp / fsdp_config)")
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise ValueError(f"use_fsdp is for CPU ranks, but accelerate chose {state.distributed_type}")
-    # without Trainer arguments (Axolotl), the plugin reads accelerate's FSDP_* environment
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**(plugin_args or {}))
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     # both: a later AcceleratorState() copies PartialState's shared state over its own
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
