@@ -32,6 +32,7 @@ def test_deepspeed_configs_without_them_pass():
         check_deepspeed_config(config)
 
 
+ZERO3_RECIPE = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json")
 TRAIN_ZERO3 = r"""
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
@@ -52,9 +53,8 @@ def base():
                                      table_dtype="float32"))
     return model
 
-zero3 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                               "stage3_gather_16bit_weights_on_model_save": True}}
+zero3 = json.loads(open(sys.argv[4]).read())  # the shipped recipe, configs/deepspeed/zero3.json
+zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny model's parameters
 if sys.argv[1] == "refused":
     zero3["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
 ids = torch.randint(4, 30, (16, 12), generator=torch.Generator().manual_seed(3))
@@ -202,7 +202,9 @@ def test_trainer_with_deepspeed_zero3_trains_a_spallm_adapter_saves_it_whole_and
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
-    proc = run_python(TRAIN_ZERO3, "trained", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    proc = run_python(
+        TRAIN_ZERO3, "trained", _port(), str(tmp_path), ZERO3_RECIPE, env={"PYTHONPATH": tests}, cwd=tests
+    )
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["partitioned"], "the base layer's codes are not ZeRO-3 parameters"
     losses = result["losses"]
@@ -211,7 +213,7 @@ def test_trainer_with_deepspeed_zero3_trains_a_spallm_adapter_saves_it_whole_and
     assert result["saved"] == result["expected"]  # full tables, not ZeRO-3's empty placeholders
     assert result["loaded_equal"], "PeftModel.from_pretrained did not load the saved tables"
     assert (tmp_path / "checkpoint-2").is_dir()
-    proc = run_python(TRAIN_ZERO3, "resume", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    proc = run_python(TRAIN_ZERO3, "resume", _port(), str(tmp_path), ZERO3_RECIPE, env={"PYTHONPATH": tests}, cwd=tests)
     resumed = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert resumed["resumed_max_diff"] <= 1e-6  # from checkpoint-2 (DeepSpeed's): the uninterrupted run's tables
 
@@ -222,7 +224,9 @@ def test_trainer_refuses_zero_quantized_codes_before_deepspeed_sees_the_model(tm
     from pathlib import Path
 
     tests = str(Path(__file__).parent)
-    proc = run_python(TRAIN_ZERO3, "refused", _port(), str(tmp_path), env={"PYTHONPATH": tests}, cwd=tests)
+    proc = run_python(
+        TRAIN_ZERO3, "refused", _port(), str(tmp_path), ZERO3_RECIPE, env={"PYTHONPATH": tests}, cwd=tests
+    )
     assert "REFUSED TrainingArguments.deepspeed: zero_optimization.zero_quantized_nontrainable_weights is true" in (
         proc.stdout
     ), proc.stdout[-2000:]
