@@ -3,7 +3,7 @@ process) and with accelerate's FSDP2 (2 processes on gloo), and the refusals of
 :mod:`spallm_plugins.sharding` for DeepSpeed options that break codes.
 
 accelerate selects FSDP only for accelerator devices: on CPU it ignores the Trainer's FSDP plugin and
-falls back to DDP. The FSDP2 test therefore makes that one switch itself (``tests/cpu_fsdp.py``);
+falls back to DDP. The FSDP2 test therefore makes that one switch itself (``tests/trainer_helpers.py``);
 everything after it, the model's preparation (``fully_shard`` per decoder layer), the Trainer's FSDP
 checkpoints and their resumption, and the adapter's save, is accelerate's and the Trainer's own code.
 """
@@ -38,20 +38,12 @@ import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                   DS_ACCELERATOR="cpu")
 import torch
-from conftest import tiny_llama
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from safetensors.torch import load_file
+from trainer_helpers import saved_adapter, sketched_tiny_llama as base
 from transformers import Trainer, TrainingArguments
 from spallm_plugins import SpaLLMConfig
-from spallm_plugins.config import SketchConfig
 from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
-from spallm_plugins.sketch import sketch_model
-
-def base():
-    model = tiny_llama(seed=0)
-    sketch_model(model, SketchConfig(bits=4, groups_per_row=2, kmeans_iters=4, kmeans_restarts=1,
-                                     table_dtype="float32"))
-    return model
 
 zero3 = json.loads(open(sys.argv[4]).read())  # the shipped recipe, configs/deepspeed/zero3.json
 zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny model's parameters
@@ -83,12 +75,7 @@ codes = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.codes
 out["partitioned"] = hasattr(codes, "ds_id")
 out["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
 trainer.save_model(folder + "/adapter")
-saved = load_file(folder + "/adapter/adapter_model.safetensors")
-reloaded = PeftModel.from_pretrained(base(), folder + "/adapter")
-loaded = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if ".spallm_tables." in n}
-out["saved"] = {k: list(v.shape) for k, v in saved.items()}
-out["expected"] = {k: list(p.shape) for k, p in loaded.items()}
-out["loaded_equal"] = saved.keys() == loaded.keys() and all(torch.equal(v, loaded[k]) for k, v in saved.items())
+out.update(saved_adapter(folder + "/adapter"))
 
 print("RESULT", json.dumps(out))
 """
@@ -97,24 +84,12 @@ print("RESULT", json.dumps(out))
 TRAIN_FSDP2 = r"""
 import json, os, sys
 import torch
-from conftest import tiny_llama
-from cpu_fsdp import CPUFSDPTrainer
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from peft import get_peft_model
+from trainer_helpers import CPUFSDPTrainer, saved_adapter, sketched_tiny_llama as base
 from transformers import TrainingArguments
 from spallm_plugins import SpaLLMConfig
-from spallm_plugins.config import SketchConfig
 from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
 from spallm_plugins.sharding import is_sharded
-from spallm_plugins.sketch import sketch_model
-
-
-def base():
-    model = tiny_llama(seed=0)
-    sketch_model(model, SketchConfig(bits=4, groups_per_row=2, kmeans_iters=4, kmeans_restarts=1,
-                                     table_dtype="float32"))
-    return model
-
 
 mode, folder = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
@@ -141,12 +116,7 @@ else:
     out["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     trainer.save_model(folder + "/adapter")
     if rank == 0:
-        saved = load_file(folder + "/adapter/adapter_model.safetensors")
-        reloaded = PeftModel.from_pretrained(base(), folder + "/adapter")
-        loaded = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if ".spallm_tables." in n}
-        out["saved"] = {k: list(v.shape) for k, v in saved.items()}
-        out["expected"] = {k: list(p.shape) for k, p in loaded.items()}
-        out["loaded_equal"] = saved.keys() == loaded.keys() and all(torch.equal(v, loaded[k]) for k, v in saved.items())
+        out.update(saved_adapter(folder + "/adapter"))
 with open(f"{folder}/{mode}-rank{rank}.json", "w") as f:
     json.dump(out, f)
 """
