@@ -60,6 +60,9 @@ def _config_from_args(args: argparse.Namespace, base: SketchConfig | None = None
 
 def cmd_sketch(args: argparse.Namespace) -> int:
     from .pipeline import sketch_to_folder
+    from .sketch.driver import fix_mmap_threshold
+
+    fix_mmap_threshold()  # this process only sketches: no block's temporaries stay resident in the heap
 
     options = vars(args)
     if options.get("method", "gptq" if options.get("calibration") else "kmeans") == "gptq":

@@ -269,3 +269,42 @@ def test_bench_scale_makes_sharded_checkpoints_and_measures_each_sketch(tmp_path
     assert results["device"] == "cpu" and all(
         r["device"] == "cpu" and r["peak_gpu_bytes"] is None for r in rows.values()
     )
+
+
+MMAP_PROBE = """
+import ctypes, sys, torch
+from spallm_plugins.sketch.driver import _glibc, fix_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = _glibc()
+if libc is None or not hasattr(libc, "mallinfo2"):
+    print("no-glibc")
+    sys.exit(0)
+libc.mallinfo2.restype = MallInfo2
+fixed = fix_mmap_threshold() if sys.argv[1] == "fixed" else None
+big = torch.ones(20 << 20, dtype=torch.uint8)
+del big  # freeing a 20 MiB mapping raises glibc's dynamic threshold to 20 MiB
+before = libc.mallinfo2().hblkhd
+medium = torch.ones(4 << 20, dtype=torch.uint8)
+print(fixed, libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_a_fixed_mmap_threshold_keeps_medium_temporaries_out_of_the_heap():
+    import os
+
+    from conftest import run_python
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        pytest.skip("MALLOC_MMAP_THRESHOLD_ is set for this test run: glibc's default is not observable")
+    default = run_python(MMAP_PROBE, "default").stdout.split()
+    if default == ["no-glibc"]:
+        pytest.skip("not glibc: fix_mmap_threshold is a no-op there")
+    assert default == ["None", "0"], "glibc's dynamic threshold should put a 4 MiB block in the heap"
+    fixed, mapped = run_python(MMAP_PROBE, "fixed").stdout.split()
+    assert fixed == "True" and int(mapped) >= 4 << 20  # its own mapping, returned to the system when freed
+    respected = run_python(MMAP_PROBE, "fixed", env={"MALLOC_MMAP_THRESHOLD_": "1048576"}).stdout.split()
+    assert respected[0] == "False"  # the user's own setting wins
