@@ -98,6 +98,18 @@ def weight_tile(codes_ptr, tables_ptr, offs_n, offs_k, k0, mask_n, mask_k, strid
 
 
 @triton.jit
+def accumulate_rows(acc, w, x_ptr, stride_xm, cols, mask_cols, M, offs_m, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """``acc [BLOCK_M, N] += x[:, cols] @ w.T`` for a few rows, on CUDA cores (``w [N, WIDTH]`` float32):
+    one reduction per row, decode's case where a 16-row ``tl.dot`` tile would be mostly padding."""
+    for m in tl.static_range(BLOCK_M):
+        row_ok = tl.full((WIDTH,), m, tl.int32) < M
+        x = tl.load(x_ptr + m * stride_xm + cols, mask=mask_cols & row_ok, other=0.0).to(tl.float32)
+        row = tl.sum(w * x[None, :], axis=1)
+        acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+    return acc
+
+
+@triton.jit
 def bin_by_code(grad_w, code, NUM_CODES: tl.constexpr):
     """``bins[n, j] = sum of grad_w[n, k] over the k where code[n, k] == j``: a ``[BLOCK_N, NUM_CODES]``
     fp32 tile from ``[BLOCK_N, BLOCK_K]`` tiles, one masked 2-D reduction per code value (a 3-D

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, dot_operands, interpreting, weight_tile
+from ._common import accumulate_rows, dot_flags, dot_operands, interpreting, weight_tile
 from .layout import kernel_codes
 from .tiles import AUTOTUNE_KEY, GEMV_DOT_ROWS, GEMV_MAX_ROWS, m_bucket
 
@@ -64,12 +64,7 @@ def lut_gemv_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, st
             a, b = dot_operands(x, w, UPCAST)
             acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32, input_precision=PRECISION)
         else:
-            w = w.to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                row_ok = tl.full((BLOCK_K,), m, tl.int32) < M
-                x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k & row_ok, other=0.0).to(tl.float32)
-                row = tl.sum(w * x[None, :], axis=1)
-                acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+            acc = accumulate_rows(acc, w.to(tl.float32), x_ptr, stride_xm, offs_k, mask_k, M, offs_m, BLOCK_M, BLOCK_K)
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
 
 

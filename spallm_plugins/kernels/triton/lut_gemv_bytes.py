@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import accumulate_rows, interpreting
 from .lut_gemv import launch_split_k
 from .tiles import AUTOTUNE_KEY, GEMV_BYTES_MAX_ROWS, m_bucket
 
@@ -54,11 +54,7 @@ def lut_gemv_bytes_kernel(x_ptr, codes_ptr, tables_ptr, out_ptr, M, N, K, M_BUCK
             col = offs_b * PER_BYTE + field
             w = tl.load(tables_ptr + offs_n[:, None] * stride_tn + (col // GROUP_SIZE)[None, :] * NUM_CODES + code,
                         mask=mask, other=0.0).to(tl.float32)  # fmt: skip
-            for m in tl.static_range(BLOCK_M):
-                row_ok = tl.full((BLOCK_KB,), m, tl.int32) < M
-                x = tl.load(x_ptr + m * stride_xm + col, mask=mask_b & row_ok, other=0.0).to(tl.float32)
-                row = tl.sum(w * x[None, :], axis=1)
-                acc = tl.where(offs_m[:, None] == m, acc + row[None, :], acc)
+            acc = accumulate_rows(acc, w, x_ptr, stride_xm, col, mask_b, M, offs_m, BLOCK_M, BLOCK_KB)
     tl.atomic_add(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=(offs_m < M)[:, None] & mask_n[None, :])
 
 
