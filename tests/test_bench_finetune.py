@@ -137,8 +137,9 @@ def test_training_rows_are_the_lm_eval_prompts_with_the_answer_as_continuation(t
     assert len(ids) == len(labels) and labels[: len(ids) - 1] == [-100] * (len(ids) - 1) and labels[-1] == ids[-1]
 
 
-def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tmp_path, dense, monkeypatch):
+def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tmp_path, dense, monkeypatch, capfd):
     from spallm_plugins.integrations.peft.bench import run_finetune_bench
+    from spallm_plugins.outputs import OutputError
 
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))  # the cached calibrated sketch
     data = tmp_path / "data"
@@ -149,11 +150,11 @@ def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tm
     (data / "ARC-Challenge").mkdir()  # no test split, as in the shared data: its (untrained) train split is scored
     shutil.copy(DATA / "ARC-Challenge" / "test.json", data / "ARC-Challenge" / "train.json")
     lrs = {"spallm": (1e-3, 3e-2), "qlora": (1e-3, 3e-2)}
-    summary = run_finetune_bench(
-        str(dense), tmp_path / "out", data, variants=("spallm-g1", "qlora"), lrs=lrs, steps=2, eval_every=2,
-        limit=4, batch=2, seqlen=48, warmup=1, eval_batch=16, calib_samples=2, calib_seqlen=16, rows_per_set=6,
-        validation_rows=3,
+    options = dict(
+        variants=("spallm-g1", "qlora"), lrs=lrs, steps=2, eval_every=2, limit=4, batch=2, seqlen=48, warmup=1,
+        eval_batch=16, calib_samples=2, calib_seqlen=16, rows_per_set=6, validation_rows=3,
     )  # fmt: skip
+    summary = run_finetune_bench(str(dense), tmp_path / "out", data, **options)
     saved = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert (tmp_path / "out" / "finetune.png").stat().st_size > 0
@@ -179,6 +180,60 @@ def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tm
     for name in ("spallm-g1", "qlora"):
         runs = saved["variants"][name]["runs"]
         assert runs[0]["losses"][0] == pytest.approx(runs[1]["losses"][0])
+
+    # a sweep cut short resumes: the finished runs are kept as they are, only the missing one trains again
+    runs_dir = tmp_path / "out" / "runs"
+    names = ["qlora-lr0.001.json", "qlora-lr0.03.json", "spallm-g1-lr0.001.json", "spallm-g1-lr0.03.json"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == names
+    (runs_dir / "qlora-lr0.03.json").unlink()
+    (tmp_path / "out" / "finetune.json").unlink()
+    with pytest.raises(OutputError, match="already exists and is not empty"):
+        run_finetune_bench(str(dense), tmp_path / "out", data, **options)  # without resume nothing is reused
+    resumed = run_finetune_bench(str(dense), tmp_path / "out", data, resume=True, **options)
+    assert resumed["variants"]["spallm-g1"]["reused_lrs"] == [1e-3, 3e-2]
+    assert resumed["variants"]["qlora"]["reused_lrs"] == [1e-3]
+    assert resumed["variants"]["spallm-g1"]["runs"] == saved["variants"]["spallm-g1"]["runs"]
+    before, after = saved["variants"]["qlora"]["runs"], resumed["variants"]["qlora"]["runs"]
+    assert after[0] == before[0] and after[1]["finished_at"] >= before[1]["finished_at"]
+    assert after[1]["losses"] == pytest.approx(before[1]["losses"]) and after[1]["curve"] == before[1]["curve"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == names
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        run_finetune_bench(str(dense), tmp_path / "out", data, resume=True, overwrite=True, **options)
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match=r"\[spallm-g1\] its child process failed .* rerun .* with --resume"):
+        run_finetune_bench(str(dense), tmp_path / "out", data, resume=True, **{**options, "steps": 3})
+    assert "spallm-g1-lr0.001.json: made with other settings (steps: 2 there, 3 now)" in capfd.readouterr().err
+    assert sorted(p.name for p in runs_dir.iterdir()) == names  # nothing was replaced
+
+
+def test_a_stored_run_is_reused_only_under_the_same_settings(tmp_path):
+    from spallm_plugins.format import CheckpointError, write_json
+    from spallm_plugins.integrations.peft.bench import child_parser, finished_run, run_path, run_settings
+
+    args = child_parser().parse_args(
+        ["--variant", "qlora", "--dense", "/a/cache/smollm2", "--lrs", "2e-4", "--include", "i", "--train-rows", "t",
+         "--validation-include", "v", "--validation-tasks", "boolq_local", "--data-sha256", "ab", "--runs-dir",
+         str(tmp_path), "--json", "j"]
+    )  # fmt: skip
+    settings = run_settings(args, 2e-4)
+    # every option that can change a run is part of its identity (where to read and write things is not)
+    places = {"include", "train_rows", "validation_include", "runs_dir", "resume", "json", "lrs"}
+    assert vars(args).keys() - places <= settings.keys() and settings["lr"] == 2e-4
+    assert settings["dense"] == "smollm2"  # a cache's location differs between machines
+    path = run_path(tmp_path, "qlora", 2e-4)
+    assert path.name == "qlora-lr0.0002.json" and finished_run(path, settings) is None
+    write_json(path, {"settings": settings, "result": {"lr": 2e-4, "final_mean_acc": 0.5}})
+    assert finished_run(path, settings) == {"lr": 2e-4, "final_mean_acc": 0.5}
+    with pytest.raises(ValueError, match=r"qlora-lr0.0002.json: made with other settings \(steps: 200 there, 100 now"):
+        finished_run(path, {**settings, "steps": 100})
+    with pytest.raises(ValueError, match="data_sha256: 'ab' there, 'cd' now"):
+        finished_run(path, {**settings, "data_sha256": "cd"})
+    path.write_text('{"lr": 0.0002}')
+    with pytest.raises(ValueError, match=r"qlora-lr0.0002.json: not a run of spallm bench finetune"):
+        finished_run(path, settings)
+    path.write_text('{"settings": {')
+    with pytest.raises(CheckpointError, match=r"qlora-lr0.0002.json: invalid JSON"):
+        finished_run(path, settings)
 
 
 def test_inference_bench_tiny_mode_times_generate_side_by_side(tmp_path, dense, monkeypatch):

@@ -22,13 +22,23 @@ and scored once at the end of every run; the run with the best mean validation a
 Reported per run: the accuracy-vs-steps curve, median training step time, the training peak resident memory
 (Linux's high-water mark reset before each training segment, so evaluation does not count), trainable
 parameters and adapter bytes (the saved PEFT adapter; for full fine-tuning the whole model's tensors).
+
+The full sweep takes hours, so it is resumable: each finished run is written at once, atomically, to
+``OUT/runs/VARIANT-lrLR.json`` together with the settings that produced it (every option that changes the
+result, and a digest of the training, validation and evaluation rows). ``--resume`` keeps those runs and
+trains only the missing ones; a run file made with other settings is refused, naming the file and the
+settings that differ, never mixed in. Each run records the CPU it ran on and when, as step times from
+different hosts do not compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from spallm_plugins.format import read_json, write_json
 
 from .peers import lora_rank_matching
 
@@ -260,7 +272,7 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
     encoded = [encode_pair(tokenizer, c, t, args.seqlen) for c, t in pairs]
     data = pair_batches(encoded, args.batch, pad, seed=args.seed)
     curve: list[dict[str, Any]] = []
-    train_peak = 0
+    train_peak = process_peak = 0
 
     def evaluate(step: int) -> None:
         scores = lm_eval_accuracy(model, tokenizer, args.include, tasks, args.limit, args.eval_batch)
@@ -269,13 +281,15 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
         print(f"[{variant} lr {lr:g}] step {step}: mean acc {mean:.4f}", flush=True)
 
     def on_step(step: int, loss: float, seconds: float) -> None:
-        nonlocal train_peak
+        nonlocal train_peak, process_peak
         if step % args.eval_every == 0 or step == args.steps:
             train_peak = max(train_peak, peak_rss_bytes())
             evaluate(step)
+            process_peak = max(process_peak, peak_rss_bytes())
             reset_peak_rss()  # the next training segment's peak, without the evaluation's
 
     evaluate(0)
+    process_peak = peak_rss_bytes()
     reset_peak_rss()
     history = train(model, data, args.steps, lr, warmup=args.warmup, on_step=on_step)
     validation = lm_eval_accuracy(
@@ -284,6 +298,9 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
     times = [h["seconds"] for h in history[min(2, len(history) - 1) :]]  # the first steps warm caches up
     return {
         "lr": lr,
+        "host": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "peak_rss_bytes": max(process_peak, peak_rss_bytes()),
         "trainable_params": trainable,
         "adapter_bytes": adapter_bytes(model, variant),
         "median_step_seconds": statistics.median(times),
@@ -297,16 +314,62 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
     }
 
 
-def run_variant(args: argparse.Namespace) -> dict[str, Any]:
-    """Every learning rate of one variant in this process: a fresh model each, the same batches each."""
-    import lm_eval.evaluator
+def run_settings(args: argparse.Namespace, lr: float) -> dict[str, Any]:
+    """Everything that decides one run's result; a run file is reused only under equal settings. Models are named
+    by folder (a cache's location differs between machines; the sketch's folder name holds its settings)."""
+    return {
+        "variant": args.variant, "lr": lr, "dense": Path(args.dense).name,
+        "sketched": Path(args.sketched).name if args.sketched else None, "rank": args.rank, "steps": args.steps,
+        "eval_every": args.eval_every, "batch": args.batch, "seqlen": args.seqlen, "warmup": args.warmup,
+        "eval_batch": args.eval_batch, "limit": args.limit, "tasks": args.tasks,
+        "validation_tasks": args.validation_tasks, "qlora_compute_dtype": args.qlora_compute_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed, "data_sha256": args.data_sha256,
+    }  # fmt: skip
 
-    from .peers import peak_rss_bytes
+
+def run_path(runs_dir: str | Path, variant: str, lr: float) -> Path:
+    return Path(runs_dir) / f"{variant}-lr{lr:g}.json"
+
+
+def finished_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The run stored at ``path`` when it was made with ``settings``; None when there is none. A file that is not a
+    finished run, or one made with other settings, is an error naming the file (and the settings that differ)."""
+    if not path.is_file():
+        return None
+    stored = read_json(path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("settings"), dict) or "result" not in stored:
+        raise ValueError(f"{path}: not a run of spallm bench finetune (expected keys 'settings' and 'result')")
+    differ = sorted(
+        k for k in settings.keys() | stored["settings"].keys() if stored["settings"].get(k) != settings.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {stored['settings'].get(k)!r} there, {settings.get(k)!r} now" for k in differ[:4])
+        raise ValueError(
+            f"{path}: made with other settings ({shown}{', ...' if len(differ) > 4 else ''}); --resume continues "
+            f"only the same sweep: run it with the same options, or give --out a new folder"
+        )
+    return stored["result"]
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    """Every learning rate of one variant in this process: a fresh model each, the same batches each. Each finished
+    run is written to ``--runs-dir`` at once; with ``--resume`` the runs already there are reused."""
+    import lm_eval.evaluator
 
     lm_eval.evaluator.add_env_info = lambda results: None  # torch's collect_env: seconds of subprocesses
     kind = kind_of(args.variant)
     pairs = json.loads(Path(args.train_rows).read_text(encoding="utf-8"))
-    runs = [run_one(args, lr, pairs, args.tasks.split(",")) for lr in args.lrs]
+    runs, reused = [], []
+    for lr in args.lrs:
+        settings, path = run_settings(args, lr), run_path(args.runs_dir, args.variant, lr)
+        run = finished_run(path, settings) if args.resume else None
+        if run is not None:
+            print(f"[{args.variant} lr {lr:g}] reused {path} (finished {run.get('finished_at', '?')})", flush=True)
+            reused.append(lr)
+        else:
+            run = run_one(args, lr, pairs, args.tasks.split(","))
+            write_json(path, {"settings": settings, "result": run})
+        runs.append(run)
     best = select_best(runs)
     return {
         "variant": args.variant,
@@ -318,7 +381,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "best_lr": best["lr"],
         "best": best,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "reused_lrs": reused,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
     }
 
 
@@ -368,8 +432,12 @@ def run_finetune_bench(
     gradient_checkpointing: bool = False,
     seed: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``variants`` (one child process each) and write ``finetune.json`` / ``finetune.png`` in ``out_dir``."""
+    """Run ``variants`` (one child process each) and write ``finetune.json`` / ``finetune.png`` in ``out_dir``.
+
+    Every finished run is kept in ``out_dir/runs``; ``resume=True`` reuses those made with the same settings
+    (a killed or partial sweep continues where it stopped) and trains the rest."""
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.evaluate import write_local_tasks
@@ -382,8 +450,16 @@ def run_finetune_bench(
     lrs = {**DEFAULT_LRS, **(lrs or {})}
     sketched = dict(sketched or {})
     data = Path(data)
-    out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
+    if resume and overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: --resume keeps the finished runs, --overwrite drops them"
+        )
+    own = own_entries(out_dir) if resume else ()
+    out_dir = prepare_output_dir(out_dir, overwrite=overwrite, own_entries=own)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = out_dir / "runs"
+    if overwrite and runs_dir.is_dir():
+        shutil.rmtree(runs_dir)
     work = out_dir / "work"
     work.mkdir(exist_ok=True)
     splits = eval_data_dir(data, work / "eval-data", tasks, mix)
@@ -394,6 +470,10 @@ def run_finetune_bench(
     validation_include = write_local_tasks(work / "split" / "validation", work / "validation-tasks", validation_tasks)
     pairs = render_training_rows(work / "split" / "train", mix, rows_per_set, seed)
     (work / "train_rows.json").write_text(json.dumps(pairs), encoding="utf-8")
+    data_sha256 = digest_files(
+        [work / "train_rows.json", *sorted((work / "split" / "validation").rglob("*.json")),
+         *sorted((work / "eval-data").rglob("*.json"))]
+    )  # fmt: skip
     dense = resolve_model(model_ref)
     model, _ = load_model(dense, dtype=torch.float32)
     table_values = plan_sketch(model, SketchConfig(bits=4, groups_per_row=match_gpr)).table_values
@@ -413,8 +493,10 @@ def run_finetune_bench(
             "--eval-batch", str(eval_batch), "--tasks", ",".join(tasks), "--include", str(include),
             "--train-rows", str(work / "train_rows.json"), "--validation-include", str(validation_include),
             "--validation-tasks", ",".join(validation_tasks), "--qlora-compute-dtype", qlora_compute_dtype,
-            "--seed", str(seed), "--json", str(path),
+            "--seed", str(seed), "--data-sha256", data_sha256, "--runs-dir", str(runs_dir), "--json", str(path),
         ]  # fmt: skip
+        if resume:
+            cmd.append("--resume")
         if gpr is not None:
             cmd += ["--sketched", str(sketched[gpr])]
         if limit is not None:
@@ -423,7 +505,11 @@ def run_finetune_bench(
             cmd.append("--gradient-checkpointing")
         print(f"[{variant}] {' '.join(cmd[3:])}", flush=True)
         start = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(
+                f"[{variant}] its child process failed (the error is printed above); the finished runs are kept in "
+                f"{runs_dir}: fix the cause and rerun the same command with --resume"
+            )
         results[variant] = json.loads(path.read_text())
         results[variant]["child_seconds"] = round(time.perf_counter() - start, 1)
         print(f"[{variant}] done in {results[variant]['child_seconds']:.1f} s", flush=True)
@@ -442,6 +528,7 @@ def run_finetune_bench(
         "seqlen": seqlen,
         "warmup": warmup,
         "seed": seed,
+        "data_sha256": data_sha256,
         "lora_rank": rank,
         "rank_matches_gpr": match_gpr,
         "sketched": {str(g): p for g, p in sketched.items()},
@@ -450,9 +537,26 @@ def run_finetune_bench(
         "selection": "lr with the best mean validation accuracy (rows held out of the training splits), per variant",
         "variants": results,
     }
-    (out_dir / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "finetune.json", summary)
     plot(summary, out_dir / "finetune.png")
     return summary
+
+
+def own_entries(out_dir: str | Path) -> set[str]:
+    """What a finetune bench writes into its ``--out``: a resumed sweep may find these there."""
+    found = {"runs", "work", "finetune.json", "finetune.png"}
+    if Path(out_dir).is_dir():
+        found |= {p.name for p in Path(out_dir).glob("finetune-*.json")}
+    return found
+
+
+def digest_files(paths: list[Path]) -> str:
+    """sha256 over the files' contents (links followed), in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -526,6 +630,7 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
         warmup=args.warmup, eval_batch=args.eval_batch, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, qlora_compute_dtype=args.qlora_compute_dtype,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, overwrite=args.overwrite,
+        resume=args.resume,
     )  # fmt: skip
     for name, v in summary["variants"].items():
         b = v["best"]
@@ -574,10 +679,13 @@ def add_commands(commands, bench) -> None:
     p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     add_finetune_options(p)
     add_output_options(p, default="bench-finetune", what="finetune.json / finetune.png")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs in OUT/runs (same settings only) and train the missing ones")  # fmt: skip
     p.set_defaults(func=cmd_bench_finetune)
 
 
-def main(argv: list[str] | None = None) -> int:
+def child_parser() -> argparse.ArgumentParser:
+    """The options of one variant's child process (the parent passes them; :func:`run_settings` records them)."""
     p = argparse.ArgumentParser(description="one variant of spallm bench finetune (run by the parent)")
     p.add_argument("--variant", type=check_variant, required=True)
     p.add_argument("--dense", required=True)
@@ -590,10 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validation-tasks", required=True, help="comma-separated validation tasks")
     p.add_argument("--limit", type=int)
     add_finetune_options(p)
+    p.add_argument("--data-sha256", required=True, help="digest of the training, validation and evaluation rows")
+    p.add_argument("--runs-dir", required=True, help="where each finished run is written")
+    p.add_argument("--resume", action="store_true", help="reuse the runs in --runs-dir made with the same settings")
     p.add_argument("--json", required=True)
-    args = p.parse_args(argv)
-    result = run_variant(args)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = child_parser().parse_args(argv)
+    write_json(args.json, run_variant(args))
     return 0
 
 
