@@ -55,6 +55,38 @@ def test_qlora_arm_builds_an_nf4_base_and_trains_one_step_on_cpu(dense):
     assert isinstance(next(iter(quantised.values())), bnb.nn.Linear4bit)
 
 
+def test_an_evaluation_between_steps_leaves_the_qlora_arm_s_gradients_unchanged(dense):
+    """The bench evaluates with lm-eval (eval mode, no gradients) before and between training steps. On a CPU
+    with AVX512-BF16, bitsandbytes 0.50 then repacks the NF4 weights for inference, and later training forwards
+    run a kernel with no autograd formula: the LoRA factors below the last layer got wrong gradients. (On CPUs
+    without AVX512-BF16 bitsandbytes never repacks, and both sides of this test agree with or without the guard.)"""
+    from spallm_plugins.integrations.peft.peers import build, nf4_linears
+
+    ids = torch.randint(4, 30, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def lora_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model, _ = build("qlora", dense, rank=4)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(input_ids=ids)
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        assert not any(
+            getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in nf4_linears(model).values()
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, evaluated = lora_grads(False), lora_grads(True)
+    assert fresh.keys() == evaluated.keys()
+    first_layer = [n for n in fresh if ".layers.0." in n and "lora_A" in n]
+    assert first_layer and all(fresh[n].abs().sum() > 0 for n in first_layer)
+    for name in fresh:
+        torch.testing.assert_close(evaluated[name], fresh[name], msg=name)
+
+
 def test_qlora_merged_into_dense_computes_what_the_unmerged_model_does(dense):
     from peft import get_peft_model
 

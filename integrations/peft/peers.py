@@ -88,6 +88,19 @@ def nf4_linears(model) -> dict[str, torch.nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
+def keep_nf4_layout_for_training(model) -> None:
+    """Stop bitsandbytes from repacking the NF4 weights of a model that is evaluated *between* training steps.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) converts a ``Linear4bit`` weight to its CPU inference layout
+    on the first eval-mode forward without gradients (an lm-eval evaluation) and never converts it back: the
+    next training forward runs its inference kernel, which has no autograd formula, so no gradient flows back
+    through the frozen base to the layers below, silently (torch only warns). With this, evaluation and
+    training use the same dequantise-and-matmul path. Call it before the first forward.
+    """
+    for layer in nf4_linears(model).values():
+        layer.support_avx512bf16_for_cpu = False
+
+
 def build(
     variant: str,
     dense_dir: str | os.PathLike,
@@ -112,6 +125,7 @@ def build(
         return get_peft_model(model, SpaLLMConfig(task_type="CAUSAL_LM")), tokenizer
     if variant == "qlora":
         model, tokenizer = load_nf4(dense_dir, compute_dtype)
+        keep_nf4_layout_for_training(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         return get_peft_model(model, lora_config(rank, targets_of(model))), tokenizer
     model, tokenizer = load_model(dense_dir, dtype=torch.float32)
