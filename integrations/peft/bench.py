@@ -298,7 +298,11 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
     times = [h["seconds"] for h in history[min(2, len(history) - 1) :]]  # the first steps warm caches up
     return {
         "lr": lr,
-        "host": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()},
+        "host": {
+            "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "peak_rss_bytes": max(process_peak, peak_rss_bytes()),
         "trainable_params": trainable,
@@ -312,6 +316,15 @@ def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: 
         "validation_mean_acc": statistics.fmean(v["acc"] for v in validation.values()),
         "validation_tasks": validation,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), so that step times from different hosts are never compared unknowingly."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def run_settings(args: argparse.Namespace, lr: float) -> dict[str, Any]:
