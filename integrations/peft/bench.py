@@ -596,7 +596,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     best = [variants[n]["best"] for n in names]
     axes[1].bar(names, [b["median_step_seconds"] for b in best], color=colors)
     axes[1].set_ylabel("median training step (s)")
-    axes[1].set_title(f"batch {summary['batch']}, <= {summary['seqlen']} tokens, CPU")
+    hosts = {b["host"].get("cpu", b["host"].get("cpu_capability")) for b in best}
+    where = "CPU" if len(hosts) == 1 else f"{len(hosts)} different hosts: compare within one"
+    axes[1].set_title(f"batch {summary['batch']}, <= {summary['seqlen']} tokens, {where}")
     axes[2].bar(names, [b["train_peak_rss_bytes"] / 2**30 for b in best], color=colors)
     axes[2].set_ylabel("training peak RSS (GiB)")
     axes[2].set_title(f"LoRA rank {summary['lora_rank']} (= SpaLLM g{summary['rank_matches_gpr']} trainable)")
