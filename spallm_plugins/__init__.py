@@ -11,8 +11,11 @@ _LAZY = {
     "sketch_linear": "spallm_plugins.sketch",
     "lut_linear": "spallm_plugins.ops",
     "validate_checkpoint": "spallm_plugins.validate",
-    "SpaLLMQuantConfig": "spallm_plugins.integrations.transformers",
-    "SpaLLMConfig": "spallm_plugins.integrations.peft",
+}
+# Integration classes live with their integration (the core never imports one); the root says where.
+_MOVED = {
+    "SpaLLMQuantConfig": "from spallm_plugins.integrations.transformers import SpaLLMQuantConfig",
+    "SpaLLMConfig": "from spallm_plugins.integrations.peft import SpaLLMConfig",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -23,5 +26,6 @@ def __getattr__(name: str):  # -> Any; no typing import, to keep interpreter sta
 
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'spallm_plugins' has no attribute {name!r}")
+        hint = f"; {name} is an integration class: {_MOVED[name]}" if name in _MOVED else ""
+        raise AttributeError(f"module 'spallm_plugins' has no attribute {name!r}{hint}")
     return getattr(importlib.import_module(module), name)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import spallm_plugins
 import spallm_plugins.integrations
 
@@ -27,8 +29,6 @@ RANKS = [
     ("models", "validate", "evaluate"),
     ("streaming", "pipeline", "merge", "cli", "bench", "builtin_plugins", "_autoregister"),
 ]
-# the package's root names integration classes lazily, for users (README "Python" says why)
-ROOT_LAZY_EXPORTS = {"spallm_plugins.integrations.transformers", "spallm_plugins.integrations.peft"}
 
 
 def module_files() -> dict[str, Path]:
@@ -137,8 +137,7 @@ def test_core_imports_point_down_only():
         for target in targets:
             theirs = rank(target)
             if target.startswith("spallm_plugins.integrations"):
-                if not (module == "spallm_plugins" and target in ROOT_LAZY_EXPORTS):
-                    bad.append(f"{module} -> {target} (the core reaches integrations only through hooks)")
+                bad.append(f"{module} -> {target} (the core reaches integrations only through hooks)")
             elif theirs is not None and theirs > mine:
                 bad.append(f"{module} (layer {mine}) -> {target} (layer {theirs})")
     assert not bad, "imports pointing up:\n" + "\n".join(sorted(bad))
@@ -153,3 +152,14 @@ def test_the_checks_catch_a_circle_and_an_upward_import():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert rank("spallm_plugins.format") < rank("spallm_plugins.validate")
     assert rank("spallm_plugins.kernels.triton.ops") < rank("spallm_plugins.hooks")
+
+
+def test_the_root_names_no_integration_class_and_says_where_each_is():
+    import spallm_plugins
+
+    for name, module in (("SpaLLMConfig", "peft"), ("SpaLLMQuantConfig", "transformers")):
+        assert name not in spallm_plugins.__all__
+        with pytest.raises(AttributeError, match=rf"from spallm_plugins\.integrations\.{module} import {name}"):
+            getattr(spallm_plugins, name)
+    with pytest.raises(AttributeError, match=r"has no attribute 'nothing'$"):
+        spallm_plugins.nothing  # noqa: B018

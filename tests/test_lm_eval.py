@@ -141,8 +141,8 @@ def models(tmp_path_factory):
     needs("peft", "nox -s tests installs it")
     from peft import PeftModel, get_peft_model
 
-    from spallm_plugins import SpaLLMConfig
     from spallm_plugins.config import SketchConfig
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.pipeline import load_sketched, sketch_to_folder
 
     root = tmp_path_factory.mktemp("models")

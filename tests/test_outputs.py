@@ -77,7 +77,7 @@ def test_merge_refuses_to_replace_its_base_or_adapter_and_copies_no_stale_report
     pytest.importorskip("peft")
     from peft import get_peft_model
 
-    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.pipeline import load_sketched
 
     base, _ = load_sketched(sketched_dir)

@@ -18,11 +18,10 @@ from peft import PeftConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
 from peft.utils.peft_types import PeftType  # noqa: E402
 
-from spallm_plugins import SpaLLMConfig  # noqa: E402
 from spallm_plugins.config import SketchConfig  # noqa: E402
 from spallm_plugins.format import AdapterBaseMismatchError, CheckpointError  # noqa: E402
 from spallm_plugins.hooks import architecture_for  # noqa: E402
-from spallm_plugins.integrations.peft import SpaLLMLayer, SpaLLMModel  # noqa: E402
+from spallm_plugins.integrations.peft import SpaLLMConfig, SpaLLMLayer, SpaLLMModel  # noqa: E402
 from spallm_plugins.integrations.peft.registration import add_enum_member, register  # noqa: E402
 from spallm_plugins.layer import SketchedLinear  # noqa: E402
 from spallm_plugins.pipeline import load_sketched, sketch_to_folder  # noqa: E402

@@ -397,7 +397,7 @@ def peft_model(dense: bool = False):
     from conftest import tiny_llama
     from peft import get_peft_model
 
-    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.sketch import sketch_model
 
     base = tiny_llama(seed=0)

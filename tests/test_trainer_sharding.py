@@ -42,7 +42,7 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from trainer_helpers import saved_adapter, sketched_tiny_llama as base
 from transformers import Trainer, TrainingArguments
-from spallm_plugins import SpaLLMConfig
+from spallm_plugins.integrations.peft import SpaLLMConfig
 from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
 
 zero3 = json.loads(open(sys.argv[4]).read())  # the shipped recipe, configs/deepspeed/zero3.json
@@ -87,7 +87,7 @@ import torch
 from peft import get_peft_model
 from trainer_helpers import CPUFSDPTrainer, saved_adapter, sketched_tiny_llama as base
 from transformers import TrainingArguments
-from spallm_plugins import SpaLLMConfig
+from spallm_plugins.integrations.peft import SpaLLMConfig
 from spallm_plugins.integrations.transformers.trainer import SpaLLMShardingCallback
 from spallm_plugins.sharding import is_sharded
 

@@ -243,8 +243,8 @@ def test_pipeline_parallel_2_matches_one_process(tmp_path, tiny_sketched, tiny_s
 def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp_path, tiny_sketched, tiny_served):
     from peft import get_peft_model
 
-    from spallm_plugins import SpaLLMConfig
     from spallm_plugins.format import read_tensors
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.pipeline import load_sketched
 
     base, tokenizer = load_sketched(tiny_sketched)
@@ -448,7 +448,7 @@ def train_table_set(base_dir: Path, out: Path, seed: int, target_modules: list[s
     """A few steps of table fine-tuning through our PEFT method; the adapter folder PEFT saves."""
     from peft import get_peft_model
 
-    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.pipeline import load_sketched
 
     base, _ = load_sketched(base_dir)
@@ -552,7 +552,7 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from spallm_plugins import SpaLLMConfig
+    from spallm_plugins.integrations.peft import SpaLLMConfig
 
     other = tmp_path / "other-codes"
     shutil.copytree(tiny_table_sets["a"], other)
