@@ -357,7 +357,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     run_quality(
         args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
         only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out, overwrite=args.overwrite,
-        peers=args.peers, seed=args.seed,
+        peers=args.peers, seed=args.seed, max_windows=args.max_windows,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'quality.json'}")
     return 0
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of one or more models on a text, or lm-eval tasks on local data")
     p.add_argument("models", nargs="+", help="model folders (dense or sketched), .gguf files, or 'smollm2'")
-    p.add_argument("--text", help="plain-text file (default: the bundled English sample)")
+    p.add_argument("--text", help="held-out text: .txt, or .json/.jsonl rows (default: the bundled English sample)")
     p.add_argument("--seqlen", type=window_tokens, default=None, help="window length in tokens, >= 2 (default 256)")
     p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
                    help="evaluate at most this many windows (default: all of the text)")  # fmt: skip
@@ -655,7 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")
     p.add_argument("--model", default="smollm2", help="dense model to sketch (default smollm2)")
-    p.add_argument("--text", help="held-out text (default: the bundled English sample)")
+    p.add_argument("--text", help="held-out text: .txt, or .json/.jsonl rows (default: the bundled English sample)")
+    p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
+                   help="evaluate only the text's first N windows (default: all)")  # fmt: skip
     p.add_argument("--calib", help="calibration data for the calibrated variants")
     p.add_argument("--nsamples", type=int, default=64, help="calibration sequences (default 64)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")

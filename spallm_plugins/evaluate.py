@@ -18,12 +18,20 @@ def sample_text() -> str:
 
 
 def read_text(path: str | Path | None) -> str:
+    """The held-out text: the bundled sample (``None``), a text file, or the rows of a ``.json`` /
+    ``.jsonl`` file (as calibration reads them: ``text`` or instruction/input/output), one blank line
+    between rows."""
     if path is None:
         return sample_text()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".json", ".jsonl"):
+        from .sketch.calibration import read_documents
+
+        text = "\n\n".join(read_documents(path))
+    else:
+        text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"{path}: the text file is empty")
     return text

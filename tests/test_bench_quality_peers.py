@@ -114,3 +114,21 @@ def test_bench_quality_writes_the_peer_rows(tmp_path, dense_dir):
         assert rows[peer]["perplexity"] > 1 and rows[peer]["ratio_to_original"] > 0.5
         assert rows[peer]["bits_per_weight"] >= nominal[peer] - 1e-9  # + per-tensor constants, partial groups
     assert result["peers_unavailable"] == {}
+
+
+def test_bench_quality_evaluates_json_rows_up_to_max_windows(tmp_path, dense_dir):
+    from spallm_plugins.cli import main
+    from spallm_plugins.evaluate import perplexity
+    from spallm_plugins.models import load_model
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"instruction": sample_words(50, seed=i), "output": "yes"}) for i in range(8)))
+    rc = main(["bench", "quality", "--model", str(dense_dir), "--text", str(rows), "--max-windows", "2",
+               "--eval-seqlen", "32", "--only", "original", "--peers", "none", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())
+    model, tokenizer = load_model(dense_dir, dtype=torch.float32)
+    text = "\n\n".join(f"{sample_words(50, seed=i)}\nyes" for i in range(8))
+    two, every = (perplexity(model, tokenizer, text, seqlen=32, max_windows=n) for n in (2, None))
+    assert result["max_windows"] == 2 and result["rows"][0]["perplexity"] == pytest.approx(two, rel=1e-6)
+    assert two != pytest.approx(every, rel=1e-3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import sample_words, tiny_llama, tiny_tokenizer
 
-from spallm_plugins.evaluate import generate_answer, perplexity, sample_text
+from spallm_plugins.evaluate import generate_answer, perplexity, read_text, sample_text
 
 
 def test_perplexity_is_exp_of_mean_token_nll_over_windows():
@@ -62,3 +62,20 @@ def test_generate_answer_progress_counts_new_tokens_and_keeps_the_greedy_answer(
     captured = capsys.readouterr()
     assert loud == quiet and quiet
     assert "generating" in captured.err and "6/6" in captured.err and "token" in captured.err
+
+
+def test_held_out_text_reads_plain_files_and_json_rows_and_names_what_is_wrong(tmp_path):
+    import json
+
+    rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5.", "answer": "5"}, {"text": "Plain."}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "plain.txt").write_text('[{"text": "not parsed"}]')
+    expected = "Add 2 and 3.\n2 + 3 = 5.\n\nPlain."
+    assert read_text(tmp_path / "rows.json") == read_text(tmp_path / "rows.jsonl") == expected
+    assert read_text(tmp_path / "plain.txt") == '[{"text": "not parsed"}]'
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json: invalid JSON"):
+        read_text(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+        read_text(tmp_path / "missing.json")

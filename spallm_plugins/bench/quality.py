@@ -281,6 +281,7 @@ def run_quality(
     seqlen: int = 256,
     eval_seqlen: int = 256,
     only: list[str] | None = None,
+    max_windows: int | None = None,
     grid_exponent: float | None = None,
     out_dir: str | Path = "bench-quality",
     log=print,
@@ -322,6 +323,7 @@ def run_quality(
         "nsamples": nsamples,
         "seqlen": seqlen,
         "eval_seqlen": eval_seqlen,
+        "max_windows": max_windows,
         "seed": seed,
         "torch_threads": torch.get_num_threads(),
         "peers": {
@@ -368,7 +370,7 @@ def run_quality(
         else:
             row["bits_per_weight"] = 16.0
         row["sketch_seconds"] = round(time.perf_counter() - start, 3)
-        row["perplexity"] = perplexity(model, tokenizer, text, seqlen=eval_seqlen)
+        row["perplexity"] = perplexity(model, tokenizer, text, seqlen=eval_seqlen, max_windows=max_windows)
         results["rows"].append(row)
         log(f"{row['name']:<32} ppl {row['perplexity']:8.3f}  bits/weight {row['bits_per_weight']:.3f}  "
             f"time {row['sketch_seconds']:.1f} s")  # fmt: skip
