@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of k-means starts and calibration shuffling (default 0)")  # fmt: skip
     p.add_argument("--kmeans-iters", dest="kmeans_iters", type=int, default=argparse.SUPPRESS,
                    help="Lloyd iterations of the weighted k-means (default 50)")  # fmt: skip
+    p.add_argument("--kmeans-restarts", dest="kmeans_restarts", type=int, default=argparse.SUPPRESS,
+                   help="seeded k-means++ starts per row-group besides the quantile and min-max grid starts; "
+                        "the best is kept (default 2)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
     p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
                    help="workspace budget for sketching one linear, e.g. 2GiB (default 1GiB); rows are "

@@ -100,10 +100,11 @@ def test_cli_calibrated_sketch_with_report(tmp_path, dense_dir, calib_file):
     needs("matplotlib", "pip install '.[bench]'")
     out = tmp_path / "cli"
     proc = run_cli("sketch", str(dense_dir), "--out", str(out), "--calib", str(calib_file), "--nsamples", "8",
-                   "--seqlen", "32", "--bits", "4", "--gpr", "2", "--report", "--quiet")  # fmt: skip
+                   "--seqlen", "32", "--bits", "4", "--gpr", "2", "--kmeans-restarts", "3", "--report", "--quiet")  # fmt: skip
     assert "sketched 14 linear layers" in proc.stdout
     report = json.loads((out / "sketch_report.json").read_text())
     assert report["config"]["method"] == "gptq" and report["config"]["calibration"] == str(calib_file)
+    assert report["config"]["kmeans_restarts"] == 3
     assert (out / "sketch_report.png").stat().st_size > 1000
 
 
