@@ -281,7 +281,6 @@ def run_quality(
     seqlen: int = 256,
     eval_seqlen: int = 256,
     only: list[str] | None = None,
-    max_windows: int | None = None,
     grid_exponent: float | None = None,
     out_dir: str | Path = "bench-quality",
     log=print,
@@ -289,13 +288,15 @@ def run_quality(
     overwrite: bool = False,
     peers: list[str] | None = None,
     seed: int = 0,
+    max_windows: int | None = None,
 ) -> dict[str, Any]:
     """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)
     into ``out_dir``, which must be new or empty unless ``overwrite``.
 
     ``peers`` names the real quantizers to run beside them (``[]``: none); ``None`` runs every one
     whose package is importable (with ``only``: those ``only`` names) and lists the others, with the
-    reason, under ``"peers_unavailable"``.
+    reason, under ``"peers_unavailable"``. ``max_windows`` evaluates only the first windows of ``eval_seqlen``
+    tokens of the text (``None``: all of it).
     """
     from ..outputs import prepare_output_dir
 
