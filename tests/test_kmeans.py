@@ -38,6 +38,8 @@ def test_fixed_point_properties():
     weights = torch.rand(64) + 0.05
     c, a = weighted_kmeans_1d(values, 8, weights, iters=100)
     assert torch.all(c[:, 1:] >= c[:, :-1])
+    centroids_only, none = weighted_kmeans_1d(values, 8, weights, iters=100, assignments=False)
+    assert none is None and torch.equal(centroids_only, c)
     nearest = (values[..., None] - c[:, None, :]).abs().argmin(-1)
     assert torch.equal(a, nearest)
     w = weights.expand_as(values)
@@ -96,3 +98,64 @@ def test_kmeans_plus_plus_restarts_only_improve_and_are_seeded():
     a = weighted_kmeans_1d(values, 16, restarts=2, seed=7)
     b = weighted_kmeans_1d(values, 16, restarts=2, seed=7)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def naive_kmeans_plus_plus(values, weights, k, draws, trials):
+    """Textbook k-means++ with best-of-trials on one row: every step passes over all values (float64)."""
+    v, w = values.double().sort().values, weights.double()[values.argsort()]
+    first = int(torch.searchsorted(w.cumsum(0), draws[0] * w.sum(), right=True))
+    centres = [float(v[first])]
+    for step in range(1, k):
+        dist = ((v[:, None] - torch.tensor(centres, dtype=torch.float64)[None]) ** 2).min(1).values
+        cdf = (w * dist).cumsum(0)
+        best = None
+        for u in draws[1 + (step - 1) * trials : 1 + step * trials]:
+            candidate = float(v[int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(len(v) - 1))])
+            potential = (w * torch.minimum(dist, (v - candidate) ** 2)).sum()
+            if best is None or potential < best[0]:
+                best = (potential, candidate)
+        centres.append(best[1])
+    return sorted(centres)
+
+
+def test_kmeans_plus_plus_seeding_draws_as_the_textbook_algorithm():
+    from spallm_plugins.sketch.kmeans import SortedRows, kmeans_plus_plus_init, kmeans_uniforms
+
+    torch.manual_seed(5)
+    values = torch.distributions.StudentT(3.0).sample((6, 50))
+    weights = torch.rand(6, 50) + 0.05
+    uniforms = kmeans_uniforms(6, 8, seed=3, restarts=1)[0]
+    rows, _ = SortedRows.build(values, weights)
+    ours = kmeans_plus_plus_init(rows, 8, uniforms)
+    for r in range(6):
+        naive = naive_kmeans_plus_plus(values[r], weights[r], 8, uniforms[r].double(), trials=2)
+        assert ours[r].tolist() == torch.tensor(naive, dtype=torch.float32).tolist()
+
+
+def test_start_costs_from_prefix_sums_match_the_direct_objective():
+    from spallm_plugins.sketch.kmeans import SortedRows
+
+    torch.manual_seed(6)
+    values, weights = torch.randn(5, 33), torch.rand(5, 33)
+    centroids = torch.randn(5, 3, 4).sort(-1).values
+    rows, _ = SortedRows.build(values, weights)
+    costs = rows.cluster_costs(centroids)[0].sum(-1)
+    direct = (weights[:, None, :, None] * (values[:, None, :, None] - centroids[:, :, None, :]) ** 2).min(-1).values
+    torch.testing.assert_close(costs.float(), direct.sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_without_weight_are_seeded_uniformly_and_solved():
+    from spallm_plugins.sketch.kmeans import SortedRows, kmeans_plus_plus_init, kmeans_uniforms
+
+    torch.manual_seed(7)
+    values = torch.randn(4, 40)
+    weights = torch.rand(4, 40)
+    weights[1] = 0
+    uniforms = kmeans_uniforms(4, 4, seed=1, restarts=1)[0]
+    rows, _ = SortedRows.build(values, weights)
+    seeds = kmeans_plus_plus_init(rows, 4, uniforms)
+    assert torch.isfinite(seeds).all() and torch.all(seeds[:, 1:] >= seeds[:, :-1])
+    assert len(set(seeds[1].tolist())) > 1  # draws spread over the row, not stuck on one value
+    assert rows.draw(uniforms[:, :1].double())[1].item() == int(uniforms[1, 0] * 40)
+    centroids, assign = weighted_kmeans_1d(values, 4, weights)
+    assert torch.isfinite(centroids).all() and assign.shape == values.shape

@@ -147,12 +147,15 @@ def refit_tables(
     hessian: torch.Tensor,
     iters: int = 10,
     tol: float = 1e-6,
+    error_product: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least-squares tables for fixed codes: minimise ``(w - S^T t) H (w - S^T t)^T`` per row.
 
     Batched Jacobi-preconditioned conjugate gradient over all rows, warm-started at ``tables``; a
     row stops at its own convergence, so its result does not depend on the other rows.
     ``codes`` are int64 ``[out, in]``; returns float32 tables of the same shape as ``tables``.
+    ``error_product`` is ``(w - S^T tables) @ H`` when the caller already has it (the loss before
+    the refit needs the same product); each product with ``H`` is most of the refit's cost.
     """
     out_features, groups, k = tables.shape
     in_features = weight.shape[1]
@@ -168,11 +171,13 @@ def refit_tables(
 
     t = tables.reshape(out_features, entries).float().clone()
     h = hessian.float()
-    rhs = reduce(weight.float() @ h)
     diag = reduce(torch.diagonal(h).expand(out_features, -1).contiguous())
     used = diag > 0
     precond = torch.where(used, 1.0 / diag.clamp_min(1e-30), torch.zeros_like(diag))
-    residual = rhs - reduce(gather(t) @ h)
+    if error_product is None:
+        error_product = (weight.float() - gather(t)) @ h
+    residual = reduce(error_product)  # S H (w - S^T t): the right-hand side less S H S^T t
+    del error_product
     z = precond * residual
     p = z.clone()
     rz = (residual * z).sum(1, keepdim=True)
@@ -254,7 +259,13 @@ def _sketch_rows(
     groups = w.reshape(out_features * gpr, group_size)
     group_weights = column_weight.view(gpr, group_size).repeat(out_features, 1)
     centroids, _ = weighted_kmeans_1d(
-        groups, k, group_weights, iters=config.kmeans_iters, restarts=config.kmeans_restarts, uniforms=uniforms
+        groups,
+        k,
+        group_weights,
+        iters=config.kmeans_iters,
+        restarts=config.kmeans_restarts,
+        uniforms=uniforms,
+        assignments=False,
     )
     del groups, group_weights
     tables = centroids.to(config.torch_table_dtype()).float().view(out_features, gpr, k)
@@ -263,13 +274,18 @@ def _sketch_rows(
         return error_feedback_codes(w[:, perm], t, perm // group_size, upper, block_size)[:, inv_perm]
 
     codes = assign(tables)
-    loss_before = layer_loss(w, gather_weight(tables, codes), prepared.hessian)
+    error = w - gather_weight(tables, codes)
+    error_product = error @ prepared.hessian
+    loss_before = (error_product * error).sum(1)  # layer_loss, sharing its product with the refit
+    del error
     loss_after = loss_before
     kept = torch.zeros(out_features, dtype=torch.bool, device=w.device)
     for round_index in range(config.refit_rounds if config.refit else 0):
         if round_index:
             codes = torch.where(kept[:, None], assign(tables), codes)
-        refit = refit_tables(w, codes, tables, prepared.hessian).to(config.torch_table_dtype()).float()
+        refit = refit_tables(w, codes, tables, prepared.hessian, error_product=error_product)
+        error_product = None
+        refit = refit.to(config.torch_table_dtype()).float()
         refit = refit.sort(dim=-1)
         # sorting permutes the entries of each table: remap codes so each still points at its value
         rank = torch.argsort(refit.indices, dim=-1).view(out_features * gpr, k)

@@ -58,6 +58,7 @@ def sketch_linear(
             iters=config.kmeans_iters,
             restarts=config.kmeans_restarts,
             uniforms=uniforms[:, rows.start * gpr : rows.stop * gpr],
+            assignments=False,
         )
         chunk_tables = centroids.to(config.torch_table_dtype())
         # Assign against the stored (rounded) table values so codes match what inference will see.
