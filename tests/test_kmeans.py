@@ -159,3 +159,15 @@ def test_rows_without_weight_are_seeded_uniformly_and_solved():
     assert rows.draw(uniforms[:, :1].double())[1].item() == int(uniforms[1, 0] * 40)
     centroids, assign = weighted_kmeans_1d(values, 4, weights)
     assert torch.isfinite(centroids).all() and assign.shape == values.shape
+
+
+@pytest.mark.parametrize(("n", "k"), [(4, 8), (8, 16), (16, 16), (20, 16)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_as_many_centroids_as_values_or_more(n, k, weighted):
+    """Every value can become a centre: seeding runs out of cost to draw from, searches settle at a row's end."""
+    torch.manual_seed(8)
+    values = torch.randn(96, n)
+    c, a = weighted_kmeans_1d(values, k, torch.rand(96, n) + 0.1 if weighted else None)
+    assert torch.isfinite(c).all() and torch.all(c[:, 1:] >= c[:, :-1])
+    if n <= k:
+        torch.testing.assert_close(c.gather(1, a), values)

@@ -123,17 +123,18 @@ def _cost(sums: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
 def _draw_within(rows: SortedRows, start, stop, centre, target) -> torch.Tensor:
     """The index ``i`` in ``[start, stop)`` where ``sum_{start <= j <= i} w_j (v_j - centre)**2`` first
     exceeds ``target``: a batched binary search over prefix-sum differences (all ``[R, T]``)."""
+    n = rows.values.shape[1]
     base = rows.at(start)
     lo, hi = start.clone(), stop.clone()
-    for _ in range(rows.values.shape[1].bit_length() + 1):
+    for _ in range(n.bit_length() + 1):
         searching = lo < hi
         if not searching.any():
             break
         mid = (lo + hi) // 2
-        past = _cost(rows.at(mid + 1) - base, centre) > target
+        past = _cost(rows.at((mid + 1).clamp_max(n)) - base, centre) > target  # settled rows may sit at n
         hi = torch.where(searching & past, mid, hi)
         lo = torch.where(searching & ~past, mid + 1, lo)
-    return torch.minimum(lo, stop - 1).clamp_min(start)
+    return torch.minimum(lo, stop - 1).clamp_min(start).clamp_max(n - 1)
 
 
 def kmeans_plus_plus_init(rows: SortedRows, k: int, uniforms: torch.Tensor) -> torch.Tensor:
