@@ -125,7 +125,7 @@ def test_kmeans_plus_plus_seeding_draws_as_the_textbook_algorithm():
     values = torch.distributions.StudentT(3.0).sample((6, 50))
     weights = torch.rand(6, 50) + 0.05
     uniforms = kmeans_uniforms(6, 8, seed=3, restarts=1)[0]
-    rows, _ = SortedRows.build(values, weights)
+    rows = SortedRows.build(values, weights)
     ours = kmeans_plus_plus_init(rows, 8, uniforms)
     for r in range(6):
         naive = naive_kmeans_plus_plus(values[r], weights[r], 8, uniforms[r].double(), trials=2)
@@ -138,7 +138,7 @@ def test_start_costs_from_prefix_sums_match_the_direct_objective():
     torch.manual_seed(6)
     values, weights = torch.randn(5, 33), torch.rand(5, 33)
     centroids = torch.randn(5, 3, 4).sort(-1).values
-    rows, _ = SortedRows.build(values, weights)
+    rows = SortedRows.build(values, weights)
     costs = rows.cluster_costs(centroids)[0].sum(-1)
     direct = (weights[:, None, :, None] * (values[:, None, :, None] - centroids[:, :, None, :]) ** 2).min(-1).values
     torch.testing.assert_close(costs.float(), direct.sum(-1), rtol=1e-5, atol=1e-6)
@@ -152,7 +152,7 @@ def test_rows_without_weight_are_seeded_uniformly_and_solved():
     weights = torch.rand(4, 40)
     weights[1] = 0
     uniforms = kmeans_uniforms(4, 4, seed=1, restarts=1)[0]
-    rows, _ = SortedRows.build(values, weights)
+    rows = SortedRows.build(values, weights)
     seeds = kmeans_plus_plus_init(rows, 4, uniforms)
     assert torch.isfinite(seeds).all() and torch.all(seeds[:, 1:] >= seeds[:, :-1])
     assert len(set(seeds[1].tolist())) > 1  # draws spread over the row, not stuck on one value

@@ -61,14 +61,14 @@ class SortedRows:
     prefix: torch.Tensor  # [R, n + 1, 3] float64: sums of w, w * v, w * v**2 over values[:, :i]
 
     @classmethod
-    def build(cls, values: torch.Tensor, weights: torch.Tensor) -> tuple[SortedRows, torch.Tensor]:
-        """Sort ``values [R, n]`` with their ``weights``; returns the rows and the sorting order."""
+    def build(cls, values: torch.Tensor, weights: torch.Tensor) -> SortedRows:
+        """Sort ``values [R, n]`` with their ``weights``."""
         v_sorted, order = values.float().sort(dim=1)
         w = weights.float().gather(1, order).double()
         v = v_sorted.double()
         terms = torch.stack([w, w * v, w * v * v], -1)
         prefix = torch.cat([torch.zeros_like(terms[:, :1]), terms.cumsum(1)], 1)
-        return cls(v_sorted, prefix[..., 0].contiguous(), prefix), order
+        return cls(v_sorted, prefix[..., 0].contiguous(), prefix)
 
     def select(self, index: torch.Tensor) -> SortedRows:
         """The rows ``index`` (a copy)."""
@@ -267,7 +267,7 @@ def _kmeans_rows(
 ) -> torch.Tensor:
     restarts = uniforms.shape[0]
     values = values.float()
-    rows, _ = SortedRows.build(values, torch.ones_like(values) if weights is None else weights)
+    rows = SortedRows.build(values, torch.ones_like(values) if weights is None else weights)
     if init is not None:
         return _lloyd(rows, init.float(), iters)
     starts = [
