@@ -596,14 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-restarts", dest="kmeans_restarts", type=int, default=argparse.SUPPRESS,
                    help="seeded k-means++ starts per row-group besides the quantile and min-max grid starts; "
                         "the best is kept (default 2)")  # fmt: skip
+    p.add_argument("--tune-steps", dest="tune_steps", type=int, default=argparse.SUPPRESS,
+                   help="after a block is sketched, Adam steps on its tables against the dense block's outputs, "
+                        "one calibration batch each (calibrated only; default 0: none)")  # fmt: skip
+    p.add_argument("--tune-lr", dest="tune_lr", type=float, default=argparse.SUPPRESS,
+                   help="Adam learning rate of --tune-steps (default 5e-5)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue a killed calibrated run from its last block")
     p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
                    help="workspace budget for sketching one linear, e.g. 2GiB (default 1GiB); rows are "
                         "sketched in chunks that fit it, with the same result for any budget")  # fmt: skip
     p.add_argument("--device", default="cpu", help="compute device for calibrated sketching (cpu, cuda, cuda:1)")
     p.add_argument("--offload-activations", dest="offload_activations", action="store_true",
-                   help="keep the calibration activations (2 x nsamples x seqlen x hidden x 4 bytes) in files "
-                        "under OUT/.spallm-partial, one batch in memory at a time")  # fmt: skip
+                   help="keep the calibration activations (2 x nsamples x seqlen x hidden x 4 bytes, 3 x with "
+                        "--tune-steps) in files under OUT/.spallm-partial, one batch in memory at a time")  # fmt: skip
     p.add_argument("--offload", action="store_true",
                    help="no effect: the sketch streams, one block in memory at a time (kept for old scripts)")  # fmt: skip
     p.add_argument("--report", action="store_true", help="also draw sketch_report.png (needs matplotlib)")

@@ -65,7 +65,9 @@ class SketchConfig:
     the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``true_sequential`` (sketch
     a decoder block's linears in forward-order stages, each calibrated through the sketched stages
     before it), ``refit`` and ``refit_rounds``; ``kmeans_iters`` and ``kmeans_restarts`` (seeded
-    k-means++ starts besides the quantile and min-max-grid starts) with ``seed``.
+    k-means++ starts besides the quantile and min-max-grid starts) with ``seed``; ``tune_steps`` and
+    ``tune_lr`` (after a block's linears are sketched, Adam steps on its tables against the dense
+    block's outputs, one calibration batch each; 0: none).
     """
 
     bits: int = 4
@@ -85,6 +87,8 @@ class SketchConfig:
     refit_rounds: int = 1
     kmeans_iters: int = 50
     kmeans_restarts: int = 2
+    tune_steps: int = 0
+    tune_lr: float = 5e-5
     seed: int = 0
     format_version: int = FORMAT_VERSION
 
@@ -141,7 +145,7 @@ class SketchConfig:
             or not 1 <= self.refit_rounds <= 8
         ):
             fail("refit_rounds", self.refit_rounds, "an integer in 1..8")
-        for key in ("nsamples", "seqlen", "kmeans_iters", "kmeans_restarts", "seed"):
+        for key in ("nsamples", "seqlen", "kmeans_iters", "kmeans_restarts", "tune_steps", "seed"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(key, value, "a non-negative integer")
@@ -150,6 +154,13 @@ class SketchConfig:
                 f"SketchConfig: method 'gptq' is calibrated and needs nsamples >= 1 and seqlen >= 1 "
                 f"(got nsamples={self.nsamples}, seqlen={self.seqlen}); use method 'kmeans' for a data-free sketch"
             )
+        if self.tune_steps and self.method != "gptq":
+            raise SketchConfigError(
+                f"SketchConfig: tune_steps={self.tune_steps} tunes tables on calibration data and needs method 'gptq' "
+                f"(got method={self.method!r})"
+            )
+        if isinstance(self.tune_lr, bool) or not isinstance(self.tune_lr, (int, float)) or not 0 < self.tune_lr < 1:
+            fail("tune_lr", self.tune_lr, "a number in (0, 1) (Adam's learning rate for block table tuning)")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
             fail("damping", self.damping, "a number in [0, 1) (fraction of the mean Hessian diagonal)")
         if (

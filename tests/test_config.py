@@ -26,6 +26,9 @@ def test_round_trip_through_quantization_config():
         ("target_modules", "q_proj"),
         ("damping", -0.1),
         ("nsamples", -1),
+        ("tune_steps", -1),
+        ("tune_lr", 0.0),
+        ("tune_lr", 1.5),
     ],
 )
 def test_invalid_values_name_the_key(key, value):
@@ -71,6 +74,12 @@ def test_a_string_exclusion_excludes_that_module():
 def test_float_bits_are_refused_up_front():
     with pytest.raises(SketchConfigError, match=r"SketchConfig.bits=4.0 is invalid: expected one of \(2, 3, 4\)"):
         SketchConfig(bits=4.0)
+
+
+def test_table_tuning_needs_calibration():
+    with pytest.raises(SketchConfigError, match=r"tune_steps=4 .* needs method 'gptq'"):
+        SketchConfig(tune_steps=4)
+    assert SketchConfig(method="gptq", nsamples=8, seqlen=16, tune_steps=4).tune_steps == 4
 
 
 def test_calibrated_method_needs_samples_before_any_model_is_loaded():

@@ -197,3 +197,54 @@ def test_true_sequential_stages_follow_the_forward_and_calibrate_through_sketche
     assert all(torch.equal(a[first.format(p)], b[first.format(p)]) for p in "qkv")
     assert not torch.equal(a[first.format("o")], b[first.format("o")])
     assert len(report["layers"]) == 14
+
+
+def _output(block, hidden, kwargs):
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_errors(model, dense, ids):
+    """Per block: the squared error of the block's outputs against the dense block's, on the same inputs."""
+    from spallm_plugins.sketch.driver import capture_block_inputs
+
+    hidden, kwargs_list = capture_block_inputs(model, model.model.layers, ids, 8, torch.device("cpu"))
+    errors = []
+    with torch.no_grad():
+        for block, reference in zip(model.model.layers, dense.model.layers):
+            outputs = [_output(block, h, kw) for h, kw in zip(hidden, kwargs_list)]
+            targets = [_output(reference, h, kw) for h, kw in zip(hidden, kwargs_list)]
+            errors.append(sum(float((o - t).pow(2).sum()) for o, t in zip(outputs, targets)))
+            hidden = outputs
+    return errors
+
+
+def test_table_tuning_fits_each_block_to_the_dense_block_and_keeps_only_improvements():
+    from spallm_plugins.sketch.driver import capture_block_inputs, tune_block_tables
+
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    ids = torch.randint(4, dense.config.vocab_size, (16, 32))
+    plain, tuned = tiny_llama(), tiny_llama()
+    sketch_model_calibrated(plain, CONFIG, ids)
+    report = sketch_model_calibrated(tuned, CONFIG.replace(tune_steps=12, tune_lr=1e-3), ids)
+    outcomes = [block["tuning"] for block in report["blocks"]]
+    assert len(outcomes) == 2 and all(o["kept"] and o["loss_after"] < o["loss_before"] for o in outcomes)
+    assert report["seconds"]["tune"] > 0
+    tuned_errors, plain_errors = _block_errors(tuned, dense, ids), _block_errors(plain, dense, ids)
+    assert tuned_errors[0] < 0.9 * plain_errors[0] and sum(tuned_errors) < 0.9 * sum(plain_errors)
+    codes = "model.layers.0.mlp.up_proj.codes"  # block 0 is sketched from the same inputs either way
+    assert torch.equal(plain.state_dict()[codes], tuned.state_dict()[codes])  # tuning trains tables only
+    layer = tuned.model.layers[1].mlp.up_proj
+    assert layer.tables.dtype == CONFIG.torch_table_dtype() and layer.tables.requires_grad
+
+    # steps that make the block worse are undone: the tables come back bit for bit
+    hidden, kwargs_list = capture_block_inputs(tuned, tuned.model.layers, ids, 8, torch.device("cpu"))
+    block = tuned.model.layers[0]
+    with torch.no_grad():
+        targets = [_output(dense.model.layers[0], h, kw) for h, kw in zip(hidden, kwargs_list)]
+    layers = {n: m for n, m in block.named_modules() if hasattr(m, "tables")}
+    before = {n: m.tables.detach().clone() for n, m in layers.items()}
+    outcome = tune_block_tables(block, layers, hidden, kwargs_list, targets, steps=3, lr=0.5)
+    assert not outcome["kept"] and outcome["loss_after"] >= outcome["loss_before"]
+    assert all(torch.equal(m.tables, before[n]) for n, m in layers.items())

@@ -308,3 +308,26 @@ def test_a_fixed_mmap_threshold_keeps_medium_temporaries_out_of_the_heap():
     assert fixed == "True" and int(mapped) >= 4 << 20  # its own mapping, returned to the system when freed
     respected = run_python(MMAP_PROBE, "fixed", env={"MALLOC_MMAP_THRESHOLD_": "1048576"}).stdout.split()
     assert respected[0] == "False"  # the user's own setting wins
+
+
+def test_table_tuning_streams_with_spilled_targets_and_resumes_to_the_same_bytes(tmp_path, calib_file):
+    source = save_sharded(tiny_qwen2(), tmp_path / "dense")
+    config = CALIBRATED.replace(calibration=str(calib_file), tune_steps=3, tune_lr=1e-5)
+    report = sketch_to_folder(source, tmp_path / "straight", config, progress=False)
+    assert any(block["tuning"]["kept"] for block in report["blocks"])  # so the bytes compared below are tuned
+    ids = calibration_batch(str(calib_file), load_tokenizer(source), config.nsamples, config.seqlen, config.seed)
+    assert_same(in_memory(source, config, ids), tmp_path / "straight")
+    out = tmp_path / "offloaded"
+    spilled: list[str] = []
+
+    def kill_after_block_0(index):
+        spilled.extend(p.name for p in (out / PARTIAL_DIR).glob("activations_targets_*"))
+        raise Killed
+
+    with pytest.raises(Killed):
+        sketch_to_folder(
+            source, out, config, progress=False, offload_activations=True, on_block_done=kill_after_block_0
+        )
+    assert spilled  # the dense block's outputs, the tuning's targets, were spilled beside the activations
+    sketch_to_folder(source, out, config, progress=False, resume=True, offload_activations=True)
+    assert_same(tensors(tmp_path / "straight"), out)

@@ -52,7 +52,7 @@ class SpaLLMConfig(PeftConfig):
         base_codes_fingerprint: Fingerprint of the sketched base's codes the adapter was trained on.
         bits, groups_per_row, table_dtype, modules_to_not_convert, method, calibration, nsamples,
             seqlen, damping, grid_exponent, act_order, true_sequential, refit, refit_rounds, kmeans_iters,
-            kmeans_restarts, seed, format_version: the sketch settings, as in ``SketchConfig``.
+            kmeans_restarts, tune_steps, tune_lr, seed, format_version: the sketch settings, as in ``SketchConfig``.
     """
 
     target_modules: list[str] | str | None = field(
@@ -132,6 +132,10 @@ class SpaLLMConfig(PeftConfig):
     kmeans_restarts: int = field(
         default=_SKETCH.kmeans_restarts, metadata={"help": "Seeded k-means++ starts besides the fixed ones."}
     )
+    tune_steps: int = field(
+        default=_SKETCH.tune_steps, metadata={"help": "Adam steps on each block's tables after sketching (0: none)."}
+    )
+    tune_lr: float = field(default=_SKETCH.tune_lr, metadata={"help": "Learning rate of the block table tuning."})
     seed: int = field(default=_SKETCH.seed, metadata={"help": "Seed of the k-means starts and calibration sampling."})
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Format of codes and tables (1)."})
 

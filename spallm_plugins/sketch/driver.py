@@ -393,6 +393,55 @@ def peak_memory() -> dict[str, int]:
     return peak
 
 
+def _block_loss(block, hidden, kwargs_list, targets) -> float:
+    total = 0.0
+    for h, kw, target in zip(hidden, kwargs_list, targets):
+        total += float((_block_output(block(h, **kw)) - target).pow(2).sum())
+    return total
+
+
+def tune_block_tables(
+    block: nn.Module,
+    layers: dict[str, SketchedLinear],
+    hidden: Sequence[torch.Tensor],
+    kwargs_list: list[dict[str, Any]],
+    targets: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+) -> dict[str, float]:
+    """Tune the tables of a sketched block so that its outputs match the dense block's (``targets``) on
+    the same inputs: Adam on the block's mean squared output error, one calibration batch per step.
+
+    Each layer was sketched to its own output error; this fits the block as a whole (the layers'
+    errors interact through the attention and the gated MLP), as AQLM's block fine-tuning does for
+    its codebooks. Tables train in float32 and are stored back in their dtype; the block keeps the
+    tuned tables only if its output error over all batches went down.
+    """
+    with torch.no_grad():
+        before = _block_loss(block, hidden, kwargs_list, targets)
+    stored = {name: layer.tables.detach().clone() for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.tables = nn.Parameter(layer.tables.detach().float(), requires_grad=True)
+    optimizer = torch.optim.Adam([layer.tables for layer in layers.values()], lr=lr)
+    with torch.enable_grad():
+        for step in range(steps):
+            batch = step % len(hidden)
+            output = _block_output(block(hidden[batch], **kwargs_list[batch]))
+            loss = torch.nn.functional.mse_loss(output, targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    del optimizer
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.tables = nn.Parameter(layer.tables.detach().to(stored[name].dtype), requires_grad=True)
+        after = _block_loss(block, hidden, kwargs_list, targets)
+        if not after < before:
+            for name, layer in layers.items():
+                layer.tables = nn.Parameter(stored[name], requires_grad=True)
+    return {"loss_before": before, "loss_after": after, "kept": after < before}
+
+
 @torch.no_grad()
 def sketch_block(
     block: nn.Module,
@@ -420,9 +469,21 @@ def sketch_block(
     stage's Hessian is captured through the already sketched stages before it, so that a layer
     compensates the errors of the layers that feed it (GPTQ's ``true-sequential``). A stage's
     capture stops the forward as soon as the stage's last linear has seen its input.
+
+    With ``config.tune_steps`` the dense block's outputs are kept (or spilled beside ``outputs``) before
+    its linears are replaced, and the sketched block's tables are then tuned against them
+    (:func:`tune_block_tables`) before its outputs go on to the next block.
     """
     t0 = time.perf_counter()
     stages = input_stages(block, local, hidden[0], kwargs_list[0]) if config.true_sequential else [list(local)]
+    dense_outputs: Any = None
+    tune_seconds = 0.0
+    if config.tune_steps:  # the targets of the table tuning: the dense block's outputs (spilled with the rest)
+        dense_start = time.perf_counter()
+        dense_outputs = [] if outputs is None else outputs.emptied("targets")
+        for h, kw in zip(hidden, kwargs_list):
+            dense_outputs.append(_block_output(block(h, **kw)))
+        tune_seconds = time.perf_counter() - dense_start
     block_tensors: dict[str, torch.Tensor] = {}
     hessian_seconds = 0.0
     for stage in stages:
@@ -459,6 +520,19 @@ def sketch_block(
             }
         del collector
     t1 = t0 + hessian_seconds
+    tuning: dict[str, Any] = {}
+    if dense_outputs is not None:
+        tune_start = time.perf_counter()
+        sketched = {rel: block.get_submodule(rel) for rel in local}
+        tuning = tune_block_tables(
+            block, sketched, hidden, kwargs_list, dense_outputs, config.tune_steps, config.tune_lr
+        )
+        for rel, layer in sketched.items():
+            block_tensors[f"{prefix}.{rel}.tables"] = layer.tables.detach()
+        del dense_outputs
+        tune_seconds += time.perf_counter() - tune_start
+        tuning["seconds"] = round(tune_seconds, 3)  # the dense block's forward included
+        timings["tune"] = timings.get("tune", 0.0) + tune_seconds
     t2 = time.perf_counter()
     next_hidden: Any = [] if outputs is None else outputs
     for h, kw in zip(hidden, kwargs_list):
@@ -466,9 +540,10 @@ def sketch_block(
     hidden = next_hidden
     t3 = time.perf_counter()
     timings["hessian"] += t1 - t0
-    timings["sketch"] += t2 - t1
+    timings["sketch"] += t2 - t1 - tune_seconds
     timings["propagate"] += t3 - t2
-    report["blocks"].append({"index": index, "seconds": round(t3 - t0, 3), **peak_memory()})
+    block_report = {"index": index, "seconds": round(t3 - t0, 3), **peak_memory()}
+    report["blocks"].append({**block_report, "tuning": tuning} if tuning else block_report)
     return block_tensors, hidden
 
 
