@@ -119,6 +119,9 @@ else:
         out.update(saved_adapter(folder + "/adapter"))
 with open(f"{folder}/{mode}-rank{rank}.json", "w") as f:
     json.dump(out, f)
+# Leave together: a rank that exits while the other still saves can abort in gloo's threads at shutdown.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
