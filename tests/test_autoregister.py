@@ -6,16 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import needs, run_python
+from safetensors.torch import save_file
 
 PTH = Path(sysconfig.get_paths()["purelib"]) / "spallm_plugins_autoregister.pth"
 
 LOAD_AND_COMPARE = """
 import sys, torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 kind = type(m.model.layers[0].self_attn.q_proj).__name__
 with torch.no_grad():
-    same = torch.equal(m(torch.arange(24).view(2, 12) % 30).logits, torch.load(sys.argv[2]))
+    same = torch.equal(m(torch.arange(24).view(2, 12) % 30).logits, load_file(sys.argv[2])["logits"])
 print(kind, "EQUAL" if same else "DIFFERENT")
 """
 
@@ -27,8 +29,8 @@ def expected_logits(tmp_path, sketched_dir):
     model, _ = load_sketched(sketched_dir)
     with torch.no_grad():
         logits = model(torch.arange(24).view(2, 12) % 30).logits
-    torch.save(logits, tmp_path / "expected.pt")
-    return tmp_path / "expected.pt"
+    save_file({"logits": logits}, tmp_path / "expected.safetensors")
+    return tmp_path / "expected.safetensors"
 
 
 def needs_pth():

@@ -77,12 +77,13 @@ def losses(output: str) -> list[float]:
 
 FRESH_LOAD = """
 import sys, torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sys.argv[1]), sys.argv[2])
 ids = torch.arange(1, 25).view(2, 12) * 37
 with torch.no_grad():
-    torch.save(model(ids).logits, sys.argv[3])
+    save_file({"logits": model(ids).logits}, sys.argv[3])
 """
 
 
@@ -98,10 +99,11 @@ def test_train_saves_a_peft_adapter_that_loads_in_a_fresh_process(tmp_path, sket
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "SPALLM"
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         assert all(k.endswith(".spallm_tables") for k in f.keys())
-    run_python(FRESH_LOAD, str(sketched_smollm2), str(out), str(tmp_path / "fresh.pt"))
+    run_python(FRESH_LOAD, str(sketched_smollm2), str(out), str(tmp_path / "fresh.safetensors"))
     from peft import PeftModel
 
     from spallm_plugins.pipeline import load_sketched
@@ -110,7 +112,7 @@ def test_train_saves_a_peft_adapter_that_loads_in_a_fresh_process(tmp_path, sket
     model = PeftModel.from_pretrained(base, out)
     with torch.no_grad():
         expected = model(torch.arange(1, 25).view(2, 12) * 37).logits
-    assert torch.equal(torch.load(tmp_path / "fresh.pt"), expected)
+    assert torch.equal(load_file(tmp_path / "fresh.safetensors")["logits"], expected)
 
 
 def test_merge_lora_gives_a_sketched_checkpoint_equal_to_adapter_on_base(tmp_path, sketched_smollm2):

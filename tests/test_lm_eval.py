@@ -140,6 +140,7 @@ def models(tmp_path_factory):
     """A sketched tiny Llama, a spallm adapter on it, and the logits both give when loaded the usual way."""
     needs("peft", "nox -s tests installs it")
     from peft import PeftModel, get_peft_model
+    from safetensors.torch import save_file
 
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.integrations.peft import SpaLLMConfig
@@ -157,19 +158,20 @@ def models(tmp_path_factory):
     with torch.no_grad():
         adapter_logits = adapted(IDS).logits
     assert not torch.equal(base_logits, adapter_logits)
-    torch.save({"base": base_logits, "adapter": adapter_logits}, root / "expected.pt")
+    save_file({"base": base_logits, "adapter": adapter_logits}, root / "expected.safetensors")
     return root
 
 
 HARNESS_ONLY = """
 import json, sys, torch
 import lm_eval, lm_eval.evaluator
+from safetensors.torch import load_file
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 lm_eval.evaluator.add_env_info = lambda results: None  # torch's collect_env: seconds of subprocesses
 sketched, adapter, include, expected = sys.argv[1:]
-expected = torch.load(expected)
+expected = load_file(expected)
 report = {}
 for name, peft in (("base", None), ("adapter", adapter)):
     lm = HFLM(pretrained=sketched, peft=peft, batch_size=20, device="cpu")
@@ -193,7 +195,7 @@ def test_lm_eval_scores_a_sketched_model_and_adapter_without_a_spallm_import(tmp
     needs("pth", "install the package (pip install .)")
     include = write_local_tasks(DATA_20, tmp_path / "tasks", ["arc_easy_local"])
     proc = run_python(HARNESS_ONLY, str(models / "sketched"), str(models / "adapter"), str(include),
-                      str(models / "expected.pt"))  # fmt: skip
+                      str(models / "expected.safetensors"))  # fmt: skip
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
     for name in ("base", "adapter"):
         got = report[name]

@@ -166,6 +166,7 @@ def test_sketched_base_save_holds_tables_and_fingerprint_and_reloads(tmp_path, s
 
 FRESH_LOAD = """
 import sys, torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
@@ -176,7 +177,7 @@ with torch.no_grad():
     first = model(ids).logits
     model.set_adapter("second")
     second = model(ids).logits
-expected = torch.load(sys.argv[4])
+expected = load_file(sys.argv[4])
 print("spallm_plugins imported by user:", "spallm_plugins.integrations.peft.model" in sys.modules)
 print("FIRST", "EQUAL" if torch.equal(first, expected["first"]) else "DIFFERENT")
 print("SECOND", "EQUAL" if torch.equal(second, expected["second"]) else "DIFFERENT")
@@ -191,9 +192,11 @@ def test_fresh_process_round_trip_without_spallm_import(tmp_path, sketched_dir, 
     second_base, _ = load_sketched(sketched_dir)
     second = train_steps(get_peft_model(second_base, SpaLLMConfig(task_type="CAUSAL_LM")), seed=2)
     second.save_pretrained(tmp_path / "second")
-    torch.save({"first": first, "second": logits(second)}, tmp_path / "expected.pt")
+    from safetensors.torch import save_file
+
+    save_file({"first": first, "second": logits(second)}, tmp_path / "expected.safetensors")
     proc = run_python(FRESH_LOAD, str(sketched_dir), str(tmp_path / "first"), str(tmp_path / "second"),
-                      str(tmp_path / "expected.pt"))  # fmt: skip
+                      str(tmp_path / "expected.safetensors"))  # fmt: skip
     assert "FIRST EQUAL" in proc.stdout and "SECOND EQUAL" in proc.stdout, proc.stdout + proc.stderr
 
 

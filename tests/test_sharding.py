@@ -116,7 +116,7 @@ def _entry(rank: int, port: int, scenarios: list[str], out: str) -> None:
             except Exception:
                 results[scenario] = RankError(traceback.format_exc())
             dist.barrier()
-        torch.save(results, Path(out) / f"rank{rank}.pt")
+        _write_results(results, Path(out) / f"rank{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -125,12 +125,74 @@ class RankError(str):
     """A scenario's traceback on one rank."""
 
 
+def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """``value`` as JSON, its tensors moved to ``tensors`` (saved as safetensors): what a rank returns
+    reaches the test as the same objects, with no pickle on disk."""
+    from torch.distributed.tensor import Placement
+
+    if isinstance(value, RankError):
+        return {"__rank_error__": str(value)}
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, Placement):
+        return {"__placement__": repr(value)}
+    if isinstance(value, (tuple, list)):
+        items = [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"{path}: a rank's result has a dict with non-string keys")
+        return {k: _encode(v, tensors, f"{path}.{k}") for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"{path}: a rank's result holds a {type(value).__name__}, which the tests do not carry")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__rank_error__" in value:
+        return RankError(value["__rank_error__"])
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
+    if "__placement__" in value:
+        return value["__placement__"]  # compared with other placements only, by their repr
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def _write_results(results: dict[str, Any], stem: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    stem.with_suffix(".json").write_text(json.dumps(_encode(results, tensors, "results")))
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+
+
+def _read_results(stem: Path) -> dict[str, Any]:
+    import json
+
+    from safetensors.torch import load_file
+
+    return _decode(json.loads(stem.with_suffix(".json").read_text()), load_file(stem.with_suffix(".safetensors")))
+
+
 def run_ranks(scenarios: list[str], out: Path) -> list[dict[str, Any]]:
     """Run each ``scenario(rank)`` on 2 gloo ranks (one process group for all: starting ranks is the
     slow part); returns, per rank, what each scenario returned or its traceback."""
     out.mkdir(parents=True, exist_ok=True)
     mp.spawn(_entry, args=(_free_port(), scenarios, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [_read_results(out / f"rank{r}") for r in range(WORLD)]
 
 
 SCENARIOS = [

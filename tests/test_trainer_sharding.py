@@ -37,7 +37,9 @@ TRAIN_ZERO3 = r"""
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                   DS_ACCELERATOR="cpu")
+import atexit
 import torch
+atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
 from peft import get_peft_model
 from safetensors.torch import load_file
 from trainer_helpers import saved_adapter, sketched_tiny_llama as base

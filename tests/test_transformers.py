@@ -70,9 +70,12 @@ def test_save_pretrained_round_trip_in_a_fresh_process(tmp_path, dense_dir):
     assert saved_cfg["quantization_config"] == SketchConfig(bits=4, groups_per_row=4).to_quantization_config()
     with torch.no_grad():
         expected = model(IDS).logits
-    torch.save(expected, tmp_path / "expected.pt")
+    from safetensors.torch import save_file
+
+    save_file({"logits": expected}, tmp_path / "expected.safetensors")
     code = """
 import sys, torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from spallm_plugins.integrations.transformers import register
 register()
@@ -80,10 +83,11 @@ m = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 ids = torch.arange(24).view(2, 12) % 30
 with torch.no_grad():
     got = m(ids).logits
-assert torch.equal(got, torch.load(sys.argv[2])), (got - torch.load(sys.argv[2])).abs().max()
+expected = load_file(sys.argv[2])["logits"]
+assert torch.equal(got, expected), (got - expected).abs().max()
 print("IDENTICAL")
 """
-    assert "IDENTICAL" in run_python(code, str(tmp_path / "saved"), str(tmp_path / "expected.pt")).stdout
+    assert "IDENTICAL" in run_python(code, str(tmp_path / "saved"), str(tmp_path / "expected.safetensors")).stdout
 
 
 def test_wrong_format_version_fails_at_load(sketched_dir):
