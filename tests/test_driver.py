@@ -136,6 +136,54 @@ def test_hessians_are_per_distinct_input_and_match_the_definition():
         torch.testing.assert_close(collector.hessian(n), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
 
 
+def _last_input(name, inputs):
+    """A hook keeping the last input a dense linear saw: the one its stage's Hessian was captured from
+    (the linear is replaced right after)."""
+
+    def hook(module, args, output):
+        inputs[name] = args[0].detach()
+
+    return hook
+
+
+def test_linears_sharing_an_input_share_one_factorisation_and_sketch_as_each_alone(monkeypatch):
+    import spallm_plugins.sketch.driver as driver
+    from spallm_plugins.sketch import sketch_layer
+
+    ids = torch.randint(4, 30, (8, 16), generator=torch.Generator().manual_seed(1))
+    seen: list[tuple[str, int]] = []
+    real = driver.prepare_hessian
+
+    def counted(hessian, damping, name="layer", act_order=False):
+        seen.append((name, hessian.shape[0]))
+        return real(hessian, damping, name, act_order)
+
+    monkeypatch.setattr(driver, "prepare_hessian", counted)
+    for true_sequential in (True, False):
+        seen.clear()
+        config = CONFIG.replace(true_sequential=true_sequential)
+        model, inputs = tiny_llama(), {}
+        block = model.model.layers[0]
+        handles = [m.register_forward_hook(_last_input(n, inputs))
+                   for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]  # fmt: skip
+        sketch_model_calibrated(model, config, ids, batch_size=8)  # one batch: the last input is the one
+        for h in handles:
+            h.remove()
+        blocks = model.config.num_hidden_layers
+        attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+        assert len(seen) == 4 * blocks  # q/k/v, o_proj, gate/up, down_proj: one factorisation each
+        assert f"{attn}.q_proj, {attn}.k_proj, {attn}.v_proj" in [name for name, _ in seen]
+        assert f"{mlp}.gate_proj, {mlp}.up_proj" in [name for name, _ in seen]
+        # block 0's k_proj and up_proj, sketched alone from their own Hessians, give the same bytes
+        dense = tiny_llama().model.layers[0]
+        for rel in ("self_attn.k_proj", "mlp.up_proj"):
+            x = inputs[rel].reshape(-1, inputs[rel].shape[-1]).float()
+            alone, _ = sketch_layer(dense.get_submodule(rel), config, hessian=2 * x.T @ x / x.shape[0])
+            got = block.get_submodule(rel)
+            assert torch.equal(got.codes, alone.codes), rel
+            torch.testing.assert_close(got.tables, alone.tables, rtol=0, atol=0)
+
+
 def test_offload_gives_the_same_sketch():
     ids = torch.randint(4, 30, (8, 16))
     a, b = tiny_llama(), tiny_llama()

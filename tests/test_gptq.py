@@ -42,6 +42,20 @@ def test_calibrated_beats_data_free_and_rtn_on_output_error():
         torch.testing.assert_close(torch.tensor(cal.loss), cal_loss, rtol=1e-4, atol=0)
 
 
+def test_a_prepared_hessian_gives_the_sketch_of_the_hessian_itself():
+    w, h = correlated_problem()
+    h[:, 5] = h[5, :] = 0  # a dead column: prepared once, zeroed in each weight that reads it
+    for act_order in (False, True):
+        config = SketchConfig(bits=3, groups_per_row=2, method="gptq", nsamples=1, seqlen=1, act_order=act_order)
+        prepared = prepare_hessian(h, config.damping, act_order=act_order)
+        for weight in (w, w.flip(0) * 2):  # two layers reading one input share the factorisation
+            direct, shared = sketch_linear(weight, config, h), sketch_linear(weight, config, prepared)
+            assert torch.equal(direct.codes, shared.codes) and torch.equal(direct.tables, shared.tables)
+            assert direct.loss == shared.loss
+    with pytest.raises(TypeError, match="prepared Hessian is for method 'gptq'"):
+        sketch_linear(w, SketchConfig(bits=3), prepared)
+
+
 def test_refit_never_increases_the_loss():
     for seed in range(3):
         w, h = correlated_problem(seed=seed)

@@ -2,7 +2,7 @@
 
 For each decoder block in order: run the calibration activations through it with hooks that
 accumulate ``H = 2/n * sum(x x^T)`` for every target linear (one Hessian per distinct input, so
-q/k/v and gate/up share theirs), sketch those linears, then run the activations through the
+q/k/v and gate/up share theirs, factored once), sketch those linears, then run the activations through the
 *sketched* block to get the next block's inputs. Only one block needs to be on the compute device.
 
 Progress is persisted under ``<out>/.spallm-partial/`` after every block: the block's codes and
@@ -27,6 +27,7 @@ from ..convert import resolve_targets, set_submodule
 from ..format import atomic_path, write_json
 from ..layer import SketchedLinear
 from .calibration import CalibrationError, fingerprint
+from .gptq import PreparedHessian, prepare_hessian
 from .model import sketch_layer
 
 PARTIAL_DIR = ".spallm-partial"
@@ -496,15 +497,28 @@ def sketch_block(
                 except _StopForward:
                     pass
         hessian_seconds += time.perf_counter() - stage_start
+        prepared: dict[str, PreparedHessian] = {}  # per distinct input, while a layer reading it is left
+        readers = {owner: [n for n in stage if collector.owner.get(n) == owner] for owner in collector.sums}
         for rel_name in stage:
             linear = local[rel_name]
             name = f"{prefix}.{rel_name}"
             if bar is not None:
                 bar.set_postfix_str(rel_name)
             layer_start = time.perf_counter()
-            layer, result = sketch_layer(
-                linear, config, hessian=collector.hessian(rel_name), name=name, max_memory=max_memory
-            )
+            owner = collector.owner.get(rel_name)
+            hessian: torch.Tensor | PreparedHessian | None = prepared.get(owner)
+            if hessian is None:
+                hessian = collector.hessian(rel_name)  # raises for a layer the forward never reached
+                if config.method == "gptq":  # factored once for all the layers that read this input
+                    together = ", ".join(f"{prefix}.{n}" for n in readers[owner])
+                    hessian = prepare_hessian(
+                        hessian.to(linear.weight.device), config.damping, together, config.act_order
+                    )
+                    prepared[owner] = hessian
+            if readers[owner][-1] == rel_name:
+                prepared.pop(owner, None)
+            layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
+            del hessian
             set_submodule(block, rel_name, layer)
             block_tensors[f"{name}.codes"] = layer.codes
             block_tensors[f"{name}.tables"] = layer.tables.detach()

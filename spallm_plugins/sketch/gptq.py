@@ -203,22 +203,28 @@ def refit_tables(
 def sketch_linear_calibrated(
     weight: torch.Tensor,
     config: SketchConfig,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     name: str = "layer",
     block_size: int = 128,
     max_memory: int | None = None,
 ) -> SketchResult:
     """Sketch ``weight [out, in]`` against the calibration Hessian ``[in, in]`` (see module docstring).
 
+    ``hessian`` may come already prepared (:func:`prepare_hessian` with ``config``'s damping and
+    act-order): linears that share an input (q/k/v, gate/up) share one factorisation.
     Rows are sketched in chunks whose workspace fits ``max_memory`` bytes (:mod:`.memory`); the
     result does not depend on the chunk size.
     """
     out_features, in_features = weight.shape
     config.check_in_features(in_features, name)
-    if hessian.shape != (in_features, in_features):
-        raise HessianError(f"{name}: Hessian shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+    shape = (hessian.hessian if isinstance(hessian, PreparedHessian) else hessian).shape
+    if shape != (in_features, in_features):
+        raise HessianError(f"{name}: Hessian shape {tuple(shape)}, expected {(in_features, in_features)}")
     gpr = config.groups_per_row
-    prepared = prepare_hessian(hessian.to(weight.device), config.damping, name, config.act_order)
+    if isinstance(hessian, PreparedHessian):
+        prepared = hessian
+    else:
+        prepared = prepare_hessian(hessian.to(weight.device), config.damping, name, config.act_order)
     column_weight = loss_error_aware_weights(prepared.inverse_cholesky, config.grid_exponent)
     column_weight = column_weight[torch.argsort(prepared.perm)]  # original column order
     uniforms = kmeans_uniforms(out_features * gpr, config.num_codes, config.seed, config.kmeans_restarts)

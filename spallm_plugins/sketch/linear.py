@@ -6,7 +6,7 @@ import torch
 
 from ..config import SketchConfig
 from ..format import pack_codes
-from .gptq import layer_loss, sketch_linear_calibrated
+from .gptq import PreparedHessian, layer_loss, sketch_linear_calibrated
 from .kmeans import assign_nearest, kmeans_uniforms, weighted_kmeans_1d
 from .memory import row_chunks
 from .result import SketchResult
@@ -21,7 +21,7 @@ def row_groups(weight: torch.Tensor, groups_per_row: int) -> torch.Tensor:
 def sketch_linear(
     weight: torch.Tensor,
     config: SketchConfig,
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | PreparedHessian | None = None,
     name: str = "layer",
     max_memory: int | None = None,
 ) -> SketchResult:
@@ -41,6 +41,8 @@ def sketch_linear(
                 f"{name}: sketch method 'gptq' needs calibration data (a Hessian); use method 'kmeans' without"
             )
         return sketch_linear_calibrated(weight, config, hessian, name, max_memory=max_memory)
+    if isinstance(hessian, PreparedHessian):
+        raise TypeError(f"{name}: a prepared Hessian is for method 'gptq'; method 'kmeans' takes the Hessian itself")
     gpr, k = config.groups_per_row, config.num_codes
     column_weight = None
     if hessian is not None:

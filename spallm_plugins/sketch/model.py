@@ -10,6 +10,7 @@ from torch import nn
 from ..config import SketchConfig
 from ..convert import resolve_targets, set_submodule
 from ..layer import SketchedLinear
+from .gptq import PreparedHessian
 from .linear import sketch_linear
 from .result import SketchResult
 
@@ -17,7 +18,7 @@ from .result import SketchResult
 def sketch_layer(
     linear: nn.Linear,
     config: SketchConfig,
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | PreparedHessian | None = None,
     name: str = "layer",
     max_memory: int | None = None,
 ) -> tuple[SketchedLinear, SketchResult]:
