@@ -207,9 +207,10 @@ def sketch_memory(
 
     The terms of ``README``'s table: one decoder block in float32, the workspace of its largest
     linear (bounded by ``max_memory``), the Hessian matrices of the widest input (calibrated: the
-    collected sum, its scaled copy and the factors, at most five ``[in, in]`` float32 at once), the
-    calibration activations (inputs and outputs of a block, float32; zero with
-    ``--offload-activations``) and the largest tensor outside the blocks (copied through once).
+    collected sum, scaled in place into the Hessian, and the two factors being built from it, at
+    most three ``[in, in]`` float32 at once), the calibration activations (inputs and outputs of a
+    block, float32; zero with ``--offload-activations``) and the largest tensor outside the blocks
+    (copied through once).
     """
     blocks_name, blocks = find_blocks(model, targets)
     block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
@@ -222,7 +223,7 @@ def sketch_memory(
     return {
         "block_float32_bytes": 4 * block_params,
         "workspace_bytes": min(budget, largest * WORKSPACE_BYTES_PER_WEIGHT) + 100 * (1 << 20),
-        "hessian_bytes": 5 * 4 * widest * widest if nsamples else 0,
+        "hessian_bytes": 3 * 4 * widest * widest if nsamples else 0,
         "activation_bytes": 2 * nsamples * seqlen * hidden * 4,
         "largest_outside_bytes": max(outside, default=0) * dense_bytes,
     }

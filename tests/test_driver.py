@@ -134,6 +134,21 @@ def test_hessians_are_per_distinct_input_and_match_the_definition():
     for n in names:
         x = torch.cat(inputs[n])
         torch.testing.assert_close(collector.hessian(n), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    # the sums became the Hessians in place: read again they are not scaled twice, and one input's
+    # readers get one tensor
+    q = collector.hessian("self_attn.q_proj")
+    assert (
+        q.data_ptr()
+        == collector.hessian("self_attn.v_proj").data_ptr()
+        == collector.sums["self_attn.q_proj"].data_ptr()
+    )
+    x = torch.cat(inputs["self_attn.q_proj"])
+    torch.testing.assert_close(q, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    with collector, torch.no_grad(), pytest.raises(RuntimeError, match=r"q_proj: its Hessian was already read"):
+        collector.new_batch()
+        model(ids[:2])
+    collector.release("self_attn.k_proj")
+    assert "self_attn.q_proj" not in collector.sums and "mlp.down_proj" in collector.sums
 
 
 def _last_input(name, inputs):
@@ -154,9 +169,12 @@ def test_linears_sharing_an_input_share_one_factorisation_and_sketch_as_each_alo
     seen: list[tuple[str, int]] = []
     real = driver.prepare_hessian
 
-    def counted(hessian, damping, name="layer", act_order=False):
+    def counted(hessian, damping, name="layer", act_order=False, **kwargs):
         seen.append((name, hessian.shape[0]))
-        return real(hessian, damping, name, act_order)
+        prepared = real(hessian, damping, name, act_order, **kwargs)
+        # the collector's sum is handed over and becomes the prepared Hessian: no [in, in] copy
+        assert prepared.hessian.data_ptr() == hessian.data_ptr(), name
+        return prepared
 
     monkeypatch.setattr(driver, "prepare_hessian", counted)
     for true_sequential in (True, False):

@@ -56,6 +56,23 @@ def test_a_prepared_hessian_gives_the_sketch_of_the_hessian_itself():
         sketch_linear(w, SketchConfig(bits=3), prepared)
 
 
+def test_prepare_hessian_overwrite_factors_the_callers_matrix_without_copying_it():
+    _, h = correlated_problem()
+    h[:, 5] = h[5, :] = 0
+    for act_order in (False, True):
+        kept = h.clone()
+        copied = prepare_hessian(kept, 0.01, act_order=act_order)
+        assert torch.equal(kept, h)  # the caller's matrix is left alone by default
+        handed = h.clone()
+        taken = prepare_hessian(handed, 0.01, act_order=act_order, overwrite=True)
+        assert taken.hessian.data_ptr() == handed.data_ptr() and handed[5, 5] == 1  # fixed in place
+        assert torch.equal(taken.hessian, copied.hessian) and torch.equal(taken.perm, copied.perm)
+        assert torch.equal(taken.inverse_cholesky, copied.inverse_cholesky)
+    double = h.double()
+    assert prepare_hessian(double, 0.01, overwrite=True).hessian.dtype == torch.float32
+    assert double[5, 5] == 0  # another dtype is converted, never written
+
+
 def test_refit_never_increases_the_loss():
     for seed in range(3):
         w, h = correlated_problem(seed=seed)

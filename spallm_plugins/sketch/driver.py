@@ -108,6 +108,7 @@ class HessianCollector:
         self.owner: dict[str, str] = {}
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._reached: set[str] = set()
+        self._scaled: set[str] = set()
         self._handles: list = []
 
     def __enter__(self) -> HessianCollector:
@@ -148,6 +149,10 @@ class HessianCollector:
                 f"block {self.block_index}, {name}: calibration activations contain NaN or inf "
                 "(try float32, or other calibration text)"
             )
+        if name in self._scaled:
+            raise RuntimeError(
+                f"block {self.block_index}, {name}: its Hessian was already read; collect before reading"
+            )
         if name not in self.sums:
             self.sums[name] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float32, device=x2.device)
             self.counts[name] = 0
@@ -155,12 +160,27 @@ class HessianCollector:
         self.counts[name] += x2.shape[0]
 
     def hessian(self, name: str) -> torch.Tensor:
+        """``2 / n * sum(x x^T)`` of ``name``'s input: the collected sum, scaled in place.
+
+        No copy is made (a 70B down_proj's is 3.3 GB): from the first call on the sum *is* the
+        Hessian, one tensor for every layer that reads the same input, and collecting more into it
+        is refused.
+        """
         owner = self.owner.get(name)
         if owner is None:
             raise CalibrationError(
                 f"block {self.block_index}, {name}: the calibration forward never reached this layer"
             )
-        return self.sums[owner] * (2.0 / self.counts[owner])
+        if owner not in self._scaled:
+            self.sums[owner].mul_(2.0 / self.counts[owner])
+            self._scaled.add(owner)
+        return self.sums[owner]
+
+    def release(self, name: str) -> None:
+        """Drop the Hessian of ``name``'s input (and of every layer sharing it) once nothing reads it."""
+        owner = self.owner.get(name)
+        if owner is not None:
+            self.sums.pop(owner, None)
 
 
 def _move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.device) -> None:
@@ -512,11 +532,12 @@ def sketch_block(
                 if config.method == "gptq":  # factored once for all the layers that read this input
                     together = ", ".join(f"{prefix}.{n}" for n in readers[owner])
                     hessian = prepare_hessian(
-                        hessian.to(linear.weight.device), config.damping, together, config.act_order
+                        hessian.to(linear.weight.device), config.damping, together, config.act_order, overwrite=True
                     )
                     prepared[owner] = hessian
             if readers[owner][-1] == rel_name:
                 prepared.pop(owner, None)
+                collector.release(rel_name)
             layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
             del hessian
             set_submodule(block, rel_name, layer)
