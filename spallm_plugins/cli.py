@@ -306,7 +306,7 @@ def _sketch_memory(model, config: SketchConfig, args: argparse.Namespace, dense_
 
     try:
         memory = sketch_memory(model, resolve_targets(model, config), args.nsamples, args.seqlen, args.max_memory,
-                               dense_bytes)  # fmt: skip
+                               dense_bytes, args.device)  # fmt: skip
     except ValueError:
         return {}
     return {**memory, "peak_bytes": sum(memory.values())}
@@ -644,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=256, help="tokens per sequence of the memory estimate (default 256)")
     p.add_argument("--max-memory", dest="max_memory", type=memory_size, default=None,
                    help="sketching workspace budget of the memory estimate (default 1GiB)")  # fmt: skip
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the memory estimate's sketch runs (cuda: cuSOLVER's inverse copies the factor)")  # fmt: skip
     p.add_argument("--world-size", dest="world_size", type=positive_int, default=None,
                    help="also show what each of N ranks holds when training sharded with FSDP2")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -201,16 +201,22 @@ def _outside_tensors(model: nn.Module, blocks_name: str) -> list[tuple[str, torc
 
 
 def sketch_memory(
-    model, targets: dict, nsamples: int, seqlen: int, max_memory: int | None = None, dense_bytes: int = 2
+    model,
+    targets: dict,
+    nsamples: int,
+    seqlen: int,
+    max_memory: int | None = None,
+    dense_bytes: int = 2,
+    device: str = "cpu",
 ) -> dict[str, int]:
     """Bytes the streaming sketcher holds at its peak for ``model`` (built on the meta device).
 
     The terms of ``README``'s table: one decoder block in float32, the workspace of its largest
     linear (bounded by ``max_memory``), the Hessian matrices of the widest input (calibrated: the
-    collected sum, scaled in place into the Hessian, and the two factors being built from it, at
-    most three ``[in, in]`` float32 at once), the calibration activations (inputs and outputs of a
-    block, float32; zero with ``--offload-activations``) and the largest tensor outside the blocks
-    (copied through once).
+    collected sum, scaled in place into the Hessian, and the damped copy factored in its own memory:
+    two ``[in, in]`` float32; on CUDA up to two more, the copies cuSOLVER's ``cholesky_inverse`` makes),
+    the calibration activations (inputs and outputs of a block, float32; zero with
+    ``--offload-activations``) and the largest tensor outside the blocks (copied through once).
     """
     blocks_name, blocks = find_blocks(model, targets)
     block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
@@ -220,10 +226,11 @@ def sketch_memory(
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     outside = [p.numel() for name, p in model.named_parameters() if not name.startswith(blocks_name + ".")]
     hidden = model.config.hidden_size
+    hessian_matrices = 2 if torch.device(device).type == "cpu" else 4
     return {
         "block_float32_bytes": 4 * block_params,
         "workspace_bytes": min(budget, largest * WORKSPACE_BYTES_PER_WEIGHT) + 100 * (1 << 20),
-        "hessian_bytes": 3 * 4 * widest * widest if nsamples else 0,
+        "hessian_bytes": hessian_matrices * 4 * widest * widest if nsamples else 0,
         "activation_bytes": 2 * nsamples * seqlen * hidden * 4,
         "largest_outside_bytes": max(outside, default=0) * dense_bytes,
     }

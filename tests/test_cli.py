@@ -56,9 +56,11 @@ def test_info_estimates_the_memory_of_sketching_it(llama2_config):
     h, i = 4096, 11008
     assert data["block_float32_bytes"] == 4 * (4 * h * h + 3 * h * i + 2 * h)  # 7 linears and 2 norms
     assert data["activation_bytes"] == 2 * 128 * 512 * h * 4
-    assert data["hessian_bytes"] == 3 * 4 * i * i  # down_proj's input is the widest
+    assert data["hessian_bytes"] == 2 * 4 * i * i  # down_proj's input is the widest: its Hessian and the factor
     assert data["workspace_bytes"] <= (512 + 100) << 20  # budget + k-means passes, not the 2.8 GB of 45M weights
     assert data["peak_bytes"] == sum(v for k, v in data.items() if k != "peak_bytes")
+    on_gpu = json.loads(in_process_cli("info", str(llama2_config), "--json", "--device", "cuda"))["sketch_memory"]
+    assert on_gpu["hessian_bytes"] == 4 * 4 * i * i  # and up to two copies in cuSOLVER's cholesky_inverse
 
 
 def test_info_kernels_explains_the_choice(llama2_config):

@@ -62,15 +62,20 @@ def prepare_hessian(
     Retries with 10x the damping while Cholesky fails, saying so in a warning. With ``overwrite``
     the caller hands a float32 ``hessian`` over: its dead columns are fixed in place and it becomes
     the prepared Hessian itself, one ``[in, in]`` matrix fewer than a copy (3.3 GB for a 70B
-    down_proj). At most three ``[in, in]`` matrices are alive at once: the Hessian, the factor being
-    built and its predecessor.
+    down_proj). The damped copy is factored, inverted and factored again in its own memory: LAPACK
+    and cuSOLVER work on column-major matrices, so every step reads and writes the same
+    column-major view of it (``work.mT``; a row-major ``out`` would make torch allocate a proxy
+    matrix and copy it back). Two ``[in, in]`` matrices are alive at once, the Hessian and the
+    factor; on CUDA ``cholesky_inverse`` works on one or two copies of its own (cuSOLVER's solve
+    against the identity, by torch version).
     """
     h = hessian.detach()
     if h.dtype != torch.float32:
         h = h.float()
     elif not overwrite:
         h = h.clone()
-    if not torch.isfinite(h).all():
+    lowest, highest = torch.aminmax(h, dim=1)  # NaN and inf show in these without an [in, in] temporary
+    if not (torch.isfinite(lowest).all() and torch.isfinite(highest).all()):
         raise HessianError(f"{name}: the Hessian has NaN or inf entries (non-finite calibration activations?)")
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -79,20 +84,21 @@ def prepare_hessian(
     perm = perm.to(h.device)
     mean_diag = float(torch.diagonal(h).mean())
     fraction = damping
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
     for attempt in range(MAX_DAMPING_RETRIES + 1):
         work = h[perm[:, None], perm] if act_order else h.clone()
         work.diagonal().add_(fraction * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(work)
+        factor = work.mT  # symmetric: the same matrix, column-major; only this view is passed in and out below
         del work
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
         if not int(info):
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            torch.cholesky_inverse(factor, out=factor)
+            torch.linalg.cholesky_ex(factor, upper=True, out=(factor, info))
             if not int(info):
                 if attempt:
                     logger.warning("%s: Hessian not positive definite; succeeded with damping %.3g", name, fraction)
-                return PreparedHessian(h, perm, upper, dead, fraction)
+                return PreparedHessian(h, perm, factor, dead, fraction)
+        del factor
         if attempt == MAX_DAMPING_RETRIES:
             break
         fraction = max(fraction, 1e-6) * 10
