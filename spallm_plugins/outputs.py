@@ -9,9 +9,11 @@ Every command and Python job that writes a folder (sketch, merge, the quickstart
   leftovers (e.g. ``.spallm-partial`` of a killed calibrated sketch) do not count;
 * a location that cannot be written, or (roughly) lacks room for the output.
 
-It also removes the temporaries a killed run left beside the output (``.NAME.tmp-PID-*`` from
-:func:`spallm_plugins.format.atomic_path`, whose writer is gone) and says so, and puts back a
-previous output that a kill caught half-replaced (``.NAME.old-*`` with no ``NAME``).
+Before the non-empty rule it removes the temporaries a killed run left beside the output
+(``.NAME.tmp-PID-*`` from :func:`spallm_plugins.format.atomic_path`, whose writer is gone) and says
+so, and puts back a previous output that a kill caught half-replaced (``.NAME.old-*`` with no
+``NAME``): the rule then applies to what was put back, so a run without ``--overwrite`` never
+replaces it.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def prepare_output_dir(
                 f"{path}: is {'the model being read' if source_path == real else f'a folder holding {source_path}'}, "
                 f"which the output would replace; give {option} another folder (--overwrite never allows this)"
             )
+    remove_stale_temporaries(path)  # first: a restored previous output is judged by the rule below
     if path.is_dir() and not overwrite:
         entries = [e for e in path.iterdir() if e.name not in own_entries]
         if entries:
@@ -121,7 +124,6 @@ def prepare_output_dir(
                 f"{path}: already exists and is not empty ({_describe(entries)}); pass --overwrite "
                 f"(overwrite=True) to replace it, or give {option} a new folder"
             )
-    remove_stale_temporaries(path)
     check_writable(path, need_bytes=need_bytes)
     return path
 
