@@ -35,7 +35,7 @@ from .format import (
     write_json,
     write_tensors,
 )
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, writes_folder
 from .validate import validate_checkpoint
 
 MERGE_REPORT_NAME = "merge_report.json"
@@ -58,6 +58,7 @@ def sketched_base_for(
     return base_sketch
 
 
+@writes_folder("out_dir")
 def merge_adapter(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,

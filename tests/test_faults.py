@@ -33,3 +33,49 @@ def test_a_restored_output_counts_as_non_empty_and_is_not_overwritten(tmp_path, 
         merge_adapter(sketched_dir, adapter_dir, out)
     assert (out / "user_note.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".MO.*"))
+
+
+SKETCH_AND_WAIT = (
+    "import sys, time\n"
+    "from spallm_plugins.config import SketchConfig\n"
+    "from spallm_plugins.pipeline import sketch_to_folder\n"
+    "def wait(index):\n"
+    "    print('block', index, flush=True)\n"
+    "    time.sleep(600)\n"
+    "sketch_to_folder(sys.argv[1], sys.argv[2], SketchConfig(bits=4, groups_per_row=2), progress=False,\n"
+    "                 on_block_done=wait)\n"
+)
+
+
+def test_a_second_writer_of_one_folder_is_refused_and_a_killed_one_leaves_no_stuck_lock(
+    tmp_path, dense_dir, sketched_dir, adapter_dir
+):
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.format import OutputError
+    from spallm_plugins.merge import merge_adapter
+    from spallm_plugins.pipeline import sketch_to_folder
+
+    out = tmp_path / "C"
+    first = subprocess.Popen([sys.executable, "-c", SKETCH_AND_WAIT, str(dense_dir), str(out)],
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert first.stdout.readline().strip() == "block 0"  # the first run holds progress in C/.spallm-partial
+        config = SketchConfig(bits=4, groups_per_row=2)
+        busy = re.escape(f"{out}: another spallm run (pid {first.pid}) is writing this folder")
+        for resume in (False, True):
+            with pytest.raises(OutputError, match=busy):
+                sketch_to_folder(dense_dir, out, config, progress=False, resume=resume, overwrite=True)
+        with pytest.raises(OutputError, match=busy):
+            merge_adapter(sketched_dir, adapter_dir, out, overwrite=True)
+        assert (out / ".spallm-partial" / "block_00000.safetensors").is_file()  # the first run's progress is intact
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)  # the kill left no stuck lock
+    assert report["resumed_from_block"] == 1
+    assert not (out / ".spallm-partial").exists() and not list(tmp_path.glob(".C.*"))
