@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -764,11 +765,24 @@ def _show_spallm_warning(message, category, filename, lineno, file=None, line=No
         _show_warning(message, category, filename, lineno, file, line)
 
 
+def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line after Ctrl-C: what was kept and, for a sketch with saved progress, the exact command
+    that continues it."""
+    from .sketch.driver import PARTIAL_DIR, PROGRESS_FILE
+
+    partial = Path(args.out) / PARTIAL_DIR if args.command == "sketch" else None
+    if partial is None or not (partial / PROGRESS_FILE).is_file():
+        return f"spallm {args.command}: interrupted (an output folder appears only when complete)"
+    resume = shlex.join(["spallm", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"spallm sketch: interrupted; the progress is kept in {partial}; continue with: {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bench import BenchUnavailableError
     from .format import CheckpointError
     from .models import ModelNotFoundError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         quiet_hosts()
@@ -789,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"spallm {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted(args, argv), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

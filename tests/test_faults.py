@@ -79,3 +79,35 @@ def test_a_second_writer_of_one_folder_is_refused_and_a_killed_one_leaves_no_stu
     report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)  # the kill left no stuck lock
     assert report["resumed_from_block"] == 1
     assert not (out / ".spallm-partial").exists() and not list(tmp_path.glob(".C.*"))
+
+
+def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits_130(
+    tmp_path, dense_dir, monkeypatch, capsys
+):
+    import shlex
+
+    from spallm_plugins import streaming
+    from spallm_plugins.cli import main
+
+    real = streaming.sketch_layer
+
+    def interrupted_in_block_1(linear, config, name, **kwargs):
+        if ".layers.1." in name:
+            raise KeyboardInterrupt  # what SIGINT raises in the main thread
+        return real(linear, config, name=name, **kwargs)
+
+    monkeypatch.setattr(streaming, "sketch_layer", interrupted_in_block_1)
+    out = tmp_path / "C"
+    argv = ["sketch", str(dense_dir), "--out", str(out), "--gpr", "2", "--quiet"]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("spallm sketch let KeyboardInterrupt escape (a traceback for the user)")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(lines) == 1, lines
+    assert f"kept in {out / '.spallm-partial'}" in lines[0]
+    command = lines[0].split("continue with: ", 1)[1]
+    assert command == shlex.join(["spallm", *argv, "--resume"])
+    monkeypatch.setattr(streaming, "sketch_layer", real)
+    assert main(shlex.split(command)[1:]) == 0
+    assert (out / "config.json").is_file() and not (out / ".spallm-partial").exists()
