@@ -111,3 +111,24 @@ def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits
     monkeypatch.setattr(streaming, "sketch_layer", real)
     assert main(shlex.split(command)[1:]) == 0
     assert (out / "config.json").is_file() and not (out / ".spallm-partial").exists()
+
+
+@pytest.mark.parametrize(
+    "data, offset",
+    [(b"the \xbc wheel", 4), ("the caf\xe9 wheel".encode("latin-1"), 7), (b"\x89PNG\r\n\x1a\n\x00\x00", 0)],
+    ids=["one-bad-byte", "latin-1", "binary"],
+)
+def test_calibration_and_eval_text_that_is_not_utf8_names_the_file_and_byte(tmp_path, data, offset):
+    from conftest import tiny_tokenizer
+
+    from spallm_plugins.evaluate import read_text
+    from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch
+
+    path = tmp_path / "calib.txt"
+    path.write_bytes(data)
+    where = f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset}"
+    with pytest.raises(CalibrationError, match=where) as err:
+        calibration_batch(path, tiny_tokenizer(), nsamples=1, seqlen=4)
+    assert "read as UTF-8" in str(err.value)
+    with pytest.raises(ValueError, match=where):
+        read_text(path)

@@ -17,6 +17,20 @@ class CalibrationError(ValueError):
 ROW_FIELDS = ("instruction", "input", "output")
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed); an undecodable byte is named with its offset, not a codec trace."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start + len(data) - len(err.object)  # the decoder's offsets start after a BOM
+        raise CalibrationError(
+            f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} cannot be decoded "
+            f"({err.reason}); text files are read as UTF-8 (ASCII included, a BOM allowed): convert it first, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 def _row_text(row: object, where: str) -> str:
     if isinstance(row, str):
         return row
@@ -49,7 +63,7 @@ def read_documents(source: str | os.PathLike) -> list[str]:
         return [_row_text(row, str(path)) for row in dataset]
     if not path.is_file():
         raise CalibrationError(f"{path}: no such calibration file or folder")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
