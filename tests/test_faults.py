@@ -132,3 +132,15 @@ def test_calibration_and_eval_text_that_is_not_utf8_names_the_file_and_byte(tmp_
     assert "read as UTF-8" in str(err.value)
     with pytest.raises(ValueError, match=where):
         read_text(path)
+
+
+@pytest.mark.parametrize("text", [" \n\t \n" * 500, "the " * 4000, ""], ids=["whitespace", "one-word", "empty"])
+def test_calibration_text_without_a_handful_of_distinct_tokens_is_refused(tmp_path, text):
+    from conftest import tiny_tokenizer
+
+    from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch
+
+    path = tmp_path / "calib.txt"
+    path.write_text(text)
+    with pytest.raises(CalibrationError, match=f"{path}: .*(empty|distinct)"):
+        calibration_batch(path, tiny_tokenizer(), nsamples=4, seqlen=16)

@@ -15,6 +15,7 @@ class CalibrationError(ValueError):
 
 
 ROW_FIELDS = ("instruction", "input", "output")
+MIN_DISTINCT_TOKENS = 8  # fewer: the Hessians would describe a few repeated tokens, not the model's inputs
 
 
 def read_utf8(path: Path) -> str:
@@ -91,6 +92,8 @@ def calibration_batch(source: str | os.PathLike, tokenizer, nsamples: int, seqle
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError(f"nsamples={nsamples} and seqlen={seqlen}: need at least 1 sample of 2 tokens")
     documents = read_documents(source)
+    if not any(document.strip() for document in documents):
+        raise CalibrationError(f"{source}: the calibration text is empty (nothing but whitespace); give real text")
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     needed = nsamples * seqlen
@@ -103,6 +106,12 @@ def calibration_batch(source: str | os.PathLike, tokenizer, nsamples: int, seqle
         raise CalibrationError(
             f"{source}: {len(stream)} tokens, but nsamples={nsamples} x seqlen={seqlen} needs {needed}; "
             "use more text, or fewer or shorter samples"
+        )
+    distinct = len(set(stream[:needed]) - set(separator))
+    if distinct < MIN_DISTINCT_TOKENS:
+        raise CalibrationError(
+            f"{source}: the calibration text has only {distinct} distinct token(s) in its {needed} tokens, at least "
+            f"{MIN_DISTINCT_TOKENS} are needed; the sketch would fit a few repeated tokens: give real, varied text"
         )
     return torch.tensor(stream[:needed], dtype=torch.long).view(nsamples, seqlen)
 
