@@ -30,6 +30,7 @@ from .format import (
     read_adapter,
     read_json,
     read_tensors,
+    refuse_pickle_weights,
     refuse_sketch_without_config,
     safetensors_files,
     write_json,
@@ -76,6 +77,7 @@ def merge_adapter(
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
+    refuse_pickle_weights(base_dir)
     out_dir = prepare_output_dir(
         out_dir, overwrite=overwrite, sources=[base_dir, adapter_dir],
         need_bytes=sum(f.stat().st_size for f in safetensors_files(base_dir)),

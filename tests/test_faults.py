@@ -144,3 +144,22 @@ def test_calibration_text_without_a_handful_of_distinct_tokens_is_refused(tmp_pa
     path.write_text(text)
     with pytest.raises(CalibrationError, match=f"{path}: .*(empty|distinct)"):
         calibration_batch(path, tiny_tokenizer(), nsamples=4, seqlen=16)
+
+
+def test_a_pickle_checkpoint_is_refused_by_every_command_naming_the_file(tmp_path, dense_dir, adapter_dir, capsys):
+    import pickle
+
+    from spallm_plugins.cli import main
+
+    (dense_dir / "model.safetensors").unlink()
+    (dense_dir / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "weights"}))
+    commands = (
+        ["eval", str(dense_dir), "--quiet"],
+        ["sketch", str(dense_dir), "--out", str(tmp_path / "out"), "--quiet"],
+        ["merge", str(dense_dir), str(adapter_dir), "--out", str(tmp_path / "out")],
+    )
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert f"{dense_dir / 'pytorch_model.bin'}: a pickle checkpoint" in err and "save_pretrained" in err, err
