@@ -163,3 +163,19 @@ def test_a_pickle_checkpoint_is_refused_by_every_command_naming_the_file(tmp_pat
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert f"{dense_dir / 'pytorch_model.bin'}: a pickle checkpoint" in err and "save_pretrained" in err, err
+
+
+def test_merge_warns_about_an_unknown_adapter_config_field_naming_it(tmp_path, sketched_dir, adapter_dir):
+    import json
+    import warnings
+
+    from spallm_plugins.merge import merge_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_adapter(sketched_dir, adapter_dir, tmp_path / "plain")
+    assert not [w for w in caught if "adapter_config" in str(w.message)]  # a config PEFT wrote has no unknown field
+    config = adapter_dir / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_dropuot": 0.1}))
+    with pytest.warns(UserWarning, match=rf"{config}: unexpected field\(s\) \['lora_dropuot'\]"):
+        merge_adapter(sketched_dir, adapter_dir, tmp_path / "merged")
