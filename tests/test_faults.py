@@ -179,3 +179,23 @@ def test_merge_warns_about_an_unknown_adapter_config_field_naming_it(tmp_path, s
     config.write_text(json.dumps({**json.loads(config.read_text()), "lora_dropuot": 0.1}))
     with pytest.warns(UserWarning, match=rf"{config}: unexpected field\(s\) \['lora_dropuot'\]"):
         merge_adapter(sketched_dir, adapter_dir, tmp_path / "merged")
+
+
+def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, dense_dir):
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.pipeline import sketch_to_folder
+    from spallm_plugins.sketch.driver import ResumeError
+
+    class Killed(Exception):
+        pass
+
+    def kill(index):
+        raise Killed
+
+    out, config = tmp_path / "C", SketchConfig(bits=4, groups_per_row=2)
+    with pytest.raises(Killed):
+        sketch_to_folder(dense_dir, out, config, progress=False, on_block_done=kill)
+    with pytest.raises(ResumeError, match=r"different config: groups_per_row was 2, this run has 4"):
+        sketch_to_folder(dense_dir, out, config.replace(groups_per_row=4), progress=False, resume=True)
+    with pytest.raises(ResumeError, match=r"different dense dtype: it was 'float32', this run has 'bfloat16'"):
+        sketch_to_folder(dense_dir, out, config, progress=False, resume=True, dense_dtype="bfloat16")
