@@ -150,6 +150,14 @@ def harness_batch_size(value: str) -> int | str:
     return value if value == "auto" else _int_at_least(value, 1)
 
 
+def _check_json_output(args: argparse.Namespace) -> None:
+    """``--json PATH`` must be writable before the work whose results it receives."""
+    from .outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json)
+
+
 def _eval_tasks(args: argparse.Namespace) -> int:
     """``spallm eval --tasks``: lm-evaluation-harness tasks on local data, one table per model."""
     from .evaluate import HarnessUnavailableError, check_local_tasks, harness_evaluate, harness_json, harness_table
@@ -163,6 +171,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         raise ValueError("--tasks needs --data DIR, the llm-adapters dataset folder the tasks read")
     if args.adapter is not None and len(args.models) != 1:
         raise ValueError(f"--adapter goes with one model, got {len(args.models)}")
+    _check_json_output(args)
     check_local_tasks(args.data, args.tasks)
     folders = {ref: resolve_model(ref) for ref in args.models}  # every reference checked before any work
     results = {}
@@ -195,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 ("--adapter", args.adapter)) if v is not None]  # fmt: skip
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)}: options of lm-eval tasks; add --tasks")
+    _check_json_output(args)
     args.seqlen = 256 if args.seqlen is None else args.seqlen
     text = read_text(args.text)
     results = {}
@@ -371,6 +381,7 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     from .config import SketchConfig
     from .models import load_model
 
+    _check_json_output(args)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     linear = model.get_submodule(args.layer)
     weight = linear.weight.detach()

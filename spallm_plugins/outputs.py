@@ -217,6 +217,16 @@ def prepare_output_dir(
     return path
 
 
+def check_output_file(path: str | os.PathLike, *, option: str = "--json") -> Path:
+    """Check, before any work, that the file ``path`` can be written (not a folder; a writable location),
+    so a long job does not fail only at its last step; return it as an absolute path."""
+    path = output_path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; {option} must name a file")
+    check_writable(path)
+    return path
+
+
 def check_writable(path: str | os.PathLike, *, need_bytes: int | None = None) -> None:
     """Create ``path``'s parent if needed and prove a file can be written there, before any work."""
     path = output_path(path)

@@ -199,3 +199,16 @@ def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, 
         sketch_to_folder(dense_dir, out, config.replace(groups_per_row=4), progress=False, resume=True)
     with pytest.raises(ResumeError, match=r"different dense dtype: it was 'float32', this run has 'bfloat16'"):
         sketch_to_folder(dense_dir, out, config, progress=False, resume=True, dense_dtype="bfloat16")
+
+
+def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(tmp_path, dense_dir, capsys):
+    from spallm_plugins.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for target in (blocker / "results.json", tmp_path):  # under a file; a folder
+        argv = ["eval", str(dense_dir), "--seqlen", "8", "--max-windows", "1", "--quiet", "--json", str(target)]
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert "perplexity" not in captured.out, captured.out  # refused before any evaluation
+        assert captured.err.startswith(f"spallm eval: error: {target}: "), captured.err
