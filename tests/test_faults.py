@@ -212,3 +212,24 @@ def test_eval_json_that_cannot_be_written_is_refused_before_evaluating(tmp_path,
         captured = capsys.readouterr()
         assert "perplexity" not in captured.out, captured.out  # refused before any evaluation
         assert captured.err.startswith(f"spallm eval: error: {target}: "), captured.err
+
+
+def test_from_pretrained_errors_on_a_sharded_checkpoint_name_its_folder(tmp_path, sketched_dir):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from spallm_plugins.format import CheckpointError, read_tensors, write_tensors
+    from spallm_plugins.hooks import register_host
+
+    register_host("transformers")
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(sketched_dir / "config.json", folder)
+    tensors = read_tensors(sketched_dir)
+    del tensors["model.layers.1.mlp.up_proj.codes"]
+    assert len(write_tensors(folder, tensors, max_shard_bytes=32 << 10)) > 2
+    with pytest.raises(CheckpointError) as err:
+        AutoModelForCausalLM.from_pretrained(folder)
+    assert str(err.value).startswith(f"{folder} ("), str(err.value)
+    assert "model.layers.1.mlp.up_proj" in str(err.value)
