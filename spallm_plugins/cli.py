@@ -232,10 +232,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .convert import plan_sketch
+    from .format import refuse_sketch_without_config
     from .models import meta_model_from_config
     from .pipeline import source_dense_dtype, stored_dense_rest
 
     path = Path(args.path)
+    refuse_sketch_without_config(path if path.is_dir() else path.parent)
     model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
     config = _config_from_args(args, base)

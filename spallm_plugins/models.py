@@ -142,6 +142,7 @@ def resolve_model(ref: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{ref}: no config.json (expected a Hugging Face model folder)")
     refuse_pickle_weights(path)
+    refuse_sketch_without_config(path)
     return path
 
 

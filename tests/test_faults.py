@@ -233,3 +233,25 @@ def test_from_pretrained_errors_on_a_sharded_checkpoint_name_its_folder(tmp_path
         AutoModelForCausalLM.from_pretrained(folder)
     assert str(err.value).startswith(f"{folder} ("), str(err.value)
     assert "model.layers.1.mlp.up_proj" in str(err.value)
+
+
+def test_troubleshooting_page_documents_a_lost_quantization_config_as_spallm_reports_it(tmp_path, sketched_dir, capsys):
+    import json
+    from pathlib import Path
+
+    from spallm_plugins.cli import main
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+    assert page.is_file(), "docs/troubleshooting.md is missing"
+    text = page.read_text(encoding="utf-8")
+    config = sketched_dir / "config.json"
+    config.write_text(
+        json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "quantization_config"})
+    )
+    quoted = "no quantization_config, but the weights store sketched tensors"
+    assert quoted in text
+    for argv in (["eval", str(sketched_dir)], ["sketch", str(sketched_dir), "--out", str(tmp_path / "o")],
+                 ["info", str(sketched_dir)]):  # fmt: skip
+        assert main([*argv, "--quiet"] if argv[0] != "info" else argv) == 2, argv
+        assert quoted in capsys.readouterr().err, argv  # the page quotes what every spallm command says
+    assert "from_pretrained" in text and "random weights" in text
