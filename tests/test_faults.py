@@ -113,6 +113,37 @@ def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits
     assert (out / "config.json").is_file() and not (out / ".spallm-partial").exists()
 
 
+PAUSE_IN_BLOCK_1 = (
+    "import sys, time\n"
+    "from spallm_plugins import streaming\n"
+    "from spallm_plugins.cli import main\n"
+    "real = streaming.sketch_layer\n"
+    "def paused(linear, config, name, **kwargs):\n"
+    "    if '.layers.1.' in name:\n"
+    "        print('in block 1', flush=True)\n"
+    "        time.sleep(600)\n"
+    "    return real(linear, config, name=name, **kwargs)\n"
+    "streaming.sketch_layer = paused\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_a_real_sigint_in_a_block_exits_130_without_a_traceback(tmp_path, dense_dir):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "C"
+    argv = ["sketch", str(dense_dir), "--out", str(out), "--gpr", "2", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_BLOCK_1, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "in block 1"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(" --resume") and f"kept in {out / '.spallm-partial'}" in err, err
+
+
 @pytest.mark.parametrize(
     "data, offset",
     [(b"the \xbc wheel", 4), ("the caf\xe9 wheel".encode("latin-1"), 7), (b"\x89PNG\r\n\x1a\n\x00\x00", 0)],
