@@ -98,15 +98,16 @@ def _cannot_write(path: Path, err: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write there ({err.strerror or err}); choose another location")
 
 
-def _acquire(path: Path) -> int:
-    """Lock ``path``'s lock file without waiting; refuse, naming the holder's pid, when another process has it."""
+def _acquire(path: Path) -> int | None:
+    """Lock ``path``'s lock file without waiting; refuse, naming the holder's pid, when another process has it.
+    ``None`` where no lock file can be made: nothing can be written there, which :func:`prepare_output_dir` says."""
     lock = path.parent / f".{path.name}{LOCK_MARK}"
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-        except OSError as err:
-            raise _cannot_write(path, err) from None
+        except OSError:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,6 +140,9 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         yield path
         return
     fd = _acquire(path)
+    if fd is None:
+        yield path
+        return
     _held[path] = fd
     try:
         yield path
