@@ -177,7 +177,7 @@ def test_calibration_text_without_a_handful_of_distinct_tokens_is_refused(tmp_pa
         calibration_batch(path, tiny_tokenizer(), nsamples=4, seqlen=16)
 
 
-def test_a_pickle_checkpoint_is_refused_by_every_command_naming_the_file(tmp_path, dense_dir, adapter_dir, capsys):
+def test_a_pickle_checkpoint_is_refused_by_every_command_naming_the_file(tmp_path, dense_dir, capsys):
     import pickle
 
     from spallm_plugins.cli import main
@@ -187,7 +187,7 @@ def test_a_pickle_checkpoint_is_refused_by_every_command_naming_the_file(tmp_pat
     commands = (
         ["eval", str(dense_dir), "--quiet"],
         ["sketch", str(dense_dir), "--out", str(tmp_path / "out"), "--quiet"],
-        ["merge", str(dense_dir), str(adapter_dir), "--out", str(tmp_path / "out")],
+        ["merge", str(dense_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "out")],  # refused before it
     )
     for argv in commands:
         assert main(argv) == 2, argv
