@@ -6,6 +6,7 @@ library's integration only when asked for that host, so building the plugin mana
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -31,3 +32,12 @@ def spallm_register_host(host: str) -> bool | None:
         return True
     importlib.import_module(name).register()
     return True
+
+
+@hookimpl
+def spallm_adapter_config_fields() -> list[str] | None:
+    try:
+        config = importlib.import_module("spallm_plugins.integrations.peft.config")
+    except ImportError:
+        return None
+    return [f.name for f in dataclasses.fields(config.SpaLLMConfig)]

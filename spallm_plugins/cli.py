@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -149,6 +150,14 @@ def harness_batch_size(value: str) -> int | str:
     return value if value == "auto" else _int_at_least(value, 1)
 
 
+def _check_json_output(args: argparse.Namespace) -> None:
+    """``--json PATH`` must be writable before the work whose results it receives."""
+    from .outputs import check_output_file
+
+    if args.json:
+        check_output_file(args.json)
+
+
 def _eval_tasks(args: argparse.Namespace) -> int:
     """``spallm eval --tasks``: lm-evaluation-harness tasks on local data, one table per model."""
     from .evaluate import HarnessUnavailableError, check_local_tasks, harness_evaluate, harness_json, harness_table
@@ -162,6 +171,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         raise ValueError("--tasks needs --data DIR, the llm-adapters dataset folder the tasks read")
     if args.adapter is not None and len(args.models) != 1:
         raise ValueError(f"--adapter goes with one model, got {len(args.models)}")
+    _check_json_output(args)
     check_local_tasks(args.data, args.tasks)
     folders = {ref: resolve_model(ref) for ref in args.models}  # every reference checked before any work
     results = {}
@@ -194,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 ("--adapter", args.adapter)) if v is not None]  # fmt: skip
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)}: options of lm-eval tasks; add --tasks")
+    _check_json_output(args)
     args.seqlen = 256 if args.seqlen is None else args.seqlen
     text = read_text(args.text)
     results = {}
@@ -221,10 +232,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .convert import plan_sketch
+    from .format import refuse_sketch_without_config
     from .models import meta_model_from_config
     from .pipeline import source_dense_dtype, stored_dense_rest
 
     path = Path(args.path)
+    refuse_sketch_without_config(path if path.is_dir() else path.parent)
     model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
     config = _config_from_args(args, base)
@@ -370,6 +383,7 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     from .config import SketchConfig
     from .models import load_model
 
+    _check_json_output(args)
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     linear = model.get_submodule(args.layer)
     weight = linear.weight.detach()
@@ -764,11 +778,24 @@ def _show_spallm_warning(message, category, filename, lineno, file=None, line=No
         _show_warning(message, category, filename, lineno, file, line)
 
 
+def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The one line after Ctrl-C: what was kept and, for a sketch with saved progress, the exact command
+    that continues it."""
+    from .sketch.driver import PARTIAL_DIR, PROGRESS_FILE
+
+    partial = Path(args.out) / PARTIAL_DIR if args.command == "sketch" else None
+    if partial is None or not (partial / PROGRESS_FILE).is_file():
+        return f"spallm {args.command}: interrupted (an output folder appears only when complete)"
+    resume = shlex.join(["spallm", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"spallm sketch: interrupted; the progress is kept in {partial}; continue with: {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bench import BenchUnavailableError
     from .format import CheckpointError
     from .models import ModelNotFoundError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         quiet_hosts()
@@ -789,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename else ""
         print(f"spallm {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted(args, argv), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -26,12 +26,9 @@ def read_text(path: str | Path | None) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such text file")
-    if path.suffix in (".json", ".jsonl"):
-        from .sketch.calibration import read_documents
+    from .sketch.calibration import read_documents, read_utf8
 
-        text = "\n\n".join(read_documents(path))
-    else:
-        text = path.read_text(encoding="utf-8")
+    text = "\n\n".join(read_documents(path)) if path.suffix in (".json", ".jsonl") else read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path}: the text file is empty")
     return text

@@ -279,6 +279,23 @@ def safetensors_files(directory: str | os.PathLike, prefix: str = "model") -> li
     return sorted(directory.glob(f"{prefix}*.safetensors"))
 
 
+def refuse_pickle_weights(directory: str | os.PathLike) -> None:
+    """A folder whose weights are only ``pytorch_model*.bin`` pickles: refused before anything reads them.
+
+    spallm reads safetensors only (a pickle can run code, and ``weights_only`` loads fail with a raw
+    trace); the message gives the one-time conversion.
+    """
+    directory = Path(directory)
+    pickles = sorted(directory.glob("pytorch_model*.bin"))
+    if not pickles or safetensors_files(directory):
+        return
+    raise CheckpointError(
+        f"{pickles[0]}: a pickle checkpoint (.bin); spallm reads safetensors weights only and never unpickles. "
+        f'If you trust the file, convert the folder once: python -c "from transformers import '
+        f"AutoModelForCausalLM as M; M.from_pretrained('{directory}').save_pretrained('{directory}-safetensors')\""
+    )
+
+
 def read_tensors(
     directory: str | os.PathLike, prefix: str = "model", device: str = "cpu", names: Collection[str] | None = None
 ) -> dict[str, torch.Tensor]:

@@ -63,6 +63,11 @@ class SpallmHookSpecs:
         return None. This is how the core asks for registration without importing an integration.
         """
 
+    @hookspec
+    def spallm_adapter_config_fields(self) -> list[str] | None:
+        """Return every field the ``adapter_config.json`` of a spallm adapter may hold (the PEFT config's),
+        or None when this plugin does not define that config (or its host library is missing)."""
+
 
 BUILTIN_PLUGIN = "builtin"  # this package's own entry point: the reference and Triton kernels, known architectures
 
@@ -135,6 +140,13 @@ def select_backend(problem: LUTProblem) -> KernelBackend:
 def register_host(host: str) -> bool:
     """Ask the integrations to register spallm with ``host`` now; True when one did."""
     return any(get_plugin_manager().hook.spallm_register_host(host=host))
+
+
+def adapter_config_fields() -> set[str] | None:
+    """The fields a spallm ``adapter_config.json`` may hold, from the integration that defines it; ``None``
+    when none can say (PEFT not installed)."""
+    answers = [a for a in get_plugin_manager().hook.spallm_adapter_config_fields() if a is not None]
+    return set().union(*answers) if answers else None
 
 
 def architectures() -> list[ArchitectureSpec]:

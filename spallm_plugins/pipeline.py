@@ -29,7 +29,7 @@ from .format import (
 from .hooks import register_host
 from .layer import SketchedLinear
 from .models import load_model, load_tokenizer, meta_model_from_config, resolve_model
-from .outputs import prepare_output_dir
+from .outputs import prepare_output_dir, writes_folder
 from .sketch import sketch_model
 from .sketch.calibration import CalibrationError, calibration_batch
 from .sketch.driver import PARTIAL_DIR, find_blocks
@@ -126,6 +126,7 @@ def _write_sketched(model, tokenizer, out_dir: Path, config: SketchConfig, repor
         validate_checkpoint(tmp)
 
 
+@writes_folder("out_dir")
 def save_sketched_model(
     model,
     tokenizer,
@@ -146,6 +147,7 @@ def save_sketched_model(
     return out_dir
 
 
+@writes_folder("out_dir")
 def sketch_to_folder(
     model_ref: str | os.PathLike,
     out_dir: str | os.PathLike,

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import sample_words, tiny_llama, tiny_tokenizer
+from conftest import WORDS, sample_words, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from spallm_plugins.config import SketchConfig
@@ -38,12 +38,28 @@ def tiny_qwen2():
     return model
 
 
+def tiny_char_tokenizer():
+    """Byte-level BPE over the letters of WORDS, no merges: what AutoTokenizer's Qwen2Tokenizer (chosen by
+    model_type) reads back with distinct ids; it turns tiny_tokenizer's whole words into one repeated id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    letters = sorted(set("".join(WORDS)))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "\u0120": 4, **{c: i + 5 for i, c in enumerate(letters)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
 def save_sharded(model, path, dtype=None):
-    """A dense checkpoint in several shards, with a tokenizer."""
+    """A dense checkpoint in several shards, with a tokenizer that reads the calibration words back."""
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path, max_shard_size="30KB")
-    tiny_tokenizer().save_pretrained(path)
+    (tiny_char_tokenizer() if model.config.model_type == "qwen2" else tiny_tokenizer()).save_pretrained(path)
     assert len(safetensors_files(path)) >= 3
     return path
 

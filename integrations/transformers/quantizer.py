@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -60,7 +61,10 @@ class SpaLLMHfQuantizer(HfQuantizer):
             # Check the stored shapes against this model before any weight is read, so a bad
             # checkpoint fails with our message instead of a size-mismatch trace or random weights.
             shapes = {n: (h.shape, h.dtype) for n, h in read_file_headers(checkpoint_files).items()}
-            where = str(checkpoint_files[0]) if len(checkpoint_files) == 1 else f"{len(checkpoint_files)} shards"
+            folder = os.path.dirname(checkpoint_files[0])
+            where = (
+                str(checkpoint_files[0]) if len(checkpoint_files) == 1 else f"{folder} ({len(checkpoint_files)} shards)"
+            )
             validate_sketched_tensors(shapes, sketch, where)
             validate_against_model(shapes, expected_shapes(model, sketch), where)
         replace_with_empty(model, sketch)

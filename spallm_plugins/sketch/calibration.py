@@ -15,6 +15,21 @@ class CalibrationError(ValueError):
 
 
 ROW_FIELDS = ("instruction", "input", "output")
+MIN_DISTINCT_TOKENS = 8  # fewer: the Hessians would describe a few repeated tokens, not the model's inputs
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed); an undecodable byte is named with its offset, not a codec trace."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start + len(data) - len(err.object)  # the decoder's offsets start after a BOM
+        raise CalibrationError(
+            f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} cannot be decoded "
+            f"({err.reason}); text files are read as UTF-8 (ASCII included, a BOM allowed): convert it first, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def _row_text(row: object, where: str) -> str:
@@ -49,7 +64,7 @@ def read_documents(source: str | os.PathLike) -> list[str]:
         return [_row_text(row, str(path)) for row in dataset]
     if not path.is_file():
         raise CalibrationError(f"{path}: no such calibration file or folder")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -77,6 +92,8 @@ def calibration_batch(source: str | os.PathLike, tokenizer, nsamples: int, seqle
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError(f"nsamples={nsamples} and seqlen={seqlen}: need at least 1 sample of 2 tokens")
     documents = read_documents(source)
+    if not any(document.strip() for document in documents):
+        raise CalibrationError(f"{source}: the calibration text is empty (nothing but whitespace); give real text")
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     needed = nsamples * seqlen
@@ -89,6 +106,12 @@ def calibration_batch(source: str | os.PathLike, tokenizer, nsamples: int, seqle
         raise CalibrationError(
             f"{source}: {len(stream)} tokens, but nsamples={nsamples} x seqlen={seqlen} needs {needed}; "
             "use more text, or fewer or shorter samples"
+        )
+    distinct = len(set(stream[:needed]) - set(separator))
+    if distinct < MIN_DISTINCT_TOKENS:
+        raise CalibrationError(
+            f"{source}: the calibration text has only {distinct} distinct token(s) in its {needed} tokens, at least "
+            f"{MIN_DISTINCT_TOKENS} are needed; the sketch would fit a few repeated tokens: give real, varied text"
         )
     return torch.tensor(stream[:needed], dtype=torch.long).view(nsamples, seqlen)
 

@@ -280,6 +280,14 @@ class SpilledActivations:
         return SpilledActivations(self.directory, tag, self.device)
 
 
+def _difference(saved: Any, new: Any) -> str:
+    """The first setting that differs, with the saved and the new value (a config: its first differing field)."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        key = next(k for k in sorted({*saved, *new}, key=str) if saved.get(k) != new.get(k))
+        return f"{key} was {saved.get(key)!r}, this run has {new.get(key)!r}"
+    return f"it was {saved!r}, this run has {new!r}"
+
+
 class ProgressStore:
     """Reads and writes ``<out>/.spallm-partial``; every file is written atomically."""
 
@@ -297,8 +305,9 @@ class ProgressStore:
         for key, value in self.identity.items():
             if progress.get(key) != value:
                 raise ResumeError(
-                    f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}; "
-                    f"remove {self.dir} or run without --resume"
+                    f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}: "
+                    f"{_difference(progress.get(key), value)}; resume with the saved setting, or remove "
+                    f"{self.dir} or run without --resume to start over"
                 )
         return progress
 
