@@ -511,3 +511,28 @@ def test_adapter_without_fingerprint_is_refused_everywhere_until_recorded(tmp_pa
     assert proc.returncode == 2 and "already records base_codes_fingerprint" in proc.stderr
     fresh, _ = load_sketched(sketched_dir)
     assert torch.equal(logits(PeftModel.from_pretrained(fresh, tmp_path / "adapter")), trained)
+
+
+def test_modules_to_save_over_sketched_layers_and_requires_grad_on_a_sketched_model(tmp_path, sketched_base):
+    sketched_base.requires_grad_(True)  # codes as transformers loaded them
+    assert not any(p.requires_grad for p in sketched_base.parameters() if p.dtype == torch.uint8)
+    base_logits = logits(sketched_base)
+    config = SpaLLMConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], modules_to_save=["mlp"])
+    model = get_peft_model(sketched_base, config)
+    codes = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save.default.down_proj.tables" in n for n in trainable)
+    assert all(n.endswith(("spallm_tables.default", ".tables")) for n in trainable)
+    logits_before = logits(model)
+    model(IDS, labels=IDS).loss.backward()
+    with torch.no_grad():  # one SGD step (Adam's eps underflows in the base's float16 tables)
+        for name in trainable:
+            model.get_parameter(name).sub_(0.1 * model.get_parameter(name).grad)
+    trained = logits(model)
+    assert torch.isfinite(trained).all() and not torch.equal(trained, logits_before)
+    assert all(torch.equal(p, codes[n]) for n, p in model.named_parameters() if p.dtype == torch.uint8)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), base_logits)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = load_sketched(Path(sketched_base.name_or_path))
+    assert torch.equal(logits(PeftModel.from_pretrained(fresh, tmp_path / "adapter")), trained)
