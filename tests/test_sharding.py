@@ -347,7 +347,7 @@ def scenario_peft(rank: int) -> dict[str, Any] | None:
 
 def scenario_peft_dense(rank: int) -> dict[str, Any] | None:
     """``scenario_peft`` on a dense base: the adapter sketches each linear at injection and carries its
-    own codes (``spallm_codes``), which must shard by rows like its tables."""
+    own codes (``sketched_codes``, saved as ``spallm_codes``), which must shard by rows like its tables."""
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -505,7 +505,7 @@ def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None, dens
         check_sharded(model)
         ids = local_half(ids, rank)
         for name, p in model.named_parameters():
-            if ".spallm_tables." in name or ".spallm_codes." in name or name.endswith(".codes"):
+            if ".spallm_tables." in name or ".sketched_codes." in name or name.endswith(".codes"):
                 sharded[name] = (is_sharded(p), p.dtype, p.requires_grad, local_nbytes(p))
     losses = peft_train(model, ids, sharded=rank is not None)
     adapter = get_peft_model_state_dict(model)  # collective when sharded: model.state_dict() gathers
@@ -739,7 +739,7 @@ def test_peft_adapter_on_a_sharded_dense_base_shards_its_own_codes(two_ranks):
     if ranks[0] is None:
         pytest.skip("peft is not installed")
     assert_peft_like_one_process(ranks)
-    codes = {n for n in ranks[0]["sharded"]["sharded"] if ".spallm_codes." in n}
+    codes = {n for n in ranks[0]["sharded"]["sharded"] if ".sketched_codes." in n}  # saved as spallm_codes
     assert codes and not any(n.endswith(".codes") for n in ranks[0]["sharded"]["sharded"]), "the base is dense"
     assert all(k.endswith(".spallm_codes") for k in ranks[0]["expected"]["saved"] if "codes" in k)
     assert any(k.endswith(".spallm_codes") for k in ranks[0]["sharded"]["saved"]), "the adapter saves its codes"
