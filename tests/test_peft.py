@@ -588,3 +588,24 @@ def test_safe_merge_of_a_dense_base_adapter_with_nan_in_every_adapter_weight(den
         ValueError, match=r"NaNs detected in the merged weights\. The adapter default seems to be broken"
     ):
         model.merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"target_modules": ["q_prj"]},  # a typo
+        {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]},
+        {"target_modules": ["q_proj"], "exclude_modules": ".*"},
+    ],
+    ids=["not-found", "none-targeted", "all-excluded"],
+)
+def test_configs_that_target_nothing_get_peft_own_messages(dense_dir, targets):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError) as lora:
+        get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir), LoraConfig(**targets))
+    assert "table_dtype" not in str(lora.value)
+    with pytest.raises(ValueError) as ours:
+        get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir), SpaLLMConfig(**targets))
+    assert str(ours.value) == str(lora.value)
