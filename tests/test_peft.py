@@ -523,12 +523,16 @@ def prefixed(model) -> dict[str, torch.Tensor]:
 
 
 def test_dense_base_adapter_weights_follow_peft_dtype_and_grad_rules_and_codes_still_save(tmp_path, dense_dir):
+    from peft.utils.save_and_load import get_base_model_state_dict
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     config = SpaLLMConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_weights=False)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16), config)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
+    base_keys = set(dense.state_dict())
+    model = get_peft_model(dense, config)
     model.add_adapter("other", config)
+    assert set(get_base_model_state_dict(model)) == base_keys, "the codes saved as spallm_codes are the adapter's"
     assert prefixed(model) and {p.dtype for p in prefixed(model).values()} == {torch.float32}  # PEFT's autocast
     layers = spallm_layers(model)
     assert all(set(m.sketched_codes) == {"default", "other"} for m in layers), "a dense base's codes stay"

@@ -51,6 +51,34 @@ class CodesDict(nn.ParameterDict):
         super().__setattr__(name, frozen_codes(value) if isinstance(value, torch.Tensor) else value)
 
 
+class SavedCodesName(nn.Module):
+    """``spallm_codes``: a child without parameters of its own that shows ``sketched_codes`` under the name its
+    keys have in state dicts. PEFT tells a tuner layer's keys from the base's by the layer's children's names
+    (``get_base_model_state_dict``), and DCP walks state-dict keys as attribute paths: both find the codes
+    through it, while the parameters are named once, outside PEFT's adapter prefix."""
+
+    def __init__(self, codes: CodesDict) -> None:
+        super().__init__()
+        object.__setattr__(self, "codes", codes)  # not a submodule: no second name for the parameters
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__["codes"]:
+            return self.__dict__["codes"][name]
+        return super().__getattr__(name)
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self.codes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.codes
+
+    def __iter__(self) -> Any:
+        return iter(self.codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
 def _rename_keys(state_dict: dict[str, Any], prefix: str, old: str, new: str) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + old + ".")]:
         state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
@@ -83,6 +111,7 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         # frozen uint8 Parameters, not buffers, so that FSDP2 / ZeRO-3 shard them (by rows, like the
         # tables) instead of replicating a dense base's codes on every rank; never in the optimizer
         self.sketched_codes = CodesDict({})
+        self.spallm_codes = SavedCodesName(self.sketched_codes)
         self.bits: dict[str, int] = {}
         self.storage_dtype: dict[str, torch.dtype] = {}
         self._disable_adapters = False
@@ -99,11 +128,6 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         register_sharding_hooks(self, ("spallm_tables", CODES_NAME), aligned=aligned)
         self.register_state_dict_post_hook(_save_codes_as_v1)
         self.update_layer(adapter_name, **kwargs)
-
-    @property
-    def spallm_codes(self) -> CodesDict:
-        """``sketched_codes`` under its state-dict name, for code that walks state-dict keys as attributes."""
-        return self.sketched_codes
 
     @property
     def is_sketched_base(self) -> bool:
