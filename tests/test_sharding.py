@@ -204,6 +204,7 @@ SCENARIOS = [
     "scenario_peft_dense",
     "scenario_zero3",
     "scenario_zero3_peft",
+    "scenario_requires_grad",
 ]
 
 
@@ -222,6 +223,17 @@ def results(two_ranks: list[dict[str, Any]], scenario: str) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------------
 # scenarios (run on each rank)
+
+
+def scenario_requires_grad(rank: int) -> dict[str, Any]:
+    """``model.requires_grad_(True)`` on a sharded model, then a backward: (sharded, requires_grad, has grad)."""
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    check_sharded(model)
+    model.requires_grad_(True)
+    x, _ = data()
+    model(local_half(x, rank)).sum().backward()
+    return {n: (is_sharded(p), p.requires_grad, p.grad is not None) for n, p in model.named_parameters()}
 
 
 def scenario_placement(rank: int) -> dict[str, Any]:
@@ -613,6 +625,13 @@ def test_two_ranks_train_like_one_process_and_save_format_v1(two_ranks):
             else:
                 torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
         assert all(seen["local_kept_sharded"].values())  # local_state_dict() keeps DTensors for DCP
+
+
+def test_requires_grad_true_on_a_sharded_model_leaves_codes_frozen(two_ranks):
+    for seen in results(two_ranks, "scenario_requires_grad"):
+        codes = {n: v for n, v in seen.items() if n.endswith(".codes")}
+        assert len(codes) == 5 and set(codes.values()) == {(True, False, False)}, codes
+        assert all(v == (True, True, True) for n, v in seen.items() if n not in codes), seen
 
 
 def test_a_dcp_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
