@@ -13,6 +13,35 @@ from .ops import lut_linear
 from .sharding import register_sharding_hooks
 
 
+class FrozenCodes(nn.Parameter):
+    """Packed uint8 codes as a ``Parameter`` that never requires grad.
+
+    A ``Parameter`` so that FSDP2 and ZeRO-3 shard it (they shard parameters only, and codes are most
+    of the bytes); uint8 rather than a float view of the bytes (``bnb_4bit_quant_storage``), because
+    float parameters get cast by mixed precision and DeepSpeed, which would corrupt codes. Like
+    bitsandbytes' ``Params4bit`` it is a ``Parameter`` subclass: ``requires_grad_(True)``, which
+    ``model.requires_grad_(True)`` and PEFT's ``modules_to_save`` call on every parameter, leaves it
+    frozen instead of raising "only Tensors of floating point dtype can require gradients".
+    """
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False) -> FrozenCodes:
+        return super().__new__(cls, data, requires_grad=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> FrozenCodes:
+        return self
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return FrozenCodes, (self.data,)
+
+
+def frozen_codes(value: torch.Tensor | None) -> torch.Tensor | None:
+    """``value`` as :class:`FrozenCodes`, sharing its storage; a ``DTensor`` (FSDP2's shard, whose
+    identity FSDP2 tracks) or ``None`` is returned as it is."""
+    if value is None or isinstance(value, FrozenCodes) or type(value) not in (torch.Tensor, nn.Parameter):
+        return value
+    return FrozenCodes(value.detach())
+
+
 class CodesAndTables(Protocol):
     codes: torch.Tensor
     tables: torch.Tensor
@@ -21,11 +50,12 @@ class CodesAndTables(Protocol):
 class SketchedLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W[r, c] = tables[r, c // (in / gpr), codes[r, c]]``.
 
-    ``codes`` (packed, see :mod:`spallm_plugins.format`) is a frozen uint8 ``Parameter``
-    (``requires_grad=False``) rather than a buffer: FSDP2 and DeepSpeed ZeRO-3 shard parameters only,
-    and codes are most of a sketched model's bytes, so a buffer would be replicated on every rank
-    (``docs/design-sharding.md``). Frozen, it is never trained: optimizers built from the trainable
-    parameters never see it, and uint8 cannot require grad anyway. ``tables`` is the trainable
+    ``codes`` (packed, see :mod:`spallm_plugins.format`) is a :class:`FrozenCodes` uint8 ``Parameter``
+    rather than a buffer: FSDP2 and DeepSpeed ZeRO-3 shard parameters only, and codes are most of a
+    sketched model's bytes, so a buffer would be replicated on every rank (``docs/design-sharding.md``).
+    Frozen, it is never trained: ``requires_grad_(True)`` leaves it alone, optimizers built from the
+    trainable parameters never see it, and a plain tensor assigned to it (a checkpoint loader's
+    ``setattr``, ``load_state_dict(assign=True)``) is made frozen codes again. ``tables`` is the trainable
     ``Parameter``: fine-tuning a sketched model trains exactly the table values. ``state_dict()`` is
     format v1 either way (same keys, uint8 codes), also when sharded (:mod:`spallm_plugins.sharding`).
     """
@@ -52,9 +82,8 @@ class SketchedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         # registered last, so state_dict() keeps format v1's key order (tables, bias, codes)
-        self.codes = nn.Parameter(
-            torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device),
-            requires_grad=False,
+        self.codes = FrozenCodes(
+            torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
         )
         # False once sharded (sharding.check_sharded): the backend's codes layout is then made per call
         self.cache_prepared = True
@@ -92,10 +121,13 @@ class SketchedLinear(nn.Module):
         in_features = unpacked_width(result.codes.shape[1], config.bits)
         with torch.device("meta"):
             layer = cls(in_features, out_features, config.bits, config.groups_per_row, bias=False)
-        layer.codes = nn.Parameter(result.codes, requires_grad=False)
+        layer.codes = FrozenCodes(result.codes)
         layer.tables = nn.Parameter(result.tables, requires_grad=True)
         layer.bias = None if bias is None else nn.Parameter(bias.detach())
         return layer
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, frozen_codes(value) if name == "codes" else value)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` these codes and tables represent."""

@@ -32,6 +32,7 @@ import contextlib
 import math
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -308,8 +309,8 @@ def check_sharded(model: nn.Module) -> None:
     same row ranges) or both unsharded. Anything else is a configuration mistake that still runs:
     codes left out of sharding (``ignored_params``, accelerate's ``ignored_modules``) replicate most
     of the model's bytes on every rank, and another placement breaks the row alignment the memo relies
-    on. Sharded layers stop caching their backend's codes layout (:func:`_disable_prepared_cache`).
-    Call it once after ``fully_shard`` (nothing calls it for you yet; the save and load hooks turn the
+    on. Sharded layers stop caching their backend's codes layout (:func:`_disable_prepared_cache`), and
+    their sharded codes stay frozen under ``requires_grad_(True)`` (:func:`_keep_frozen`). Call it once after ``fully_shard`` (nothing calls it for you yet; the save and load hooks turn the
     cache off lazily).
     """
     for module_name, module in model.named_modules():
@@ -344,6 +345,20 @@ def check_sharded(model: nn.Module) -> None:
                 stacklevel=2,
             )
         _disable_prepared_cache(module)
+        for name in names:
+            _keep_frozen(module.get_parameter(name))
+
+
+def _no_grad_requires_grad_(self: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    return self
+
+
+def _keep_frozen(param: torch.Tensor) -> None:
+    """FSDP2 puts its own ``nn.Parameter(DTensor)`` in place of each parameter, so sharded codes lose
+    ``FrozenCodes``' no-op ``requires_grad_`` and ``model.requires_grad_(True)`` would raise on them again:
+    the sharded object gets that method itself (FSDP2 keeps the object for the model's life)."""
+    if is_sharded(param) and not param.is_floating_point():
+        param.requires_grad_ = types.MethodType(_no_grad_requires_grad_, param)
 
 
 # DeepSpeed ZeRO options that break SpaLLM's frozen uint8 codes, and why

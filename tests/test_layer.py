@@ -1,3 +1,4 @@
+import copy
 import itertools
 
 import pytest
@@ -94,3 +95,23 @@ def test_to_linear_is_exact():
     layer = sketched(nn.Linear(32, 8), SketchConfig(table_dtype="float32"))
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer.to_linear()(x), layer(x))
+
+
+def test_requires_grad_true_on_a_model_leaves_codes_frozen():
+    """``model.requires_grad_(True)`` (and PEFT's modules_to_save, which calls it) works on a model holding
+    sketched layers, also after a loader put a plain uint8 Parameter in place, and trains no codes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(sketched(nn.Linear(32, 8), SketchConfig(table_dtype="float32")), nn.ReLU())
+    layer = model[0]
+    layer.codes = nn.Parameter(layer.codes.detach().clone(), requires_grad=False)  # what transformers' loader sets
+    for m in (model, copy.deepcopy(model)):
+        m.requires_grad_(True)
+        assert [n for n, p in m.named_parameters() if p.requires_grad] == ["0.tables", "0.bias"]
+        assert m[0].codes.dtype == torch.uint8 and not m[0].codes.requires_grad
+    codes = layer.codes.clone()
+    model(torch.randn(4, 32)).sum().backward()
+    assert layer.codes.grad is None and layer.tables.grad is not None
+    assert torch.equal(layer.codes, codes)
+    model.load_state_dict(model.state_dict(), assign=True)
+    model.requires_grad_(True)
+    assert not layer.codes.requires_grad and layer.state_dict()["codes"].dtype == torch.uint8

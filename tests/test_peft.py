@@ -511,3 +511,105 @@ def test_adapter_without_fingerprint_is_refused_everywhere_until_recorded(tmp_pa
     assert proc.returncode == 2 and "already records base_codes_fingerprint" in proc.stderr
     fresh, _ = load_sketched(sketched_dir)
     assert torch.equal(logits(PeftModel.from_pretrained(fresh, tmp_path / "adapter")), trained)
+
+
+# ------------------------------------------------------------------------------------------------
+# codes are frozen storage, not adapter weights: the rules PEFT's own generic tests apply to every method
+
+
+def prefixed(model) -> dict[str, torch.Tensor]:
+    """What PEFT takes for adapter weights: every parameter named with the method's prefix."""
+    return {n: p for n, p in model.named_parameters() if PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.SPALLM] in n}
+
+
+def test_dense_base_adapter_weights_follow_peft_dtype_and_grad_rules_and_codes_still_save(tmp_path, dense_dir):
+    from peft.utils.save_and_load import get_base_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = SpaLLMConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_weights=False)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
+    base_keys = set(dense.state_dict())
+    model = get_peft_model(dense, config)
+    model.add_adapter("other", config)
+    assert set(get_base_model_state_dict(model)) == base_keys, "the codes saved as spallm_codes are the adapter's"
+    assert prefixed(model) and {p.dtype for p in prefixed(model).values()} == {torch.float32}  # PEFT's autocast
+    layers = spallm_layers(model)
+    assert all(set(m.sketched_codes) == {"default", "other"} for m in layers), "a dense base's codes stay"
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for n, p in prefixed(model).items() if ".default" in n)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        codes = {k: f.get_tensor(k).dtype for k in f.keys() if "codes" in k}
+    assert len(codes) == len(layers) and all(k.endswith(".spallm_codes") for k in codes)  # format v1's names
+    assert set(codes.values()) == {torch.uint8}
+    expected = logits(model)
+    for low_cpu_mem_usage in (False, True):
+        fresh = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16)
+        loaded = PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert {p.dtype for p in prefixed(loaded).values()} == {torch.float32}
+        assert all(p.requires_grad for p in prefixed(loaded).values())
+        assert torch.equal(logits(loaded), expected)
+        loaded.requires_grad_(True)  # the reloaded codes are frozen codes again
+        assert not any(p.requires_grad for p in loaded.parameters() if p.dtype == torch.uint8)
+
+
+def test_modules_to_save_over_sketched_layers_and_requires_grad_on_a_sketched_model(tmp_path, sketched_base):
+    sketched_base.requires_grad_(True)  # codes as transformers loaded them
+    assert not any(p.requires_grad for p in sketched_base.parameters() if p.dtype == torch.uint8)
+    base_logits = logits(sketched_base)
+    config = SpaLLMConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], modules_to_save=["mlp"])
+    model = get_peft_model(sketched_base, config)
+    codes = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save.default.down_proj.tables" in n for n in trainable)
+    assert all(n.endswith(("spallm_tables.default", ".tables")) for n in trainable)
+    logits_before = logits(model)
+    model(IDS, labels=IDS).loss.backward()
+    with torch.no_grad():  # one SGD step (Adam's eps underflows in the base's float16 tables)
+        for name in trainable:
+            model.get_parameter(name).sub_(0.1 * model.get_parameter(name).grad)
+    trained = logits(model)
+    assert torch.isfinite(trained).all() and not torch.equal(trained, logits_before)
+    assert all(torch.equal(p, codes[n]) for n, p in model.named_parameters() if p.dtype == torch.uint8)
+    with model.disable_adapter():
+        assert torch.equal(logits(model), base_logits)
+    model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = load_sketched(Path(sketched_base.name_or_path))
+    assert torch.equal(logits(PeftModel.from_pretrained(fresh, tmp_path / "adapter")), trained)
+
+
+def test_safe_merge_of_a_dense_base_adapter_with_nan_in_every_adapter_weight(dense_dir):
+    """PEFT's test_merge_layers_nan writes NaN into every prefixed parameter: codes must not be among them."""
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir), SpaLLMConfig(target_modules=["v_proj"]))
+    with torch.no_grad():
+        for param in prefixed(model).values():
+            param.data[0] = torch.nan
+    with pytest.raises(
+        ValueError, match=r"NaNs detected in the merged weights\. The adapter default seems to be broken"
+    ):
+        model.merge_and_unload(safe_merge=True)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"target_modules": ["q_prj"]},  # a typo
+        {"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]},
+        {"target_modules": ["q_proj"], "exclude_modules": ".*"},
+    ],
+    ids=["not-found", "none-targeted", "all-excluded"],
+)
+def test_configs_that_target_nothing_get_peft_own_messages(dense_dir, targets):
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError) as lora:
+        get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir), LoraConfig(**targets))
+    assert "table_dtype" not in str(lora.value)
+    with pytest.raises(ValueError) as ours:
+        get_peft_model(AutoModelForCausalLM.from_pretrained(dense_dir), SpaLLMConfig(**targets))
+    assert str(ours.value) == str(lora.value)

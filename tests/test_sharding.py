@@ -204,6 +204,7 @@ SCENARIOS = [
     "scenario_peft_dense",
     "scenario_zero3",
     "scenario_zero3_peft",
+    "scenario_requires_grad",
 ]
 
 
@@ -222,6 +223,17 @@ def results(two_ranks: list[dict[str, Any]], scenario: str) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------------
 # scenarios (run on each rank)
+
+
+def scenario_requires_grad(rank: int) -> dict[str, Any]:
+    """``model.requires_grad_(True)`` on a sharded model, then a backward: (sharded, requires_grad, has grad)."""
+    model = tiny_model()
+    shard(model, list(model[:2]))
+    check_sharded(model)
+    model.requires_grad_(True)
+    x, _ = data()
+    model(local_half(x, rank)).sum().backward()
+    return {n: (is_sharded(p), p.requires_grad, p.grad is not None) for n, p in model.named_parameters()}
 
 
 def scenario_placement(rank: int) -> dict[str, Any]:
@@ -347,7 +359,7 @@ def scenario_peft(rank: int) -> dict[str, Any] | None:
 
 def scenario_peft_dense(rank: int) -> dict[str, Any] | None:
     """``scenario_peft`` on a dense base: the adapter sketches each linear at injection and carries its
-    own codes (``spallm_codes``), which must shard by rows like its tables."""
+    own codes (``sketched_codes``, saved as ``spallm_codes``), which must shard by rows like its tables."""
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -505,7 +517,7 @@ def peft_run(rank: int | None, load: dict[str, torch.Tensor] | None = None, dens
         check_sharded(model)
         ids = local_half(ids, rank)
         for name, p in model.named_parameters():
-            if ".spallm_tables." in name or ".spallm_codes." in name or name.endswith(".codes"):
+            if ".spallm_tables." in name or ".sketched_codes." in name or name.endswith(".codes"):
                 sharded[name] = (is_sharded(p), p.dtype, p.requires_grad, local_nbytes(p))
     losses = peft_train(model, ids, sharded=rank is not None)
     adapter = get_peft_model_state_dict(model)  # collective when sharded: model.state_dict() gathers
@@ -613,6 +625,13 @@ def test_two_ranks_train_like_one_process_and_save_format_v1(two_ranks):
             else:
                 torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
         assert all(seen["local_kept_sharded"].values())  # local_state_dict() keeps DTensors for DCP
+
+
+def test_requires_grad_true_on_a_sharded_model_leaves_codes_frozen(two_ranks):
+    for seen in results(two_ranks, "scenario_requires_grad"):
+        codes = {n: v for n, v in seen.items() if n.endswith(".codes")}
+        assert len(codes) == 5 and set(codes.values()) == {(True, False, False)}, codes
+        assert all(v == (True, True, True) for n, v in seen.items() if n not in codes), seen
 
 
 def test_a_dcp_checkpoint_of_two_ranks_resumes_in_one_process(two_ranks):
@@ -739,7 +758,7 @@ def test_peft_adapter_on_a_sharded_dense_base_shards_its_own_codes(two_ranks):
     if ranks[0] is None:
         pytest.skip("peft is not installed")
     assert_peft_like_one_process(ranks)
-    codes = {n for n in ranks[0]["sharded"]["sharded"] if ".spallm_codes." in n}
+    codes = {n for n in ranks[0]["sharded"]["sharded"] if ".sketched_codes." in n}  # saved as spallm_codes
     assert codes and not any(n.endswith(".codes") for n in ranks[0]["sharded"]["sharded"]), "the base is dense"
     assert all(k.endswith(".spallm_codes") for k in ranks[0]["expected"]["saved"] if "codes" in k)
     assert any(k.endswith(".spallm_codes") for k in ranks[0]["sharded"]["saved"]), "the adapter saves its codes"

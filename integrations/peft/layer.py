@@ -2,8 +2,9 @@
 
 SpaLLM replaces, it does not add: each adapter is a complete table set ``spallm_tables[name]``
 (``[out, groups_per_row, 2**bits]``) over codes that are either the sketched base's (shared by all
-adapters, never copied) or the adapter's own ``spallm_codes[name]`` (a dense base, sketched at
-injection). One adapter is active per layer; ``adapter_names=`` picks a table set per sample.
+adapters, never copied) or the adapter's own ``sketched_codes[name]`` (a dense base, sketched at
+injection; saved as ``spallm_codes``, format v1). One adapter is active per layer; ``adapter_names=``
+picks a table set per sample.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from spallm_plugins.kernels.reference import dequantize, flat_indices
-from spallm_plugins.layer import SketchedLinear
+from spallm_plugins.layer import SketchedLinear, frozen_codes
 from spallm_plugins.ops import lut_linear
 from spallm_plugins.sharding import register_sharding_hooks
 
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names=
 MIXED_BATCH_WEIGHT_BYTES = 256 << 20  # per-sample weights gathered at once in a mixed batch
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+CODES_NAME = "sketched_codes"  # where a dense base's adapter codes live: outside PEFT's adapter prefix
+SAVED_CODES_NAME = "spallm_codes"  # their name in state dicts and adapter files (format v1)
 
 
 def format_tables(tables: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
@@ -40,12 +43,63 @@ def format_tables(tables: torch.Tensor, storage_dtype: torch.dtype) -> torch.Ten
     return tables + (rounded - tables.detach())
 
 
+class CodesDict(nn.ParameterDict):
+    """Adapter name -> frozen uint8 codes; whatever is stored becomes :class:`FrozenCodes` (PEFT's
+    ``assign=True`` loading sets plain ``Parameter`` objects)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, frozen_codes(value) if isinstance(value, torch.Tensor) else value)
+
+
+class SavedCodesName(nn.Module):
+    """``spallm_codes``: a child without parameters of its own that shows ``sketched_codes`` under the name its
+    keys have in state dicts. PEFT tells a tuner layer's keys from the base's by the layer's children's names
+    (``get_base_model_state_dict``), and DCP walks state-dict keys as attribute paths: both find the codes
+    through it, while the parameters are named once, outside PEFT's adapter prefix."""
+
+    def __init__(self, codes: CodesDict) -> None:
+        super().__init__()
+        object.__setattr__(self, "codes", codes)  # not a submodule: no second name for the parameters
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.__dict__["codes"]:
+            return self.__dict__["codes"][name]
+        return super().__getattr__(name)
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self.codes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.codes
+
+    def __iter__(self) -> Any:
+        return iter(self.codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+
+def _rename_keys(state_dict: dict[str, Any], prefix: str, old: str, new: str) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + old + ".")]:
+        state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+
+
+def _save_codes_as_v1(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    _rename_keys(state_dict, prefix, CODES_NAME, SAVED_CODES_NAME)
+
+
+def _load_codes_from_v1(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    _rename_keys(state_dict, prefix, SAVED_CODES_NAME, CODES_NAME)
+
+
 class SpaLLMLayer(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` (dense base) or a ``SketchedLinear`` (sketched base)."""
 
     adapter_layer_names = ("spallm_tables",)
-    # spallm_codes is deliberately not listed: PEFT casts and moves the entries of other_param_names
-    # to the base layer's float dtype, and marks adapter_layer_names trainable; uint8 codes are neither.
+    # A dense base's adapter codes are neither: PEFT casts and moves the entries of other_param_names to
+    # the base layer's float dtype, marks adapter_layer_names trainable, and treats every parameter named
+    # with its prefix (spallm_) as an adapter weight (dtype, NaN and gradient rules). They live in
+    # sketched_codes and are renamed to spallm_codes only in state dicts, so PEFT still saves them.
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
@@ -56,7 +110,8 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         self.spallm_tables = nn.ParameterDict({})
         # frozen uint8 Parameters, not buffers, so that FSDP2 / ZeRO-3 shard them (by rows, like the
         # tables) instead of replicating a dense base's codes on every rank; never in the optimizer
-        self.spallm_codes = nn.ParameterDict({})
+        self.sketched_codes = CodesDict({})
+        self.spallm_codes = SavedCodesName(self.sketched_codes)
         self.bits: dict[str, int] = {}
         self.storage_dtype: dict[str, torch.dtype] = {}
         self._disable_adapters = False
@@ -68,7 +123,10 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         # sharded (FSDP2), the adapter's tables still save and load as full format-v1 tensors; its
         # rows must be sharded like the base codes they index
         aligned = ("base_layer.codes",) if isinstance(base_layer, SketchedLinear) else ()
-        register_sharding_hooks(self, ("spallm_tables", "spallm_codes"), aligned=aligned)
+        # renamed before the sharding hooks load and after they gather: they see the parameters' names
+        self.register_load_state_dict_pre_hook(_load_codes_from_v1)
+        register_sharding_hooks(self, ("spallm_tables", CODES_NAME), aligned=aligned)
+        self.register_state_dict_post_hook(_save_codes_as_v1)
         self.update_layer(adapter_name, **kwargs)
 
     @property
@@ -105,14 +163,14 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         self.spallm_tables[adapter_name] = nn.Parameter(tables)
         if codes is not None:
             codes = codes.detach().to(device=device, dtype=torch.uint8).clone()
-            self.spallm_codes[adapter_name] = nn.Parameter(codes, requires_grad=False)
+            self.sketched_codes[adapter_name] = frozen_codes(codes)
         self.bits[adapter_name] = bits
         self.storage_dtype[adapter_name] = storage_dtype
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def codes_for(self, adapter_name: str) -> torch.Tensor:
-        if adapter_name in self.spallm_codes:
-            return self.spallm_codes[adapter_name]
+        if adapter_name in self.sketched_codes:
+            return self.sketched_codes[adapter_name]
         return self.get_base_layer().codes
 
     def tables_for(self, adapter_name: str) -> torch.Tensor:
@@ -123,8 +181,8 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.merged_adapters:
             self.unmerge()
         super().delete_adapter(adapter_name)
-        if adapter_name in self.spallm_codes:
-            del self.spallm_codes[adapter_name]
+        if adapter_name in self.sketched_codes:
+            del self.sketched_codes[adapter_name]
         self.bits.pop(adapter_name, None)
         self.storage_dtype.pop(adapter_name, None)
 
@@ -152,7 +210,7 @@ class SpaLLMLayer(nn.Module, BaseTunerLayer):
                 f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
                 f"(non-finite tables in layer {self.module_name}; nothing was merged)"
             )
-        if isinstance(base, SketchedLinear) and name not in self.spallm_codes:
+        if isinstance(base, SketchedLinear) and name not in self.sketched_codes:
             self._merged_base = base.tables.data
             base.tables.data = tables.to(base.tables.dtype)
         elif isinstance(base, SketchedLinear):

@@ -108,9 +108,12 @@ class SpaLLMModel(BaseTuner):
 
     @staticmethod
     def _check_target_module_exists(peft_config, key: str):
-        if is_excluded(key, peft_config.modules_to_not_convert):
+        """PEFT's matching; a target among ``modules_to_not_convert`` counts as excluded (and only a target,
+        so that a ``target_modules`` typo still gets PEFT's "not found" message, not "no modules targeted")."""
+        match = check_target_module_exists(peft_config, key)
+        if match and not isinstance(match, _ExcludedModule) and is_excluded(key, peft_config.modules_to_not_convert):
             return _ExcludedModule()
-        return check_target_module_exists(peft_config, key)
+        return match
 
     def _targets(self, model: nn.Module, peft_config) -> dict[str, nn.Module]:
         inside = _tuner_prefixes(model)
@@ -138,7 +141,9 @@ class SpaLLMModel(BaseTuner):
                     "(narrow target_modules or add it to exclude_modules)"
                 )
         sketched = {k: b for k, b in bases.items() if isinstance(b, SketchedLinear)}
-        resolved = self._resolve_from_base(config, sketched, bases)
+        # nothing targeted: nothing to resolve from, and PEFT's inject_adapter says why (a typo in
+        # target_modules, everything excluded) in its own words
+        resolved = self._resolve_from_base(config, sketched, bases) if bases else {}
         sketch = config.sketch_config(**resolved)
         for key, base in bases.items():
             sketch.check_in_features(base.in_features, key)
