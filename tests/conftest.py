@@ -172,12 +172,17 @@ def sketched_default_model(tmp_path_factory: pytest.TempPathFactory, groups_per_
 
 
 def run_python(
-    code: str, *args: str, env: dict | None = None, check: bool = True, cwd: str | Path | None = None
+    code: str,
+    *args: str,
+    env: dict | None = None,
+    check: bool = True,
+    cwd: str | Path | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (same environment, same site-packages)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=600, cwd=cwd
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -187,9 +192,11 @@ def run_python(
 CLI_CODE = "import sys; from spallm_plugins.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def run_cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, cwd: str | Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``spallm *args`` in a fresh interpreter: for what only a process shows (imports, registration, signals)."""
-    return run_python(CLI_CODE, *args, check=check, cwd=cwd)
+    return run_python(CLI_CODE, *args, check=check, cwd=cwd, timeout=timeout)
 
 
 def cli(*args: str, check: bool = True, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
