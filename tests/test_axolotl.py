@@ -39,7 +39,8 @@ def axolotl(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def sketched_smollm2(tmp_path_factory) -> Path:
-    return sketched_default_model(tmp_path_factory, groups_per_row=4)
+    """SmolLM2 at groups_per_row 1, the base the vLLM session sketches too: nox shares it between sessions."""
+    return sketched_default_model(tmp_path_factory, groups_per_row=1)
 
 
 def write_config(workdir: Path, base: Path, **overrides) -> Path:
@@ -49,7 +50,7 @@ def write_config(workdir: Path, base: Path, **overrides) -> Path:
     cfg.update(
         base_model=str(base), datasets=[{"path": str(workdir / "instructions.json"), "type": "alpaca", "ds_type": "json"}],
         dataset_prepared_path=str(workdir / "prepared"), output_dir=str(workdir / "out"), max_steps=8,
-        save_steps=4, sequence_len=64, micro_batch_size=2,
+        save_steps=4, sequence_len=64, micro_batch_size=2, spallm={**cfg["spallm"], "groups_per_row": 1},
     )  # fmt: skip
     cfg.update(overrides)
     path = workdir / "config.yml"

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import needs, tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
+
 needs("peft", "nox -s tests installs it")
 needs("bitsandbytes", "pip install '.[peers]' (nox -s tests installs it)")
 

@@ -26,6 +26,8 @@ from spallm_plugins.layer import SketchedLinear
 from spallm_plugins.sharding import check_sharded, is_sharded, local_state_dict
 from spallm_plugins.sketch import sketch_layer
 
+pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
+
 WORLD = 2
 STEPS = 3
 LR = 0.5

@@ -19,6 +19,8 @@ from spallm_plugins.sketch import sketch_model
 from spallm_plugins.sketch.calibration import calibration_batch
 from spallm_plugins.sketch.driver import PARTIAL_DIR, sketch_model_calibrated
 
+pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
+
 DATA_FREE = SketchConfig(bits=4, groups_per_row=2)
 CALIBRATED = SketchConfig(bits=3, groups_per_row=2, method="gptq", nsamples=8, seqlen=32)
 

@@ -18,6 +18,8 @@ from conftest import needs, run_python
 
 from spallm_plugins.sharding import ZERO3_REFUSED, check_deepspeed_config
 
+pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
+
 
 @pytest.mark.parametrize("key", sorted(ZERO3_REFUSED))
 @pytest.mark.parametrize("value", [True, "true"])
