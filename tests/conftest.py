@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -65,6 +66,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.module not in slow_modules)
 
 
+@functools.cache
 def _code_fingerprint() -> str:
     """What the cached artefacts depend on: this package's source as installed, these fixtures and the host
     versions."""
