@@ -65,12 +65,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
 
     fix_mmap_threshold()  # this process only sketches: no block's temporaries stay resident in the heap
 
-    options = vars(args)
-    if options.get("method", "gptq" if options.get("calibration") else "kmeans") == "gptq":
-        args.method = "gptq"
-        args.nsamples = options.get("nsamples", 64)
-        args.seqlen = options.get("seqlen", 256)
-    config = _config_from_args(args)
+    config = SketchConfig(**{k: getattr(args, k) for k in SketchConfig.field_names() if hasattr(args, k)})
     report = sketch_to_folder(
         args.model,
         args.out,
@@ -587,9 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["kmeans", "gptq"], default=argparse.SUPPRESS,
                    help="kmeans: data-free; gptq: calibrated error feedback (default when --calib is given)")  # fmt: skip
     p.add_argument("--calib", dest="calibration", default=argparse.SUPPRESS,
-                   help="calibration text: .txt, .json/.jsonl rows (text or instruction/input/output), datasets folder")  # fmt: skip
-    p.add_argument("--nsamples", type=int, default=argparse.SUPPRESS, help="calibration sequences (default 64)")
-    p.add_argument("--seqlen", type=int, default=argparse.SUPPRESS, help="tokens per sequence (default 256)")
+                   help="calibration text: .txt, .json/.jsonl rows (text or instruction/input/output), a datasets "
+                   "folder, or a Hub dataset hf://datasets/ORG/NAME[@REVISION][?config=C&split=S&column=COL&data_files=GLOB]")  # fmt: skip
+    p.add_argument("--nsamples", type=int, default=argparse.SUPPRESS,
+                   help=f"calibration sequences (default {SketchConfig.nsamples})")  # fmt: skip
+    p.add_argument("--seqlen", type=int, default=argparse.SUPPRESS,
+                   help=f"tokens per sequence (default {SketchConfig.seqlen})")  # fmt: skip
     p.add_argument("--damping", type=float, default=argparse.SUPPRESS, help="fraction of mean diag(H) (default 0.01)")
     p.add_argument("--grid-exponent", dest="grid_exponent", type=float, default=argparse.SUPPRESS,
                    help="p in the loss-error-aware k-means weights U_cc^-p")  # fmt: skip

@@ -60,8 +60,9 @@ class SketchConfig:
     hook), falling back to every ``nn.Linear`` not listed in ``modules_to_not_convert``.
     The remaining fields record how the codes were found, so a checkpoint documents itself:
     ``method`` ``"kmeans"`` (data-free) or ``"gptq"`` (calibrated error feedback, see
-    :mod:`spallm_plugins.sketch.gptq`), the ``calibration`` source with ``nsamples`` x ``seqlen``
-    tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
+    :mod:`spallm_plugins.sketch.gptq`; by default ``"gptq"`` when ``calibration`` is set), the ``calibration``
+    source (a file or ``hf://datasets/...`` id; a sketch records it by name and digest, see
+    :func:`spallm_plugins.sketch.calibration.load_calibration`) with ``nsamples`` x ``seqlen`` tokens, ``damping`` (fraction of the mean Hessian diagonal added to it), ``grid_exponent`` (p in
     the loss-error-aware k-means weights ``U_cc ** -p``), ``act_order``, ``true_sequential`` (sketch
     a decoder block's linears in forward-order stages, each calibrated through the sketched stages
     before it), ``refit`` and ``refit_rounds``; ``kmeans_iters`` and ``kmeans_restarts`` (seeded
@@ -75,10 +76,10 @@ class SketchConfig:
     table_dtype: str = "float16"
     target_modules: list[str] | None = None
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"])
-    method: str = "kmeans"
+    method: str | None = None
     calibration: str | None = None
-    nsamples: int = 0
-    seqlen: int = 0
+    nsamples: int = 64
+    seqlen: int = 256
     damping: float = 0.01
     grid_exponent: float = 2.0
     act_order: bool = False
@@ -93,6 +94,8 @@ class SketchConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if self.method is None:  # as the CLI: calibrated when there is calibration data, else data-free
+            self.method = "gptq" if self.calibration else "kmeans"
         if isinstance(self.modules_to_not_convert, str):  # one name, as transformers users often write it
             self.modules_to_not_convert = [self.modules_to_not_convert]
         elif self.modules_to_not_convert is None:  # transformers' configs write null for "none"
@@ -131,6 +134,12 @@ class SketchConfig:
             fail("table_dtype", self.table_dtype, f"one of {TABLE_DTYPES}")
         if self.method not in SKETCH_METHODS:
             fail("method", self.method, f"one of {SKETCH_METHODS}")
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            fail(
+                "calibration",
+                self.calibration,
+                "null or a file / hf://datasets/... source (texts go to the sketch call)",
+            )
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not all(isinstance(t, str) and t for t in self.target_modules)
         ):

@@ -125,8 +125,10 @@ def default_model_dir() -> Path:
     return out
 
 
-def resolve_model(ref: str | os.PathLike) -> Path:
+def resolve_model(ref: str | os.PathLike, *, revision: str | None = None) -> Path:
     """``"smollm2"`` (the default model), a ``.gguf`` file (converted once into the cache), or an HF folder."""
+    if revision is not None:
+        raise ModelNotFoundError(f"{ref}: revision={revision!r} names a Hub revision; {ref} is not a Hub id")
     if str(ref) == DEFAULT_MODEL:
         return default_model_dir()
     path = Path(ref)

@@ -8,13 +8,14 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
-from .config import DENSE_DTYPES, SketchConfig
+from .config import DENSE_DTYPES, SketchConfig, SketchConfigError
 from .convert import plan_sketch, resolve_targets, sketched_layers
 from .format import (
     CODES_SUFFIX,
@@ -31,7 +32,7 @@ from .layer import SketchedLinear
 from .models import load_model, load_tokenizer, meta_model_from_config, resolve_model
 from .outputs import prepare_output_dir, writes_folder
 from .sketch import sketch_model
-from .sketch.calibration import CalibrationError, calibration_batch
+from .sketch.calibration import CalibrationError, calibration_batch, load_calibration
 from .sketch.driver import PARTIAL_DIR, find_blocks
 from .sketch.memory import DEFAULT_MAX_MEMORY
 from .streaming import sketch_streaming
@@ -162,11 +163,16 @@ def sketch_to_folder(
     dense_dtype: str | None = None,
     max_memory: int | None = None,
     offload_activations: bool = False,
+    calibration: Any = None,
+    calibration_column: str | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
 
-    ``method="kmeans"`` is data-free. ``method="gptq"`` reads ``config.calibration`` (packed into
-    ``nsamples`` x ``seqlen`` tokens) and sketches block by block, persisting progress under
+    ``method="kmeans"`` is data-free. ``method="gptq"`` reads ``calibration`` (texts, a ``datasets`` dataset, a
+    Hub dataset or a file: :func:`~spallm_plugins.sketch.calibration.load_calibration`; given, it implies
+    ``gptq``), else ``config.calibration``, packed into ``nsamples`` x ``seqlen`` tokens; the checkpoint
+    records the source by name and digest, never by local path. It and sketches block by block, persisting progress under
     ``out_dir/.spallm-partial`` so that ``resume=True`` continues a killed run. The checkpoint
     appears in ``out_dir`` only when complete. Before any work, ``out_dir`` is checked: new or empty
     (or ``overwrite``), never the source, writable, with room for the output. ``dense_dtype`` is the
@@ -174,7 +180,7 @@ def sketch_to_folder(
     workspace of sketching one linear (bytes; the result does not depend on it).
     ``offload_activations`` keeps the calibration activations in files, one batch in memory at a time.
     """
-    source = resolve_model(model_ref)
+    source = resolve_model(model_ref, revision=revision)
     dense_dtype = dense_dtype or source_dense_dtype(source)
     check_dense_dtype(dense_dtype)
     sources = [source, *([model_ref] if Path(model_ref).exists() else [])]
@@ -182,7 +188,10 @@ def sketch_to_folder(
         out_dir, overwrite=overwrite, sources=sources, own_entries={PARTIAL_DIR},
         need_bytes=estimate_output_bytes(source, config, dense_dtype),
     )  # fmt: skip
-    if config.method == "gptq" and not config.calibration:
+    if calibration is not None:
+        config = config.replace(method="gptq")
+    calibration = calibration if calibration is not None else config.calibration
+    if config.method == "gptq" and calibration is None:
         raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
     poor = warn_if_poor_without_calibration(config)
     tokenizer = load_tokenizer(source)
@@ -190,7 +199,9 @@ def sketch_to_folder(
     if config.method == "gptq":
         if tokenizer is None:
             raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
-        ids = calibration_batch(config.calibration, tokenizer, config.nsamples, config.seqlen, config.seed)
+        texts = load_calibration(calibration, column=calibration_column)
+        config = config.replace(calibration=texts.record)
+        ids = calibration_batch(texts, tokenizer, config.nsamples, config.seqlen, config.seed)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
 
@@ -271,3 +282,65 @@ def load_any(ref: str | os.PathLike, **kwargs):
     path = resolve_model(ref)
     refuse_sketch_without_config(path)
     return load_sketched(path, **kwargs) if is_sketched_folder(path) else load_model(path, **kwargs)
+
+
+@dataclass(frozen=True)
+class SketchResult:
+    """What :func:`sketch_pretrained` made: the checkpoint folder (also usable as a path), the settings it was
+    sketched with (calibration recorded by name and digest) and its report (per-layer losses, timings)."""
+
+    path: Path
+    config: SketchConfig
+    report: dict[str, Any]
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def load(self, **kwargs: Any):
+        """``(model, tokenizer)``: the sketched model through transformers (``kwargs`` go to ``from_pretrained``)."""
+        return load_sketched(self.path, **kwargs)
+
+
+def sketch_pretrained(
+    model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: SketchConfig | None = None,
+    *,
+    calibration: Any = None,
+    calibration_column: str | None = None,
+    revision: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    dense_dtype: str | None = None,
+    max_memory: int | None = None,
+    offload_activations: bool = False,
+    **settings: Any,
+) -> SketchResult:
+    """Sketch ``model`` (a Hub id, a model folder, a ``.gguf`` file or ``"smollm2"``) into ``out_dir``: the
+    main job of ``spallm sketch``, with the same defaults, in one call.
+
+    ``settings`` are :class:`~spallm_plugins.config.SketchConfig` fields (``bits=4, groups_per_row=4``, ...),
+    applied over ``config``. ``calibration`` (texts, a ``datasets.Dataset``, ``hf://datasets/ORG/NAME?...`` or a
+    file) makes the sketch calibrated, ``nsamples`` x ``seqlen`` tokens of it; without it the sketch is
+    data-free. The model streams block by block; progress shows unless ``progress=False``; the checkpoint
+    appears in ``out_dir`` only when complete, and ``resume=True`` continues a killed run. Next:
+    ``AutoModelForCausalLM.from_pretrained(result.path)`` (no import needed), or ``result.load()``, then
+    ``get_peft_model(model, SpaLLMConfig())`` to train its tables.
+    """
+    unknown = sorted(set(settings) - set(SketchConfig.field_names()))
+    if unknown:
+        raise SketchConfigError(
+            f"sketch_pretrained: unknown setting(s) {unknown}; SketchConfig fields are {list(SketchConfig.field_names())}"
+        )
+    if config is None:
+        config = SketchConfig(**settings)
+    elif settings:
+        config = config.replace(**settings)
+    report = sketch_to_folder(
+        model, out_dir, config, progress=progress, resume=resume, device=device, overwrite=overwrite,
+        dense_dtype=dense_dtype, max_memory=max_memory, offload_activations=offload_activations,
+        calibration=calibration, calibration_column=calibration_column, revision=revision,
+    )  # fmt: skip
+    return SketchResult(Path(out_dir), SketchConfig.from_dict(report["config"]), report)

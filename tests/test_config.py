@@ -86,8 +86,17 @@ def test_calibrated_method_needs_samples_before_any_model_is_loaded():
     with pytest.raises(SketchConfigError, match=r"method 'gptq' is calibrated and needs nsamples >= 1"):
         SketchConfig(method="gptq", nsamples=0, seqlen=256)
     with pytest.raises(SketchConfigError, match=r"seqlen >= 1"):
-        SketchConfig(method="gptq", nsamples=8)
+        SketchConfig(method="gptq", nsamples=8, seqlen=0)
     assert SketchConfig(method="gptq", nsamples=8, seqlen=32).method == "gptq"
+
+
+def test_method_follows_calibration_unless_given():
+    assert SketchConfig().method == "kmeans"
+    assert SketchConfig(calibration="rows.json").method == "gptq"
+    assert SketchConfig(calibration="rows.json", method="kmeans").method == "kmeans"
+    assert SketchConfig().replace(calibration="x.txt").method == "kmeans"  # a resolved method stays
+    with pytest.raises(SketchConfigError, match=r"SketchConfig.calibration=\['a'\] is invalid"):
+        SketchConfig(calibration=["a"])
 
 
 def test_packing_rule_is_defined_once():

@@ -154,12 +154,26 @@ def test_the_checks_catch_a_circle_and_an_upward_import():
     assert rank("spallm_plugins.kernels.triton.ops") < rank("spallm_plugins.hooks")
 
 
-def test_the_root_names_no_integration_class_and_says_where_each_is():
-    import spallm_plugins
+def test_only_the_root_facade_names_integration_classes_and_it_loads_them_lazily():
+    import subprocess
+    import sys
 
-    for name, module in (("SpaLLMConfig", "peft"), ("SpaLLMQuantConfig", "transformers")):
-        assert name not in spallm_plugins.__all__
-        with pytest.raises(AttributeError, match=rf"from spallm_plugins\.integrations\.{module} import {name}"):
-            getattr(spallm_plugins, name)
+    import spallm_plugins
+    from spallm_plugins.integrations.peft import SpaLLMConfig
+    from spallm_plugins.integrations.transformers import SpaLLMQuantConfig
+
+    graph = import_graph()
+    named = {t for t in graph["spallm_plugins"] if t.startswith("spallm_plugins.integrations.")}
+    assert named == {"spallm_plugins.integrations.peft", "spallm_plugins.integrations.transformers"}
+    assert spallm_plugins.SpaLLMConfig is SpaLLMConfig
+    assert spallm_plugins.SpaLLMQuantConfig is SpaLLMQuantConfig
+    assert {"SpaLLMConfig", "SpaLLMQuantConfig", "sketch_pretrained", "SketchConfig"} <= set(dir(spallm_plugins))
+    probe = (
+        "import sys; before = set(sys.modules); import spallm_plugins; "
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('torch', 'transformers', 'peft') "
+        "or m.startswith('spallm_plugins.integrations')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"importing the root loaded {loaded}"
     with pytest.raises(AttributeError, match=r"has no attribute 'nothing'$"):
         spallm_plugins.nothing  # noqa: B018

@@ -108,12 +108,16 @@ class SpaLLMConfig(PeftConfig):
         default_factory=lambda: list(_SKETCH.modules_to_not_convert),
         metadata={"help": "Linears never adapted (default: lm_head)."},
     )
-    method: str = field(
-        default=_SKETCH.method,
-        metadata={"help": "How a dense base is sketched at injection: 'kmeans' (data-free) or 'gptq' (calibrated)."},
+    method: str | None = field(
+        default=None,
+        metadata={
+            "help": "How a dense base is sketched at injection: 'kmeans' (data-free) or 'gptq' (calibrated; the "
+            "default when calibration is set)."
+        },
     )
     calibration: str | None = field(
-        default=_SKETCH.calibration, metadata={"help": "Calibration data for method 'gptq' (a file or folder)."}
+        default=_SKETCH.calibration,
+        metadata={"help": "Calibration data for method 'gptq': a file or folder, or hf://datasets/ORG/NAME[?...]."},
     )
     nsamples: int = field(default=_SKETCH.nsamples, metadata={"help": "Calibration sequences (method 'gptq')."})
     seqlen: int = field(default=_SKETCH.seqlen, metadata={"help": "Tokens per calibration sequence."})

@@ -44,7 +44,6 @@ from .layer import BASE_ADAPTER_NAME, SpaLLMLayer
 
 __all__ = ["AdapterBaseMismatchError", "SpaLLMModel"]
 
-DEFAULT_CALIBRATION_SHAPE = (64, 256)  # nsamples x seqlen when a calibration source gives none
 
 
 @dataclass
@@ -267,11 +266,7 @@ class SpaLLMModel(BaseTuner):
                 f"calibrated SpaLLM injection needs the base model's tokenizer, but {source!r} has none loadable "
                 f"({err}); sketch the base first with `spallm sketch --calib` and adapt the sketched base"
             ) from None
-        nsamples, seqlen = (
-            sketch.nsamples or DEFAULT_CALIBRATION_SHAPE[0],
-            sketch.seqlen or DEFAULT_CALIBRATION_SHAPE[1],
-        )
-        ids = calibration_batch(sketch.calibration, tokenizer, nsamples, seqlen, sketch.seed)
+        ids = calibration_batch(sketch.calibration, tokenizer, sketch.nsamples, sketch.seqlen, sketch.seed)
         config = sketch.replace(target_modules=list(dense), modules_to_not_convert=[])
         device = next(model.parameters()).device
         try:

@@ -13,12 +13,21 @@ class SpaLLMQuantConfig(QuantizationConfigMixin):
     """Wraps :class:`spallm_plugins.config.SketchConfig`; every field and check lives there.
 
     ``from_pretrained(dense_dir, quantization_config=SpaLLMQuantConfig(bits=4, groups_per_row=4))``
-    sketches on load; a sketched checkpoint's ``config.json`` carries the same dict.
+    sketches on load; a sketched checkpoint's ``config.json`` carries the same dict. As with transformers'
+    ``GPTQConfig``, ``dataset`` (texts, a ``datasets.Dataset``, ``hf://datasets/ORG/NAME?...`` or a file; its text
+    column ``dataset_column``) and ``tokenizer`` (an object, or a Hub id or folder; default: the model's) make the
+    sketch calibrated, block by block as ``spallm sketch`` does. They are used on load and never serialised: the
+    saved config records the calibration by name and digest.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, dataset: Any = None, tokenizer: Any = None, dataset_column: str | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
+        if dataset is not None:
+            kwargs.setdefault("method", "gptq")
+            if isinstance(dataset, str):
+                kwargs.setdefault("calibration", dataset)
         self.sketch = SketchConfig.from_dict(kwargs, where="SpaLLMQuantConfig")
+        self.dataset, self.tokenizer, self.dataset_column = dataset, tokenizer, dataset_column
 
     @classmethod
     def from_sketch_config(cls, sketch: SketchConfig) -> SpaLLMQuantConfig:

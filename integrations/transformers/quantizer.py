@@ -18,6 +18,8 @@ from spallm_plugins.config import QUANT_METHOD
 from spallm_plugins.convert import replace_with_empty, set_submodule, sketched_layers
 from spallm_plugins.format import TABLES_SUFFIX, CheckpointError, read_file_headers, validate_sketched_tensors
 from spallm_plugins.sketch import sketch_model
+from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch, load_calibration
+from spallm_plugins.sketch.driver import sketch_model_calibrated
 from spallm_plugins.validate import expected_shapes, validate_against_model
 
 from .config import SpaLLMQuantConfig
@@ -26,7 +28,7 @@ from .config import SpaLLMQuantConfig
 class SpaLLMHfQuantizer(HfQuantizer):
     """Pre-sketched checkpoints: target linears become empty SketchedLinear before loading, and
     ``codes`` / ``tables`` load by name. Dense checkpoints with a ``SpaLLMQuantConfig``: the model
-    loads densely and is sketched (data-free) right after.
+    loads densely and is sketched right after, data-free or, with calibration data, block by block.
     """
 
     requires_calibration = False
@@ -71,9 +73,12 @@ class SpaLLMHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        sketch = self.quantization_config.sketch
         if not self.pre_quantized:
-            sketch_model(model, sketch)
+            if self.quantization_config.sketch.method == "gptq":
+                self._sketch_calibrated(model)
+            else:
+                sketch_model(model, self.quantization_config.sketch)
+        sketch = self.quantization_config.sketch
         for name, layer in sketched_layers(model).items():
             if layer.tables.device.type != "meta" and not torch.isfinite(layer.tables).all():
                 raise CheckpointError(
@@ -85,6 +90,33 @@ class SpaLLMHfQuantizer(HfQuantizer):
             if layer.tables.dtype != table_dtype:
                 layer.tables.data = layer.tables.data.to(table_dtype)
         return model
+
+    def _sketch_calibrated(self, model) -> None:
+        """The block-by-block calibrated sketch of ``spallm sketch``; the config then records the calibration
+        by name and digest (what ``save_pretrained`` writes)."""
+        from transformers import AutoTokenizer
+
+        config = self.quantization_config
+        source = config.dataset if config.dataset is not None else config.sketch.calibration
+        if source is None:
+            raise CalibrationError(
+                "SpaLLMQuantConfig(method='gptq') needs calibration data: dataset=texts, a datasets.Dataset, "
+                "hf://datasets/ORG/NAME?... or a file"
+            )
+        tokenizer = config.tokenizer
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            name = os.fspath(tokenizer) if tokenizer is not None else model.name_or_path
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError) as err:
+                raise CalibrationError(
+                    f"SpaLLMQuantConfig: no tokenizer for the calibration texts at {name!r} ({err}); pass tokenizer=..."
+                ) from None
+        texts = load_calibration(source, column=config.dataset_column)
+        sketch = config.sketch.replace(calibration=texts.record)
+        ids = calibration_batch(texts, tokenizer, sketch.nsamples, sketch.seqlen, sketch.seed)
+        sketch_model_calibrated(model, sketch, ids, device=next(model.parameters()).device)
+        config.__dict__["sketch"] = sketch
 
     @property
     def is_trainable(self) -> bool:
