@@ -10,7 +10,7 @@ import torch
 from conftest import WORDS, cli, needs, sample_words, tiny_tokenizer
 from safetensors.torch import load_file
 
-from spallm_plugins.config import SketchConfig, SketchConfigError
+from spallm_plugins.config import SketchConfigError
 from spallm_plugins.format import CODES_SUFFIX, TABLES_SUFFIX, safetensors_files
 from spallm_plugins.sketch.calibration import CalibrationError, load_calibration
 
