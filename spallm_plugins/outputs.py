@@ -152,6 +152,23 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def turn(folder: str | os.PathLike) -> Iterator[None]:
+    """Wait for, then hold, the turn to make or reuse ``folder``: processes that all need one folder (the ranks of
+    a distributed run) take turns, so the first makes it and the others find it made."""
+    path = output_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(path.parent / f".{path.name}.spallm-turn", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def writes_folder(parameter: str) -> Callable[[Job], Job]:
     """Run the decorated job holding the lock of the folder its argument ``parameter`` names, so two
     processes never write one folder (one would delete or replace the other's files)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,11 +30,11 @@ from .format import (
 )
 from .hooks import register_host
 from .layer import SketchedLinear
-from .models import load_model, load_tokenizer, meta_model_from_config, resolve_model
-from .outputs import prepare_output_dir, writes_folder
+from .models import cache_dir, load_model, load_tokenizer, meta_model_from_config, resolve_model
+from .outputs import prepare_output_dir, turn, writes_folder
 from .sketch import sketch_model
 from .sketch.calibration import CalibrationError, calibration_batch, load_calibration
-from .sketch.driver import PARTIAL_DIR, find_blocks
+from .sketch.driver import PARTIAL_DIR, find_blocks, setting_difference
 from .sketch.memory import DEFAULT_MAX_MEMORY
 from .streaming import sketch_streaming
 from .validate import validate_checkpoint
@@ -344,3 +345,61 @@ def sketch_pretrained(
         calibration=calibration, calibration_column=calibration_column, revision=revision,
     )  # fmt: skip
     return SketchResult(Path(out_dir), SketchConfig.from_dict(report["config"]), report)
+
+
+def _source_identity(model: str | os.PathLike, source: Path) -> dict[str, Any]:
+    """What names a source's content: the resolved folder (a Hub snapshot's names its commit) and its files'
+    sizes and times, so a dense folder trained further is not mistaken for the one sketched before."""
+    files = sorted(p for p in source.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    return {"model": os.fspath(model), "folder": str(source), "files": stats}
+
+
+def cached_sketch(
+    model: str | os.PathLike,
+    config: SketchConfig,
+    *,
+    folder: str | os.PathLike | None = None,
+    calibration: Any = None,
+    calibration_column: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> SketchResult:
+    """The sketch of ``model`` with ``config``, made once and reused: what a one-file training recipe names.
+
+    The default ``folder`` is ``$SPALLM_HOME/sketched/<model>-<key>``, the key hashing the source (Hub commit,
+    or a folder's files) and the settings (calibration by digest). A folder that exists is validated and reused
+    when it holds this source sketched with these settings, refused when it holds another; a killed sketch
+    resumes. Processes needing the same folder (distributed ranks) take turns: one sketches, the rest reuse.
+    """
+    source = resolve_model(model, revision=revision)
+    if calibration is not None or config.method == "gptq":
+        texts = load_calibration(
+            calibration if calibration is not None else config.calibration, column=calibration_column
+        )
+        config, calibration = config.replace(method="gptq", calibration=texts.record), texts
+    wanted = config.to_quantization_config()
+    identity = json.dumps({"source": _source_identity(model, source), "settings": wanted}, sort_keys=True)
+    name = os.fspath(model).strip("/").replace("/", "--") if not Path(model).exists() else source.name
+    folder = (
+        Path(folder)
+        if folder
+        else cache_dir() / "sketched" / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    )
+    with turn(folder):
+        if (folder / "config.json").is_file():
+            return _reuse_sketch(folder, source, wanted)
+        return sketch_pretrained(source, folder, config, calibration=calibration, resume=True, progress=progress)
+
+
+def _reuse_sketch(folder: Path, source: Path, wanted: dict[str, Any]) -> SketchResult:
+    found = read_json(folder / "config.json").get("quantization_config")
+    report = read_json(folder / REPORT_NAME) if (folder / REPORT_NAME).is_file() else {}
+    if found != wanted or report.get("source") != str(source):
+        why = setting_difference(found, wanted) if found != wanted else f"it was sketched from {report.get('source')!r}"
+        raise CheckpointError(
+            f"{folder}: holds another sketch ({why}); remove the folder to sketch {source.name} with these "
+            "settings, or choose another folder"
+        )
+    validate_checkpoint(folder, check_values=False)
+    return SketchResult(folder, SketchConfig.from_dict(found), report)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs, run_python, sketched_default_model
+from conftest import needs, run_python, sketched_default_model, tiny_llama, tiny_tokenizer
 
 needs("axolotl", "nox -s axolotl installs it")
 
@@ -185,12 +185,14 @@ from pathlib import Path
 from axolotl.cli.config import prepare_plugins
 from axolotl.utils.config import validate_config
 from axolotl.utils.dict import DictDefault
+from spallm_plugins.integrations.axolotl import plugin
 root = Path(sys.argv[1])
 seen = {}
 for recipe in sorted((root / "configs" / "axolotl").glob("*.yml")):
     cfg = DictDefault(yaml.safe_load(recipe.read_text()))
     if cfg.deepspeed:
         cfg.deepspeed = str(root / cfg.deepspeed)
+    plugin.sketch_dense_base = lambda cfg: None  # the Hub bases are not sketched here: only the schema is checked
     prepare_plugins(cfg)  # SpaLLMPlugin.register: the DeepSpeed refusals
     gpus = {"bf16": True, "fp8": False, "n_gpu": 2, "n_node": 1, "compute_capability": "sm_90"}
     out = validate_config(cfg, capabilities=gpus, env_capabilities={"torch_version": "2.7.0"})
@@ -209,3 +211,30 @@ def test_every_recipe_passes_axolotls_own_validation():
     assert all(r["adapter"] == "spallm" for r in seen.values())
     assert seen["llama3-8b-fsdp2.yml"]["fsdp_version"] == 2
     assert seen["llama3-8b-zero3.yml"]["deepspeed"]
+
+
+def test_one_file_recipe_sketches_a_dense_base_once_then_trains_and_refuses_other_settings(tmp_path):
+    from spallm_plugins.pipeline import load_sketched
+    from spallm_plugins.validate import validate_checkpoint
+
+    dense = tmp_path / "dense"
+    tiny_llama().save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    sketch_dir = tmp_path / "base-sketch"
+    spallm = {"bits": 4, "groups_per_row": 2, "sketch_dir": str(sketch_dir)}
+    config = write_config(tmp_path, dense, max_steps=4, save_steps=100, spallm=spallm, sequence_len=128)
+    log = "\n".join((p.stdout + p.stderr) for p in [axolotl("train", str(config), cwd=tmp_path)])
+    assert f"{dense} is dense: made its 4-bit sketch (2 groups per row) {sketch_dir}" in log
+    validate_checkpoint(sketch_dir)
+    made = (sketch_dir / "config.json").stat().st_mtime_ns
+    with open(tmp_path / "out" / "adapter_model.safetensors", "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    assert header and all(k.endswith(".spallm_tables") for k in header if k != "__metadata__")
+    merged = axolotl("merge-lora", str(config), "--lora-model-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert f"{dense} is dense: reusing its 4-bit sketch" in merged.stdout + merged.stderr
+    assert (sketch_dir / "config.json").stat().st_mtime_ns == made
+    assert len(load_sketched(tmp_path / "out" / "merged")[0].config.quantization_config.to_dict()) > 0
+    other = write_config(tmp_path, dense, spallm={**spallm, "groups_per_row": 4})
+    with pytest.raises(AssertionError) as refused:
+        axolotl("train", str(other), cwd=tmp_path)
+    assert f"{sketch_dir}: holds another sketch (groups_per_row was 2, this run has 4)" in str(refused.value)

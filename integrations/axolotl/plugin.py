@@ -1,8 +1,9 @@
 """``SpaLLMPlugin``: ``adapter: spallm`` in Axolotl, driving the PEFT method ``spallm``.
 
-The base model is either a sketched checkpoint (``spallm sketch``; loaded through the ``spallm``
-transformers quantizer, so the adapter trains table sets over its codes) or a dense model, sketched
-when the adapter is injected (data-free, or calibrated with ``spallm: {calibration: ...}``).
+``base_model`` is a sketched checkpoint, or a dense model (Hub id or folder) that the plugin sketches once,
+when the config is read, into a cache folder keyed by model, revision and the ``spallm:`` settings (data-free,
+or calibrated with ``spallm: {calibration: ...}``), and trains from there: one YAML, as QLoRA's. Either way the
+base loads through the ``spallm`` transformers quantizer, so the adapter trains table sets over its codes.
 ``lora_model_dir`` continues from saved tables. Checkpoints, resume and saving are PEFT's. Sharded
 runs (``fsdp_version: 2``, ``deepspeed:`` ZeRO-3) get ``SpaLLMShardingCallback``, and DeepSpeed options
 that break the codes are refused when the config is read.
@@ -11,6 +12,7 @@ that break the codes are refused when the config is read.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ def peft_config_from_cfg(cfg: Any):
     """The ``SpaLLMConfig`` an Axolotl config describes (``spallm:`` block + ``lora_target_modules``)."""
     from spallm_plugins.integrations.peft import SpaLLMConfig
 
+    from .args import PLUGIN_KEYS
+
     options = dict(cfg.get("spallm") or {})
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k, v in options.items() if v is not None and k not in PLUGIN_KEYS}
     if "target_modules" not in options and cfg.get("lora_target_modules"):
         options["target_modules"] = cfg.get("lora_target_modules")
     if cfg.get("lora_modules_to_save") and "modules_to_save" not in options:
@@ -54,6 +58,30 @@ def check_deepspeed(deepspeed: str | dict | None) -> None:
     check_deepspeed_config(config, str(path))
 
 
+def sketch_dense_base(cfg: Any) -> None:
+    """Point ``base_model`` at the sketch of a dense base (made once, reused after; see ``cached_sketch``), so
+    everything Axolotl reads next (config, tokenizer, weights) is the sketched checkpoint's."""
+    from spallm_plugins.models import resolve_model
+    from spallm_plugins.pipeline import cached_sketch, is_sketched_folder
+
+    base, revision = cfg.get("base_model"), cfg.get("revision_of_model")
+    if not base or is_sketched_folder(resolve_model(base, revision=revision)):
+        return
+    options = dict(cfg.get("spallm") or {})
+    sketch = peft_config_from_cfg(cfg).sketch_config(target_modules=None)
+    started = time.time()
+    result = cached_sketch(base, sketch, folder=options.get("sketch_dir"), revision=revision)
+    made = (result.path / "config.json").stat().st_mtime >= started
+    LOG.info("spallm: %s is dense: %s its %s-bit sketch (%s groups per row) %s", base, "made" if made else "reusing",
+             sketch.bits, sketch.groups_per_row, result.path)  # fmt: skip
+    for key in ("base_model", "base_model_config", "tokenizer_config"):
+        if cfg.get(key) in (None, base):
+            cfg[key] = str(result.path)
+    cfg["revision_of_model"] = None
+    if options.get("calibration"):
+        cfg["spallm"] = {**options, "calibration": result.config.calibration}
+
+
 class SpaLLMPlugin(BasePlugin):
     """Makes ``adapter: spallm`` valid and loads it; merges go through ``merge_and_unload``."""
 
@@ -70,6 +98,7 @@ class SpaLLMPlugin(BasePlugin):
         if not cfg.get("merge_method"):
             cfg["merge_method"] = "legacy"
         check_deepspeed(cfg.get("deepspeed"))
+        sketch_dense_base(cfg)
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
         if cfg.adapter != ADAPTER:

@@ -45,7 +45,6 @@ from .layer import BASE_ADAPTER_NAME, SpaLLMLayer
 __all__ = ["AdapterBaseMismatchError", "SpaLLMModel"]
 
 
-
 @dataclass
 class InjectionPlan:
     """What injecting one adapter will do, decided before any module is replaced."""

@@ -280,7 +280,7 @@ class SpilledActivations:
         return SpilledActivations(self.directory, tag, self.device)
 
 
-def _difference(saved: Any, new: Any) -> str:
+def setting_difference(saved: Any, new: Any) -> str:
     """The first setting that differs, with the saved and the new value (a config: its first differing field)."""
     if isinstance(saved, dict) and isinstance(new, dict):
         key = next(k for k in sorted({*saved, *new}, key=str) if saved.get(k) != new.get(k))
@@ -306,7 +306,7 @@ class ProgressStore:
             if progress.get(key) != value:
                 raise ResumeError(
                     f"{self.dir}: saved progress was made with a different {key.replace('_', ' ')}: "
-                    f"{_difference(progress.get(key), value)}; resume with the saved setting, or remove "
+                    f"{setting_difference(progress.get(key), value)}; resume with the saved setting, or remove "
                     f"{self.dir} or run without --resume to start over"
                 )
         return progress
