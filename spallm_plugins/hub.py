@@ -168,9 +168,14 @@ def _refuse_pickle_only(folder: Path, repo_id: str, revision: str, commit: str) 
     if any(fnmatch(n, "*.safetensors") for n in names):
         return
     pickles = sorted(n for n in names if "/" not in n and any(fnmatch(n, p) for p in PICKLE_FILES))
-    what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no safetensors weights"
+    if not pickles:
+        raise CheckpointError(
+            f"{repo_id}@{revision}: the repo holds no safetensors weights (model*.safetensors or "
+            f"adapter_model.safetensors; snapshot {folder})"
+        )
     raise CheckpointError(
-        f"{repo_id}@{revision}: the repo holds {what}; spallm downloads safetensors only and never unpickles. "
+        f"{repo_id}@{revision}: the repo holds only pickle weights ({', '.join(pickles)}); spallm downloads "
+        "safetensors only and never unpickles. "
         f'If you trust it, convert it once: python -c "from transformers import AutoModelForCausalLM as M; '
         f"M.from_pretrained('{repo_id}', revision='{revision}').save_pretrained('{repo_id.split('/')[-1]}-safetensors')\" "
         "and pass that folder"
@@ -196,9 +201,11 @@ def download_snapshot(
     try:
         folder = snapshot_download(
             repo_id, revision=asked, cache_dir=hub_cache_dir(), allow_patterns=list(files),
-            local_files_only=offline,
+            ignore_patterns=list(PICKLE_FILES), local_files_only=offline,
         )  # fmt: skip
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, httpx.HTTPError) as err:
+        if isinstance(err, OSError) and err.filename:
+            raise  # the cache's file system (full, read-only): the CLI names the path
         raise _not_found(repo_id, asked, err, offline) from None
     folder = Path(folder)
     if need_weights:
