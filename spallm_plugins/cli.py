@@ -51,7 +51,7 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str, default: str | 
 
 def add_revision_option(p: argparse.ArgumentParser, *, what: str = "the model", flag: str = "--revision") -> None:
     """``--revision``: the branch, tag or commit of a Hub id (``org/name``); one rule for every command."""
-    p.add_argument(flag, dest=flag.removeprefix("--").replace("-", "_"), default=None,
+    p.add_argument(flag, dest=flag.removeprefix("--").replace("-", "_"), default=None, metavar="REV",
                    help=f"with a Hugging Face Hub id (org/name) as {what}: its branch, tag or commit "
                         "(default: the repo's main branch)")  # fmt: skip
 

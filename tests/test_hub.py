@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli, sample_words, tiny_llama, tiny_tokenizer
+from conftest import cli, needs, sample_words, tiny_llama, tiny_tokenizer
 
 from spallm_plugins.hub import HubOrigin, hub_cache_dir, hub_origin, looks_like_repo_id
 
@@ -123,6 +123,30 @@ def test_eval_merge_and_adapters_take_hub_ids(tmp_path, hub):
     assert resolve_adapter("org/adapter") == adapter.resolve()
     line = one_error_line(cli("merge", "org/tiny", "org/adapter-missing", "--out", str(tmp_path / "m"), check=False))
     assert "org/adapter-missing@main: " in line
+
+
+def test_merge_a_hub_adapter_into_a_hub_base(tmp_path, hub):
+    """A sketched base and a SpaLLM adapter, both published (cached) as Hub repos, merged by their ids."""
+    needs("peft", "nox -s tests installs it")
+    import shutil
+
+    from peft import get_peft_model
+
+    from spallm_plugins.integrations.peft import SpaLLMConfig
+    from spallm_plugins.pipeline import load_sketched
+
+    cli("sketch", "org/tiny", "--out", str(tmp_path / "sketched"), "--gpr", "2", "--quiet")
+    base = cached_repo(hub, "org/tiny-spallm")
+    shutil.copytree(tmp_path / "sketched", base, dirs_exist_ok=True)
+    model, _ = load_sketched("org/tiny-spallm")
+    adapter = cached_repo(hub, "org/tiny-adapter", OTHER_COMMIT)
+    get_peft_model(model, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(adapter)
+    out = tmp_path / "merged"
+    cli("merge", "org/tiny-spallm", "org/tiny-adapter", "--adapter-revision", OTHER_COMMIT, "--out", str(out))
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["base_hub"] == {"repo_id": "org/tiny-spallm", "revision": "main", "commit": COMMIT}
+    assert report["adapter_hub"] == {"repo_id": "org/tiny-adapter", "revision": OTHER_COMMIT, "commit": OTHER_COMMIT}
+    assert report["merged_layers"] == 14
 
 
 def test_revision_of_a_local_path_is_refused(tmp_path, hub, dense_dir):
