@@ -49,6 +49,24 @@ def add_output_options(p: argparse.ArgumentParser, *, what: str, default: str | 
                    help="replace an existing non-empty output folder (never the input being read, nor a file)")  # fmt: skip
 
 
+def add_revision_option(p: argparse.ArgumentParser, *, what: str = "the model", flag: str = "--revision") -> None:
+    """``--revision``: the branch, tag or commit of a Hub id (``org/name``); one rule for every command."""
+    p.add_argument(flag, dest=flag.removeprefix("--").replace("-", "_"), default=None, metavar="REV",
+                   help=f"with a Hugging Face Hub id (org/name) as {what}: its branch, tag or commit "
+                        "(default: the repo's main branch)")  # fmt: skip
+
+
+def revision_for(ref: str, refs: list[str], revision: str | None) -> str | None:
+    """``--revision`` of a command naming several models: it applies to the Hub ids among ``refs`` (a local
+    path gets none); when no ref is a Hub id it stays, so that resolving says it does not apply."""
+    from .hub import looks_like_repo_id
+
+    def is_hub(r: str) -> bool:
+        return looks_like_repo_id(r) and not Path(r).exists()
+
+    return revision if is_hub(ref) or not any(is_hub(r) for r in refs) else None
+
+
 def _add_dense_dtype_option(p: argparse.ArgumentParser, *, default_help: str) -> None:
     p.add_argument("--dense-dtype", dest="dense_dtype", choices=DENSE_DTYPES, default=None,
                    help=f"dtype of what stays dense: embeddings, norms, lm_head, biases (default: {default_help})")  # fmt: skip
@@ -78,6 +96,7 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         dense_dtype=args.dense_dtype,
         max_memory=args.max_memory,
         offload_activations=args.offload_activations,
+        revision=args.revision,
     )
     print(f"sketched {len(report['layers'])} linear layers in {report['sketch_seconds']:.1f} s -> {args.out}")
     if args.report:
@@ -156,7 +175,7 @@ def _check_json_output(args: argparse.Namespace) -> None:
 def _eval_tasks(args: argparse.Namespace) -> int:
     """``spallm eval --tasks``: lm-evaluation-harness tasks on local data, one table per model."""
     from .evaluate import HarnessUnavailableError, check_local_tasks, harness_evaluate, harness_json, harness_table
-    from .models import resolve_model
+    from .models import resolve_adapter, resolve_model
 
     misplaced = [f for f, v in (("--text", args.text), ("--seqlen", args.seqlen),
                                 ("--max-windows", args.max_windows)) if v is not None]  # fmt: skip
@@ -168,11 +187,13 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter goes with one model, got {len(args.models)}")
     _check_json_output(args)
     check_local_tasks(args.data, args.tasks)
-    folders = {ref: resolve_model(ref) for ref in args.models}  # every reference checked before any work
+    folders = {ref: resolve_model(ref, revision=revision_for(ref, args.models, args.revision))
+               for ref in args.models}  # every reference checked before any work  # fmt: skip
+    adapter = None if args.adapter is None else resolve_adapter(args.adapter, revision=args.adapter_revision)
     results = {}
     try:
         for ref, folder in folders.items():
-            out = harness_evaluate(folder, args.tasks, args.data, adapter=args.adapter,
+            out = harness_evaluate(folder, args.tasks, args.data, adapter=adapter,
                                    limit=args.limit, batch_size=args.batch_size or 1)  # fmt: skip
             results[str(ref)] = out
             name = f"{ref} + adapter {args.adapter}" if args.adapter else str(ref)
@@ -196,7 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return _eval_tasks(args)
     misplaced = [f for f, v in (("--data", args.data), ("--limit", args.limit), ("--batch-size", args.batch_size),
-                                ("--adapter", args.adapter)) if v is not None]  # fmt: skip
+                                ("--adapter", args.adapter), ("--adapter-revision", args.adapter_revision))
+                 if v is not None]  # fmt: skip
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)}: options of lm-eval tasks; add --tasks")
     _check_json_output(args)
@@ -204,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text(args.text)
     results = {}
     for ref in args.models:
-        model, tokenizer = load_any(ref)
+        model, tokenizer = load_any(ref, revision=revision_for(ref, args.models, args.revision))
         if tokenizer is None:
             raise FileNotFoundError(f"{ref}: no tokenizer in the model folder; cannot evaluate on text")
         ppl = perplexity(
@@ -228,10 +250,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .convert import plan_sketch
     from .format import refuse_sketch_without_config
+    from .hub import CONFIG_FILES, resolve_hub_ref
     from .models import meta_model_from_config
     from .pipeline import source_dense_dtype, stored_dense_rest
 
-    path = Path(args.path)
+    # a Hub id: config.json alone is fetched (a cached snapshot's files are read as they are)
+    path = resolve_hub_ref(args.path, args.revision, files=CONFIG_FILES, need_weights=False) or Path(args.path)
     refuse_sketch_without_config(path if path.is_dir() else path.parent)
     model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
@@ -274,7 +298,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{path}: {summary['model_type']}, bits={config.bits}, groups_per_row={config.groups_per_row}, "
+    print(f"{args.path}: {summary['model_type']}, bits={config.bits}, groups_per_row={config.groups_per_row}, "
           f"table_dtype={config.table_dtype}")  # fmt: skip
     print(f"  sketched linears: {len(plan.layers)}")
     for k, v in summary["layers_by_name"].items():
@@ -365,7 +389,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     run_quality(
         args.model, args.text, args.calib, args.nsamples, args.seqlen, args.eval_seqlen,
         only=args.only, grid_exponent=args.grid_exponent, out_dir=args.out, overwrite=args.overwrite,
-        peers=args.peers, seed=args.seed, max_windows=args.max_windows,
+        peers=args.peers, seed=args.seed, max_windows=args.max_windows, revision=args.revision,
     )  # fmt: skip
     print(f"wrote {Path(args.out) / 'quality.json'}")
     return 0
@@ -379,7 +403,7 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
     from .models import load_model
 
     _check_json_output(args)
-    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    model, tokenizer = load_model(args.model, dtype=torch.float32, revision=args.revision)
     linear = model.get_submodule(args.layer)
     weight = linear.weight.detach()
     column_weights = torch.ones(weight.shape[1])
@@ -448,7 +472,8 @@ def cmd_bench_sharding(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
-    report = merge_adapter(args.base, args.adapter, args.out, overwrite=args.overwrite)
+    report = merge_adapter(args.base, args.adapter, args.out, overwrite=args.overwrite, revision=args.revision,
+                           adapter_revision=args.adapter_revision)  # fmt: skip
     kind = "tables replaced, codes copied" if report["sketched_base"] else "weights replaced by the adapter's codes"
     print(f"merged {report['merged_layers']} layers ({kind}) -> {args.out}")
     return 0
@@ -574,8 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spallm-plugins {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sketch", help="sketch a model (HF folder, .gguf file, or 'smollm2') into a checkpoint")
-    p.add_argument("model", help="HF model folder, .gguf file, or 'smollm2' (the embedded default)")
+    p = sub.add_parser("sketch", help="sketch a model (HF folder, Hub id, .gguf file, or 'smollm2') into a checkpoint")
+    p.add_argument("model", help="HF model folder, Hugging Face Hub id (org/name), .gguf file, or 'smollm2' "
+                                 "(the embedded default)")  # fmt: skip
+    add_revision_option(p)
     add_output_options(p, what="the sketched checkpoint (written atomically)")
     _add_dense_dtype_option(p, default_help="the source checkpoint's dtype")
     _add_sketch_options(p)
@@ -628,7 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sketch)
 
     p = sub.add_parser("eval", help="perplexity of one or more models on a text, or lm-eval tasks on local data")
-    p.add_argument("models", nargs="+", help="model folders (dense or sketched), .gguf files, or 'smollm2'")
+    p.add_argument("models", nargs="+",
+                   help="model folders (dense or sketched), Hub ids (org/name), .gguf files, or 'smollm2'")  # fmt: skip
+    add_revision_option(p, what="a model")
     p.add_argument("--text", help="held-out text: .txt, or .json/.jsonl rows (default: the bundled English sample)")
     p.add_argument("--seqlen", type=window_tokens, default=None, help="window length in tokens, >= 2 (default 256)")
     p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
@@ -642,13 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tasks: score the first N rows of each task (default: all)")  # fmt: skip
     p.add_argument("--batch-size", dest="batch_size", type=harness_batch_size, default=None,
                    help="with --tasks: rows per forward pass, a number or 'auto' (default 1)")  # fmt: skip
-    p.add_argument("--adapter", help="with --tasks: a PEFT adapter folder, loaded onto the (one) model")
+    p.add_argument("--adapter", help="with --tasks: a PEFT adapter folder or Hub id, loaded onto the (one) model")
+    add_revision_option(p, what="--adapter", flag="--adapter-revision")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars (ours or transformers'), no info logs")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="what a sketch of a model holds; works from config.json alone")
-    p.add_argument("path", help="model folder or config.json file")
+    p.add_argument("path", help="model folder, config.json file, or Hub id (org/name: only its config.json is fetched)")
+    add_revision_option(p)
     _add_sketch_options(p, defaults_from_checkpoint=True)
     _add_dense_dtype_option(p, default_help="what the checkpoint stores, from its files or config.json")
     p.add_argument("--kernels", action="store_true", help="also show which kernel backend runs each case, and why")
@@ -664,8 +695,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("merge", help="merge a saved SpaLLM adapter into its base: a plain sketched checkpoint")
-    p.add_argument("base", help="the base model folder (sketched, or dense for adapters that carry codes)")
-    p.add_argument("adapter", help="the adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("base", help="the base model folder or Hub id (sketched, or dense for adapters that carry codes)")
+    p.add_argument("adapter", help="the adapter folder or Hub id (adapter_config.json + adapter_model.safetensors)")
+    add_revision_option(p, what="the base")
+    add_revision_option(p, what="the adapter", flag="--adapter-revision")
     add_output_options(p, what="the merged checkpoint (written atomically, validated)")
     p.set_defaults(func=cmd_merge)
 
@@ -676,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")
-    p.add_argument("--model", default="smollm2", help="dense model to sketch (default smollm2)")
+    p.add_argument("--model", default="smollm2", help="dense model to sketch: folder, Hub id, .gguf (default smollm2)")
+    add_revision_option(p)
     p.add_argument("--text", help="held-out text: .txt, or .json/.jsonl rows (default: the bundled English sample)")
     p.add_argument("--max-windows", dest="max_windows", type=positive_int, default=None,
                    help="evaluate only the text's first N windows (default: all)")  # fmt: skip
@@ -695,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p, default="bench-quality", what="quality.json / quality.png")
     p.set_defaults(func=cmd_bench_quality)
     p = bench.add_parser("kmeans", help="batched weighted k-means vs scikit-learn per row, on one layer")
-    p.add_argument("--model", default="smollm2", help="dense model (default smollm2)")
+    p.add_argument("--model", default="smollm2", help="dense model: folder, Hub id, .gguf (default smollm2)")
+    add_revision_option(p)
     p.add_argument("--layer", default="model.layers.0.mlp.up_proj", help="the linear whose weight is clustered")
     p.add_argument("--bits", type=int, default=4, help="bits per code (default 4)")
     p.add_argument("--calib", help="derive loss-error-aware column weights from this calibration data")

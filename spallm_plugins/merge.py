@@ -39,6 +39,7 @@ from .format import (
     write_tensors,
 )
 from .hooks import adapter_config_fields
+from .hub import hub_record, resolve_hub_ref
 from .outputs import prepare_output_dir, writes_folder
 from .validate import validate_checkpoint
 
@@ -84,14 +85,18 @@ def merge_adapter(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
 ) -> dict:
     """Write ``base_dir`` with the adapter's tables merged in as a sketched checkpoint at ``out_dir``.
 
     Everything is checked before anything is written; ``out_dir`` appears only complete and validated.
-    ``out_dir`` must be new or empty (or ``overwrite``), and never the base or the adapter.
+    ``out_dir`` must be new or empty (or ``overwrite``), and never the base or the adapter. Either may be
+    a Hub id (``org/name``, at ``revision`` / ``adapter_revision``), fetched into the Hugging Face cache.
     Returns a small report (also saved as ``merge_report.json``).
     """
-    base_dir = Path(base_dir)
+    base_dir = resolve_hub_ref(base_dir, revision) or Path(base_dir)
+    adapter_dir = resolve_hub_ref(adapter_dir, adapter_revision) or Path(adapter_dir)
     base_cfg_path = base_dir / "config.json"
     if not base_cfg_path.is_file():
         raise CheckpointError(f"{base_dir}: no config.json (expected a Hugging Face model folder)")
@@ -136,12 +141,14 @@ def merge_adapter(
             tensors[module + CODES_SUFFIX] = parts["codes"]
             tensors[module + TABLES_SUFFIX] = parts["tables"].to(table_dtype)
         base_cfg["quantization_config"] = out_sketch.to_quantization_config()
+    base_hub, adapter_hub = hub_record(base_dir, revision), hub_record(adapter_dir, adapter_revision)
     report = {
         "base": str(base_dir),
         "adapter": str(adapter_dir),
         "sketched_base": sketched_base,
         "merged_layers": len(modules),
         "table_dtype": out_sketch.table_dtype,
+        **{f"{name}_hub": record for name, record in (("base", base_hub), ("adapter", adapter_hub)) if record},
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         for item in base_dir.iterdir():

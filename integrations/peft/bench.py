@@ -446,11 +446,13 @@ def run_finetune_bench(
     seed: int = 0,
     overwrite: bool = False,
     resume: bool = False,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Run ``variants`` (one child process each) and write ``finetune.json`` / ``finetune.png`` in ``out_dir``.
 
     Every finished run is kept in ``out_dir/runs``; ``resume=True`` reuses those made with the same settings
-    (a killed or partial sweep continues where it stopped) and trains the rest."""
+    (a killed or partial sweep continues where it stopped) and trains the rest. ``model_ref`` may be a Hub id,
+    at ``revision``."""
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.evaluate import write_local_tasks
@@ -487,7 +489,7 @@ def run_finetune_bench(
         [work / "train_rows.json", *sorted((work / "split" / "validation").rglob("*.json")),
          *sorted((work / "eval-data").rglob("*.json"))]
     )  # fmt: skip
-    dense = resolve_model(model_ref)
+    dense = resolve_model(model_ref, revision=revision)
     model, _ = load_model(dense, dtype=torch.float32)
     table_values = plan_sketch(model, SketchConfig(bits=4, groups_per_row=match_gpr)).table_values
     rank = lora_rank_matching(model, targets_of(model), table_values)
@@ -645,7 +647,7 @@ def cmd_bench_finetune(args: argparse.Namespace) -> int:
         warmup=args.warmup, eval_batch=args.eval_batch, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, qlora_compute_dtype=args.qlora_compute_dtype,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, overwrite=args.overwrite,
-        resume=args.resume,
+        resume=args.resume, revision=args.revision,
     )  # fmt: skip
     for name, v in summary["variants"].items():
         b = v["best"]
@@ -674,10 +676,11 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
 
 def add_commands(commands, bench) -> None:
     """``spallm bench finetune`` (entry point ``spallm.cli``: the core CLI does not import PEFT)."""
-    from spallm_plugins.cli import add_output_options
+    from spallm_plugins.cli import add_output_options, add_revision_option
 
     p = bench.add_parser("finetune", help="SpaLLM vs QLoRA (bitsandbytes NF4) vs LoRA vs full fine-tuning, lm-eval")
-    p.add_argument("--model", default="smollm2", help="dense model (default smollm2)")
+    p.add_argument("--model", default="smollm2", help="dense model: folder, Hub id, .gguf (default smollm2)")
+    add_revision_option(p)
     p.add_argument("--data", required=True, help="the llm-adapters dataset folder (ARC-Easy/train.json, ...)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: %(default)s)")
     p.add_argument("--sketched", help="prepared sketched bases: GPR=DIR[,GPR=DIR] (default: a calibrated sketch "

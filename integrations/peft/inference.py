@@ -130,18 +130,20 @@ def run_inference_bench(
     rank: int | None = None,
     overwrite: bool = False,
     rounds: int = 1,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """All ``variants`` side by side (one child each); writes ``inference.json`` into ``out_dir``.
 
     ``rounds``: run the whole set of variants this many times, the order rotated each round, and report
     each round's speed ratios (SpaLLM against each other variant) and their median: the variants of one
     round run minutes apart, and on a shared machine the speed drifts over minutes, so one round's ratio
-    can be off by more than the effect measured. ``variants`` holds the first round's full results."""
+    can be off by more than the effect measured. ``variants`` holds the first round's full results.
+    ``model_ref`` may be a Hub id (at ``revision``), and so may ``sketched`` and ``adapter`` (main branch)."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: expected at least 1")
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
-    from spallm_plugins.models import cache_dir, load_model, resolve_model
+    from spallm_plugins.models import cache_dir, load_model, resolve_adapter, resolve_model
     from spallm_plugins.outputs import prepare_output_dir
     from spallm_plugins.pipeline import sketch_to_folder
 
@@ -152,7 +154,9 @@ def run_inference_bench(
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dense = resolve_model(model_ref)
+    dense = resolve_model(model_ref, revision=revision)
+    sketched = None if sketched is None else str(resolve_model(sketched))  # the children get local folders
+    adapter = None if adapter is None else str(resolve_adapter(adapter))
     if "spallm" in variants and sketched is None:
         sketched = cache_dir() / "bench" / f"{dense.name}-spallm-b4-g{groups_per_row}"
         if not (sketched / "config.json").is_file():
@@ -250,6 +254,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
         args.model, args.out, sketched=args.sketched, adapter=args.adapter, variants=tuple(args.variants.split(",")),
         groups_per_row=args.groups_per_row, batches=args.batches, prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite, rounds=args.rounds,
+        revision=args.revision,
     )  # fmt: skip
     for name, v in summary["variants"].items():
         speeds = "  ".join(f"batch {g['batch']}: {g['tokens_per_second']:7.1f} tok/s" for g in v["generate"])
@@ -263,12 +268,14 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
 
 def add_commands(commands, bench) -> None:
     """``spallm bench inference`` (entry point ``spallm.cli``: needs PEFT and bitsandbytes)."""
-    from spallm_plugins.cli import add_output_options
+    from spallm_plugins.cli import add_output_options, add_revision_option
 
     p = bench.add_parser("inference", help="generate tokens/s and bytes: dense, SpaLLM, QLoRA unmerged and merged")
-    p.add_argument("--model", default="smollm2", help="dense model (default smollm2)")
-    p.add_argument("--sketched", help="sketched model for the spallm arm (default: data-free sketch, cached)")
-    p.add_argument("--adapter", help="a spallm adapter merged into the sketched model first")
+    p.add_argument("--model", default="smollm2", help="dense model: folder, Hub id, .gguf (default smollm2)")
+    add_revision_option(p)
+    p.add_argument("--sketched", help="sketched model (folder or Hub id) for the spallm arm (default: data-free "
+                                      "sketch, cached)")  # fmt: skip
+    p.add_argument("--adapter", help="a spallm adapter (folder or Hub id) merged into the sketched model first")
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="gpr of the default sketch; QLoRA's LoRA rank matches its table count (default 4)")  # fmt: skip
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: %(default)s)")

