@@ -88,7 +88,7 @@ def describe_calibration(record: str | None) -> str:
         return f"Hub dataset [{dataset['id']}](https://huggingface.co/datasets/{dataset['id']})" + (
             f" ({parts})" if parts else ""
         )
-    return Path(record).name if ("/" in record or "\\" in record) else record
+    return re.split(r"[\\/]", record)[-1]  # a file by its name: never a path of this machine
 
 
 @dataclass
