@@ -511,6 +511,7 @@ QUICKSTART_QUESTION = "What is the capital of France? Answer in one sentence."
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import torch
 
+    from .card import refresh_sketch_card
     from .evaluate import generate_answer, perplexity, sample_text
     from .models import cache_dir, default_model_dir, load_model
     from .outputs import prepare_output_dir
@@ -547,6 +548,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     ppl_o = perplexity(original, tokenizer, text, seqlen=256, progress=True, desc="perplexity, original")
     ppl_s = perplexity(sketched, tokenizer, text, seqlen=256, progress=True, desc="perplexity, sketched")
     print(f"      original {ppl_o:.2f}   sketched {ppl_s:.2f}   ratio {ppl_s / ppl_o:.3f}")
+    measured = {"sketched": ppl_s, "original": ppl_o, "text": "the bundled English sample text", "seqlen": 256}
+    refresh_sketch_card(out, perplexity=measured)
     print(f"[4/{steps}] Q: {QUICKSTART_QUESTION}")
     answer_o = generate_answer(original, tokenizer, QUICKSTART_QUESTION, progress=True, desc="answer, original")
     print(f"      original: {answer_o}")
@@ -587,7 +590,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         summary["finetune"] = tuned
         summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"done in {summary['wall_seconds']:.1f} s. Files: {out} (quickstart.json, sketch_report.json)")
+    print(f"done in {summary['wall_seconds']:.1f} s. Files: {out} (README.md, quickstart.json, sketch_report.json)")
     print(f"      table values (trainable with PEFT/Axolotl later): {human(tables)}; codes {human_bytes(code_bytes)}")
     return 0
 

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .card import CARD_NAME, merge_card, write_card
 from .config import SketchConfig
 from .format import (
     ADAPTER_CONFIG_NAME,
@@ -45,7 +46,10 @@ from .validate import validate_checkpoint
 
 MERGE_REPORT_NAME = "merge_report.json"
 # reports about the base's own making: stale for the merged model, so not copied
-NOT_COPIED = ("config.json", MERGE_REPORT_NAME, "sketch_report.json", "sketch_report.png", "quickstart.json")
+# (the base's model card too: the merged folder gets its own)
+NOT_COPIED = (
+    "config.json", MERGE_REPORT_NAME, "sketch_report.json", "sketch_report.png", "quickstart.json", CARD_NAME,
+)  # fmt: skip
 
 
 def sketched_base_for(
@@ -158,6 +162,7 @@ def merge_adapter(
         (tmp / "config.json").write_text(json.dumps(base_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         write_tensors(tmp, tensors)
         (tmp / MERGE_REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_card(tmp, merge_card(tmp, out_dir.name, base_dir, adapter_dir, sketched_base))
         validate_checkpoint(tmp)
     return report
 

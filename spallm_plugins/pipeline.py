@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -16,15 +15,13 @@ from typing import Any
 import torch
 
 from . import __version__
+from .card import sketch_card, stored_sizes, write_card
 from .config import DENSE_DTYPES, SketchConfig, SketchConfigError
 from .convert import plan_sketch, resolve_targets, sketched_layers
 from .format import (
-    CODES_SUFFIX,
     QUANT_METHOD,
-    TABLES_SUFFIX,
     CheckpointError,
     atomic_path,
-    read_headers,
     read_json,
     refuse_sketch_without_config,
 )
@@ -59,22 +56,11 @@ def source_dense_dtype(source: str | os.PathLike) -> str:
 def stored_dense_rest(folder: str | os.PathLike) -> tuple[int, str] | None:
     """``(bytes, dtype)`` of the tensors a sketched checkpoint keeps dense, read from its safetensors
     headers (the most common dtype among them); ``None`` when the folder holds no weights."""
-    from collections import Counter
-
     try:
-        headers = read_headers(folder)
+        sizes = stored_sizes(folder)
     except CheckpointError:
         return None
-    rest = [h for name, h in headers.items() if not name.endswith((CODES_SUFFIX, TABLES_SUFFIX))]
-    if not rest:
-        return None
-    sizes: Counter[str] = Counter()
-    total = 0
-    for h in rest:
-        nbytes = math.prod(h.shape) * getattr(torch, h.dtype).itemsize
-        sizes[h.dtype] += nbytes
-        total += nbytes
-    return total, sizes.most_common(1)[0][0]
+    return (sizes.dense_bytes, sizes.dense_dtype) if sizes.dense_dtype else None
 
 
 def check_dense_dtype(dense_dtype: str) -> torch.dtype:
@@ -126,6 +112,9 @@ def _write_sketched(model, tokenizer, out_dir: Path, config: SketchConfig, repor
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        # a model sketched in memory names its source by what it was loaded from (a Hub id or a folder)
+        card_report = report or {"source": getattr(model.config, "name_or_path", "") or None}
+        write_card(tmp, sketch_card(tmp, out_dir.name, card_report))
         validate_checkpoint(tmp)
 
 
@@ -230,7 +219,9 @@ def sketch_to_folder(
     def finish(tmp: Path, details: dict[str, Any]) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(full_report(details), indent=2) + "\n", encoding="utf-8")
+        report = full_report(details)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_card(tmp, sketch_card(tmp, out_dir.name, report))
 
     streamed = ids is not None or blocks_hold_targets(source, config)
     if streamed:

@@ -21,7 +21,7 @@ INTEGRATIONS = Path(spallm_plugins.integrations.__file__).parent
 # lowest first; a module may import only modules of its own rank or below (and no circle)
 RANKS = [
     ("config",),
-    ("format", "outputs", "hub"),
+    ("format", "outputs", "hub", "card"),
     ("kernels",),
     ("hooks",),
     ("ops", "layer", "convert", "sharding"),
