@@ -364,6 +364,7 @@ def cached_sketch(
     calibration_column: str | None = None,
     revision: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> SketchResult:
     """The sketch of ``model`` with ``config``, made once and reused: what a one-file training recipe names.
 
@@ -389,7 +390,9 @@ def cached_sketch(
     with turn(folder):
         if (folder / "config.json").is_file():
             return _reuse_sketch(folder, source, wanted)
-        return sketch_pretrained(source, folder, config, calibration=calibration, resume=True, progress=progress)
+        return sketch_pretrained(
+            source, folder, config, calibration=calibration, resume=True, progress=progress, device=device
+        )
 
 
 def _reuse_sketch(folder: Path, source: Path, wanted: dict[str, Any]) -> SketchResult:

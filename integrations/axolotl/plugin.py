@@ -12,10 +12,12 @@ that break the codes are refused when the config is read.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
@@ -70,7 +72,8 @@ def sketch_dense_base(cfg: Any) -> None:
     options = dict(cfg.get("spallm") or {})
     sketch = peft_config_from_cfg(cfg).sketch_config(target_modules=None)
     started = time.time()
-    result = cached_sketch(base, sketch, folder=options.get("sketch_dir"), revision=revision)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    result = cached_sketch(base, sketch, folder=options.get("sketch_dir"), revision=revision, device=device)
     made = (result.path / "config.json").stat().st_mtime >= started
     LOG.info("spallm: %s is dense: %s its %s-bit sketch (%s groups per row) %s", base, "made" if made else "reusing",
              sketch.bits, sketch.groups_per_row, result.path)  # fmt: skip
