@@ -390,6 +390,9 @@ def test_calibrated_injection_on_a_dense_base(tmp_path, dense_dir):
     assert err_calibrated < err_free
     with calibrated.disable_adapter():
         assert torch.equal(logits(calibrated, ids), logits(dense, ids))
+    calibrated.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["calibration"]
+    assert saved.startswith("file:calib.txt?sha256=") and str(tmp_path) not in saved
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from spallm_plugins.format import (
 from spallm_plugins.hooks import architecture_for
 from spallm_plugins.layer import SketchedLinear
 from spallm_plugins.sketch import sketch_linear
-from spallm_plugins.sketch.calibration import CalibrationError, calibration_batch
+from spallm_plugins.sketch.calibration import CalibrationError, CalibrationTexts, calibration_batch, load_calibration
 from spallm_plugins.sketch.driver import sketch_model_calibrated
 
 from .config import FROM_BASE
@@ -160,9 +160,11 @@ class SpaLLMModel(BaseTuner):
         if plan.loading_from:
             self._check_adapter_file(plan, Path(plan.loading_from))
         elif sketch.calibration and len(sketched) < len(bases):
+            texts = load_calibration(sketch.calibration)
             plan.calibrated = self._sketch_calibrated(
-                model, sketch, {k: b for k, b in bases.items() if k not in sketched}
+                model, sketch, texts, {k: b for k, b in bases.items() if k not in sketched}
             )
+            config.calibration = texts.record  # adapter_config.json names the data by name and digest
         return plan
 
     def _fingerprint(self, sketched: dict[str, SketchedLinear]) -> str:
@@ -253,7 +255,9 @@ class SpaLLMModel(BaseTuner):
                     )
 
     @staticmethod
-    def _sketch_calibrated(model: nn.Module, sketch: SketchConfig, dense: dict[str, nn.Linear]) -> dict[str, Any]:
+    def _sketch_calibrated(
+        model: nn.Module, sketch: SketchConfig, texts: CalibrationTexts, dense: dict[str, nn.Linear]
+    ) -> dict[str, Any]:
         """Sketch the dense targets with calibration data, leaving the model's own layers in place."""
         from transformers import AutoTokenizer
 
@@ -265,7 +269,7 @@ class SpaLLMModel(BaseTuner):
                 f"calibrated SpaLLM injection needs the base model's tokenizer, but {source!r} has none loadable "
                 f"({err}); sketch the base first with `spallm sketch --calib` and adapt the sketched base"
             ) from None
-        ids = calibration_batch(sketch.calibration, tokenizer, sketch.nsamples, sketch.seqlen, sketch.seed)
+        ids = calibration_batch(texts, tokenizer, sketch.nsamples, sketch.seqlen, sketch.seed)
         config = sketch.replace(target_modules=list(dense), modules_to_not_convert=[])
         device = next(model.parameters()).device
         try:
