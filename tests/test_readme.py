@@ -1,8 +1,10 @@
-"""README's command list and its ``quantization_config`` example stay in step with the code."""
+"""README's command list, the generated CLI reference and the format page's ``quantization_config`` example stay
+in step with the code."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 OPTION = re.compile(r"--[a-z][a-z0-9-]*")
 
 
@@ -26,15 +30,16 @@ def leaf_parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
 
 
 def readme_commands() -> dict[tuple[str, ...], set[str]]:
+    """``{("sketch",): {"--out"}, ...}``: the commands README's "Command line" block lists and their options."""
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Command line") :]
     block = section[section.index("```bash\n") + 8 : section.index("```", section.index("```bash\n") + 8)]
     entries: list[str] = []
     for line in block.splitlines():
         if line.startswith("spallm "):
-            entries.append(line)
+            entries.append(line.split("#")[0])
         elif line.strip():
-            entries[-1] += " " + line.strip()
+            entries[-1] += " " + line.split("#")[0].strip()
     commands = {}
     for entry in entries:
         words = entry.split()[1:]
@@ -45,26 +50,47 @@ def readme_commands() -> dict[tuple[str, ...], set[str]]:
     return commands
 
 
+def long_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+
+
 @pytest.fixture(scope="module")
-def parsers():
+def parser():
     from spallm_plugins.cli import build_parser
 
-    return leaf_parsers(build_parser())
+    return build_parser()
 
 
-def test_readme_lists_every_command_and_option_of_the_parser(parsers):
+@pytest.fixture(scope="module")
+def parsers(parser):
+    return leaf_parsers(parser)
+
+
+def cli_reference(parser) -> str:
+    """The CLI reference page as ``mkdocs build`` generates it (docs/gen_reference.py)."""
+    spec = importlib.util.spec_from_file_location("spallm_docs_gen", DOCS / "gen_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cli_reference(parser)
+
+
+def test_readme_lists_every_command_of_the_parser(parsers):
     listed = readme_commands()
     assert set(listed) == set(parsers), "README's command list and the parser differ"
-    for name, parser in parsers.items():
-        if name == ("serve",):  # every other option is vLLM's own
-            continue
-        known = {s for a in parser._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
-        unknown = listed[name] - known
+    for name, options in listed.items():
+        unknown = options - long_options(parsers[name])
         assert not unknown, f"README lists options spallm {' '.join(name)} does not have: {sorted(unknown)}"
-        for action in parser._actions:
-            longs = {s for s in action.option_strings if s.startswith("--")} - {"--help"}
-            if longs:
-                assert longs & listed[name], f"README's spallm {' '.join(name)} lacks {sorted(longs)}"
+
+
+def test_cli_reference_lists_every_command_and_option(parser, parsers):
+    assert "<!-- generated: cli -->" in (DOCS / "cli.md").read_text(encoding="utf-8"), "docs/cli.md lost its marker"
+    page = cli_reference(parser)
+    sections = dict(re.findall(r"^## (spallm [a-z -]+)\n(.*?)(?=^## |\Z)", page, flags=re.M | re.S))
+    assert set(sections) == {" ".join(("spallm", *name)) for name in parsers}, sorted(sections)
+    for name, sub in parsers.items():
+        section = sections[" ".join(("spallm", *name))]
+        missing = {o for o in long_options(sub) if not re.search(rf"<code>(?:[^<]*\W)?{o}(?![\w-])", section)}
+        assert not missing, f"docs CLI reference: spallm {' '.join(name)} lacks {sorted(missing)}"
 
 
 def test_every_option_and_argument_has_help_text(parsers):
@@ -79,12 +105,13 @@ def test_help_is_plain_text():
     assert "``" not in out and "spallm quickstart" in out
 
 
-def test_readme_quantization_config_example_has_every_field():
+def test_format_page_quantization_config_example_has_every_field():
     from spallm_plugins.config import SketchConfig
 
-    text = README.read_text(encoding="utf-8")
+    text = (DOCS / "format.md").read_text(encoding="utf-8")
     section = text[text.index('`config.json["quantization_config"]`') :]
     example = json.loads(section[section.index("```json\n") + 8 : section.index("```", section.index("```json\n") + 8)])
-    expected = SketchConfig().to_quantization_config()
+    expected = SketchConfig(groups_per_row=example["groups_per_row"]).to_quantization_config()
     assert set(example) == set(expected), sorted(set(example) ^ set(expected))
-    assert SketchConfig.from_dict(example).groups_per_row == example["groups_per_row"]  # a valid config
+    differ = {k: (example[k], expected[k]) for k in example if example[k] != expected[k]}
+    assert not differ, f"docs/format.md's example differs from SketchConfig's defaults (example, code): {differ}"
