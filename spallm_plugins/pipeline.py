@@ -31,9 +31,10 @@ from .layer import SketchedLinear
 from .models import cache_dir, load_model, load_tokenizer, meta_model_from_config, resolve_model
 from .outputs import prepare_output_dir, turn, writes_folder
 from .sketch import sketch_model
+from .sketch.blocks import find_blocks
 from .sketch.calibration import CalibrationError, calibration_batch, load_calibration
-from .sketch.driver import PARTIAL_DIR, find_blocks, setting_difference
 from .sketch.memory import DEFAULT_MAX_MEMORY
+from .sketch.progress import PARTIAL_DIR, setting_difference
 from .streaming import sketch_streaming
 from .validate import validate_checkpoint
 

@@ -215,7 +215,7 @@ def test_merge_warns_about_an_unknown_adapter_config_field_naming_it(tmp_path, s
 def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, dense_dir):
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.pipeline import sketch_to_folder
-    from spallm_plugins.sketch.driver import ResumeError
+    from spallm_plugins.sketch.progress import ResumeError
 
     class Killed(Exception):
         pass
