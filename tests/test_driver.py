@@ -239,7 +239,8 @@ def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, de
 
 
 def test_true_sequential_stages_follow_the_forward_and_calibrate_through_sketched_stages():
-    from spallm_plugins.sketch.blocks import capture_block_inputs, input_stages
+    from spallm_plugins.sketch.block import input_stages
+    from spallm_plugins.sketch.blocks import capture_block_inputs
 
     model = tiny_llama()
     ids = torch.randint(4, model.config.vocab_size, (8, 16))

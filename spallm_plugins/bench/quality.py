@@ -180,7 +180,8 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 
-    from ..sketch.blocks import block_output, capture_block_inputs, find_blocks, input_stages, relative_name
+    from ..sketch.block import input_stages
+    from ..sketch.blocks import block_output, capture_block_inputs, find_blocks, relative_name
 
     device = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)

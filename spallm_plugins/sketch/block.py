@@ -16,13 +16,48 @@ from torch import nn
 
 from ..config import SketchConfig
 from ..convert import set_submodule
-from .blocks import StopForward, block_output, input_stages
+from .blocks import StopForward, block_output
 from .gptq import PreparedHessian, prepare_hessian
 from .hessians import HessianCollector
 from .model import sketch_layer
 from .process_memory import peak_memory
 from .progress import SpilledActivations
 from .tuning import tune_block_tables
+
+
+@torch.no_grad()
+def input_stages(
+    block: nn.Module, local: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> list[list[str]]:
+    """The linears of ``local`` grouped by shared input, in the order the block's forward reaches them.
+
+    Found with one forward of one calibration batch; a linear that forward never reaches goes into
+    a last stage of its own (its capture then runs the full forward and reports it if never reached).
+    """
+    order: list[tuple[str, tuple]] = []
+    inputs: list[torch.Tensor] = []
+
+    def hook_for(name: str):
+        def hook(module, args, output):
+            x = args[0]
+            inputs.append(x)  # held, so that an equal data_ptr really is the same tensor
+            order.append((name, (x.data_ptr(), tuple(x.shape), tuple(x.stride()))))
+
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in local.items()]
+    try:
+        block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: dict[tuple, list[str]] = {}
+    for name, key in order:
+        if not any(name in stage for stage in stages.values()):
+            stages.setdefault(key, []).append(name)
+    grouped = list(stages.values())
+    unseen = [name for name in local if not any(name in stage for stage in grouped)]
+    return grouped + ([unseen] if unseen else [])
 
 
 @torch.no_grad()
