@@ -31,9 +31,10 @@ from .layer import SketchedLinear
 from .models import cache_dir, load_model, load_tokenizer, meta_model_from_config, resolve_model
 from .outputs import prepare_output_dir, turn, writes_folder
 from .sketch import sketch_model
+from .sketch.blocks import find_blocks
 from .sketch.calibration import CalibrationError, calibration_batch, load_calibration
-from .sketch.driver import PARTIAL_DIR, find_blocks, setting_difference
 from .sketch.memory import DEFAULT_MAX_MEMORY
+from .sketch.progress import PARTIAL_DIR, setting_difference
 from .streaming import sketch_streaming
 from .validate import validate_checkpoint
 
@@ -69,10 +70,9 @@ def check_dense_dtype(dense_dtype: str) -> torch.dtype:
     return getattr(torch, dense_dtype)
 
 
-def estimate_output_bytes(source: str | os.PathLike, config: SketchConfig, dense_dtype: str) -> int:
-    """The bytes a sketch of ``source`` writes (codes, tables, the dense rest in ``dense_dtype``), from
-    ``config.json`` alone: what ``spallm info`` reports, used to check the free space before any work."""
-    model, _ = meta_model_from_config(source)
+def estimate_output_bytes(model: torch.nn.Module, config: SketchConfig, dense_dtype: str) -> int:
+    """The bytes a sketch of ``model`` (built on the meta device from ``config.json``) writes: codes, tables,
+    the dense rest in ``dense_dtype``; what ``spallm info`` reports, used to check the free space before any work."""
     plan = plan_sketch(model, config, dense_dtype_bytes=check_dense_dtype(dense_dtype).itemsize)
     return plan.code_bytes + plan.table_bytes + plan.dense_rest_bytes
 
@@ -179,9 +179,10 @@ def sketch_to_folder(
     dense_dtype = dense_dtype or source_dense_dtype(source)
     check_dense_dtype(dense_dtype)
     sources = [source, *([model_ref] if Path(model_ref).exists() else [])]
+    meta, _ = meta_model_from_config(source)  # the output's size, and whether the sketch can stream
     out_dir = prepare_output_dir(
         out_dir, overwrite=overwrite, sources=sources, own_entries={PARTIAL_DIR},
-        need_bytes=estimate_output_bytes(source, config, dense_dtype),
+        need_bytes=estimate_output_bytes(meta, config, dense_dtype),
     )  # fmt: skip
     if calibration is not None:
         config = config.replace(method="gptq")
@@ -223,7 +224,7 @@ def sketch_to_folder(
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_card(tmp, sketch_card(tmp, out_dir.name, report))
 
-    streamed = ids is not None or blocks_hold_targets(source, config)
+    streamed = ids is not None or blocks_hold_targets(meta, config)
     if streamed:
         details = sketch_streaming(
             source, out_dir, config, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume, device=device,
@@ -241,9 +242,9 @@ def sketch_to_folder(
     return report
 
 
-def blocks_hold_targets(source: str | os.PathLike, config: SketchConfig) -> bool:
-    """Whether every linear ``config`` selects lies inside the decoder blocks (so the sketch can stream)."""
-    model, _ = meta_model_from_config(source)
+def blocks_hold_targets(model: torch.nn.Module, config: SketchConfig) -> bool:
+    """Whether every linear ``config`` selects lies inside the decoder blocks of ``model`` (so the sketch can
+    stream)."""
     try:
         find_blocks(model, resolve_targets(model, config))
     except ValueError:

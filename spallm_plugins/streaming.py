@@ -19,9 +19,9 @@ temporary name, validated, and renamed onto ``OUT``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .config import SketchConfig
-from .convert import resolve_targets, set_submodule
 from .format import (
     SAFETENSORS_INDEX,
     CheckpointError,
@@ -41,19 +40,11 @@ from .format import (
     write_json,
 )
 from .layer import SketchedLinear
+from .sketch.blocks import find_blocks
 from .sketch.calibration import fingerprint
-from .sketch.driver import (
-    PROGRESS_FILE,
-    ProgressStore,
-    SpilledActivations,
-    capture_block_inputs,
-    find_blocks,
-    peak_memory,
-    release_freed_memory,
-    sketch_block,
-)
+from .sketch.driver import sketch_blocks
 from .sketch.memory import DEFAULT_MAX_MEMORY, WORKSPACE_BYTES_PER_WEIGHT
-from .sketch.model import sketch_layer
+from .sketch.progress import PARTIAL_DIR, ProgressStore
 from .validate import validate_checkpoint
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -150,35 +141,6 @@ def _materialize(module: nn.Module, prefix: str, source: TensorSource, dtype: to
         _set_tensor(module, name, source.read(full, like=param).to(device=device, dtype=dtype))
 
 
-class _Store(ProgressStore):
-    """``OUT/.spallm-partial``: one shard per block and per dense tensor outside the blocks, the next
-    block's inputs, and ``progress.json`` (the commit point, written last). Loading and the inputs files
-    are the calibrated driver's; the identity adds the dense dtype and the source."""
-
-    def __init__(self, directory: Path, identity: dict[str, Any]):
-        self.dir, self.identity = directory, identity
-
-    def shard(self, kind: str, index: int) -> Path:
-        return self.dir / f"{kind}_{index:05d}.safetensors"
-
-    def write_shard(self, kind: str, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.shard(kind, index)) as tmp:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                      metadata={"format": "pt"})  # fmt: skip
-
-    def write_inputs(self, next_block: int, hidden: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        with atomic_path(self.hidden_file(next_block)) as tmp:
-            save_file({"hidden": hidden.contiguous().cpu()}, str(tmp), metadata={"next_block": str(next_block)})
-
-    def commit(self, state: dict[str, Any]) -> None:
-        write_json(self.dir / PROGRESS_FILE, {**self.identity, **state})
-
-
 def _block_shard(block: nn.Module, prefix: str, dense_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Everything a sketched block stores: codes and tables as they are, the rest in the dense dtype."""
     sketched = {name for name, m in block.named_modules() if isinstance(m, SketchedLinear)}
@@ -236,27 +198,6 @@ def sketch_memory(
     }
 
 
-def _names_under(targets: dict, prefix: str) -> list[str]:
-    return [name for name in targets if name.startswith(prefix + ".")]
-
-
-_TAGS = ("a", "b")
-
-
-def _saved_inputs(store, state: dict[str, Any], finished: int, sizes: list[int], device, spill: bool):
-    """The inputs of block ``finished`` as the previous run left them, in this run's form (list or files)."""
-    if state.get("spilled_inputs"):
-        saved = SpilledActivations(store.dir, _TAGS[finished % 2], device, sizes)
-        return saved if spill else [saved[i] for i in range(len(saved))]
-    batches = list(store.hidden(finished).to(device).split(sizes))
-    if not spill:
-        return batches
-    spilled = SpilledActivations(store.dir, _TAGS[finished % 2], device)
-    for batch in batches:
-        spilled.append(batch)
-    return spilled
-
-
 def _buffers_to(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         for key, buf in module._buffers.items():
@@ -264,7 +205,56 @@ def _buffers_to(model: nn.Module, device: torch.device) -> None:
                 module._buffers[key] = buf.to(device)
 
 
-@torch.no_grad()
+class StreamedCheckpoint:
+    """The block host of a checkpoint folder streamed into a sketched one (:class:`~.sketch.driver.BlockHost`).
+
+    Weights come from ``reader`` into the meta skeleton ``model`` one block at a time, in float32;
+    a sketched block goes out as its own shard in the progress store (the rest in ``dense``) and back
+    to the meta device. Everything outside the blocks is copied through first, one tensor a shard.
+    """
+
+    def __init__(self, model: nn.Module, reader: TensorSource, dense: torch.dtype, device: torch.device):
+        self.model, self.reader, self.dense, self.device = model, reader, dense, device
+        self.store: ProgressStore | None = None
+
+    def start(self, blocks_name: str, store: ProgressStore | None, state: dict[str, Any]) -> None:
+        self.store, self.blocks_name = store, blocks_name
+        if not state.get("outside"):
+            outside = _outside_tensors(self.model, blocks_name)
+            for i, (name, like) in enumerate(outside):
+                store.write_shard("outside", i, {name: self.reader.read(name, like=like).to(self.dense)})
+            state["outside"] = [name for name, _ in outside]
+            store.commit(state)
+        self.outside = state["outside"]
+
+    @contextlib.contextmanager
+    def embeddings(self):
+        embeddings = self.model.get_input_embeddings()
+        embed_name = next(n for n, m in self.model.named_modules() if m is embeddings)
+        _materialize(embeddings, embed_name, self.reader, torch.float32, self.device)
+        try:
+            yield
+        finally:
+            _to_meta(embeddings)
+
+    def load(self, block: nn.Module, prefix: str) -> None:
+        _materialize(block, prefix, self.reader, torch.float32, self.device)
+
+    def keep(self, index: int, block: nn.Module, prefix: str) -> None:
+        self.store.write_shard("block", index, _block_shard(block, prefix, self.dense))
+        _to_meta(block)
+
+    def finish(self) -> None:
+        pass
+
+    def shards(self) -> list[Path]:
+        """The partial folder's shards in the order of the output: outside the blocks, then block by block."""
+        blocks = len(self.model.get_submodule(self.blocks_name))
+        return [self.store.shard("outside", i) for i in range(len(self.outside))] + [
+            self.store.shard("block", i) for i in range(blocks)
+        ]
+
+
 def sketch_streaming(
     source: str | os.PathLike,
     out_dir: Path,
@@ -278,7 +268,7 @@ def sketch_streaming(
     batch_size: int = 8,
     on_block_done: Callable[[int], None] | None = None,
     on_read: Callable[[str, nn.Module], None] | None = None,
-    partial_name: str = ".spallm-partial",
+    partial_name: str = PARTIAL_DIR,
     finish: Callable[[Path, dict[str, Any]], None] | None = None,
     max_memory: int | None = None,
     offload_activations: bool = False,
@@ -293,104 +283,20 @@ def sketch_streaming(
     ``offload_activations`` keeps the calibration activations in files under the partial folder,
     one batch in memory at a time, instead of all of them in memory (same result).
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
-    dense = getattr(torch, dense_dtype)
     source = Path(source)
     model = meta_skeleton(source)
     reader = TensorSource(source, on_read=None if on_read is None else (lambda name: on_read(name, model)))
     _buffers_to(model, device)
-    targets = resolve_targets(model, config)
-    blocks_name, blocks = find_blocks(model, targets)
     identity: dict[str, Any] = {"config": config.to_dict(), "dense_dtype": dense_dtype, "source": str(source)}
     if calibration_ids is not None:
         identity["calibration_fingerprint"] = fingerprint(calibration_ids)
-    store = _Store(out_dir / partial_name, identity)
-    saved = store.load() if resume else None
-    if not resume and store.dir.exists():
-        shutil.rmtree(store.dir)
-    state: dict[str, Any] = saved or {"finished_blocks": 0, "outside": [], "report": {"layers": {}, "blocks": []}}
-    finished = state["finished_blocks"]
-    report = state["report"]
-    timings = {"read": 0.0, "capture": 0.0, "hessian": 0.0, "sketch": 0.0, "propagate": 0.0, "write": 0.0}
-
-    outside = _outside_tensors(model, blocks_name)
-    if not state["outside"]:
-        start = time.perf_counter()
-        for i, (name, like) in enumerate(outside):
-            store.write_shard("outside", i, {name: reader.read(name, like=like).to(dense)})
-        state["outside"] = [name for name, _ in outside]
-        store.commit(state)
-        timings["write"] += time.perf_counter() - start
-
-    hidden: Any = []
-    kwargs_list: list[dict[str, Any]] = []
-    if calibration_ids is not None:
-        start = time.perf_counter()
-        embeddings = model.get_input_embeddings()
-        embed_name = next(n for n, m in model.named_modules() if m is embeddings)
-        _materialize(embeddings, embed_name, reader, torch.float32, device)
-        # spilled inputs of block i live in set _TAGS[i % 2]; on resume the capture (needed for the
-        # keyword arguments) goes to the other set, which block `finished` then overwrites
-        sink = SpilledActivations(store.dir, _TAGS[(finished + 1) % 2 if finished else 0], device)
-        hidden, kwargs_list = capture_block_inputs(
-            model, blocks, calibration_ids, batch_size, device, into=sink if offload_activations else None
-        )
-        _to_meta(embeddings)
-        if finished:
-            sizes = [batch.shape[0] for batch in calibration_ids.split(batch_size)]
-            hidden = _saved_inputs(store, state, finished, sizes, device, offload_activations)
-        timings["capture"] += time.perf_counter() - start
-
-    bar = tqdm(total=len(blocks), initial=finished, desc="sketching blocks", unit="block", disable=not progress)
-    for index in range(finished, len(blocks)):
-        block = blocks[index]
-        prefix = f"{blocks_name}.{index}"
-        start = time.perf_counter()
-        _materialize(block, prefix, reader, torch.float32, device)
-        timings["read"] += time.perf_counter() - start
-        # popped: once replaced in the block, nothing may keep the dense linears (and their weights) alive
-        local = {name[len(prefix) + 1 :]: targets.pop(name) for name in _names_under(targets, prefix)}
-        if calibration_ids is not None:
-            outputs = SpilledActivations(store.dir, _TAGS[(index + 1) % 2], device) if offload_activations else None
-            _, hidden = sketch_block(
-                block, index, prefix, local, hidden, kwargs_list, config, report, timings, bar, max_memory, outputs
-            )
-        else:
-            start = time.perf_counter()
-            for rel_name in list(local):
-                linear = local.pop(rel_name)
-                bar.set_postfix_str(rel_name)
-                layer, result = sketch_layer(linear, config, name=f"{prefix}.{rel_name}", max_memory=max_memory)
-                set_submodule(block, rel_name, layer)
-                report["layers"][f"{prefix}.{rel_name}"] = {"loss": result.loss}
-                del linear, layer
-            report["blocks"].append({"index": index, "seconds": round(time.perf_counter() - start, 3), **peak_memory()})
-            timings["sketch"] += time.perf_counter() - start
-        del local
-        start = time.perf_counter()
-        store.write_shard("block", index, _block_shard(block, prefix, dense))
-        if calibration_ids is not None and not offload_activations:
-            store.write_inputs(index + 1, torch.cat(list(hidden)))
-        state.update(finished_blocks=index + 1, report=report, spilled_inputs=offload_activations)
-        store.commit(state)
-        store.hidden_file(index).unlink(missing_ok=True)  # superseded once progress.json is committed
-        _to_meta(block)
-        release_freed_memory()
-        timings["write"] += time.perf_counter() - start
-        bar.update(1)
-        if on_block_done is not None:
-            on_block_done(index)
-    bar.close()
-    del hidden
-
-    report["seconds"] = {k: round(v, 3) for k, v in timings.items()}  # this process only
-    report["resumed_from_block"] = finished
-    report.update(peak_memory())
-    shards = [store.shard("outside", i) for i in range(len(state["outside"]))]
-    shards += [store.shard("block", i) for i in range(len(blocks))]
-    _assemble(model, source, out_dir, config, dense_dtype, shards, lambda tmp: finish and finish(tmp, report))
+    store = ProgressStore(out_dir / partial_name, identity)
+    host = StreamedCheckpoint(model, reader, getattr(torch, dense_dtype), device)
+    report = sketch_blocks(host, config, calibration_ids=calibration_ids, store=store, resume=resume, device=device,
+                           batch_size=batch_size, progress=progress, max_memory=max_memory,
+                           offload_activations=offload_activations, on_block_done=on_block_done)  # fmt: skip
+    _assemble(model, source, out_dir, config, dense_dtype, host.shards(), lambda tmp: finish and finish(tmp, report))
     return report
 
 

@@ -12,7 +12,8 @@ from spallm_plugins.format import safetensors_files
 from spallm_plugins.pipeline import load_sketched, sketch_to_folder
 from spallm_plugins.sketch import sketch_model
 from spallm_plugins.sketch.calibration import CalibrationError
-from spallm_plugins.sketch.driver import PARTIAL_DIR, ResumeError, sketch_model_calibrated
+from spallm_plugins.sketch.driver import sketch_model_calibrated
+from spallm_plugins.sketch.progress import PARTIAL_DIR, ResumeError
 
 CONFIG = SketchConfig(bits=3, groups_per_row=2, method="gptq", nsamples=12, seqlen=32)
 
@@ -109,7 +110,7 @@ def test_cli_calibrated_sketch_with_report(tmp_path, dense_dir, calib_file):
 
 
 def test_hessians_are_per_distinct_input_and_match_the_definition():
-    from spallm_plugins.sketch.driver import HessianCollector
+    from spallm_plugins.sketch.hessians import HessianCollector
 
     model = tiny_llama()
     block = model.model.layers[0]
@@ -162,12 +163,12 @@ def _last_input(name, inputs):
 
 
 def test_linears_sharing_an_input_share_one_factorisation_and_sketch_as_each_alone(monkeypatch):
-    import spallm_plugins.sketch.driver as driver
+    import spallm_plugins.sketch.block as block_sketch
     from spallm_plugins.sketch import sketch_layer
 
     ids = torch.randint(4, 30, (8, 16), generator=torch.Generator().manual_seed(1))
     seen: list[tuple[str, int]] = []
-    real = driver.prepare_hessian
+    real = block_sketch.prepare_hessian
 
     def counted(hessian, damping, name="layer", act_order=False, **kwargs):
         seen.append((name, hessian.shape[0]))
@@ -176,7 +177,7 @@ def test_linears_sharing_an_input_share_one_factorisation_and_sketch_as_each_alo
         assert prepared.hessian.data_ptr() == hessian.data_ptr(), name
         return prepared
 
-    monkeypatch.setattr(driver, "prepare_hessian", counted)
+    monkeypatch.setattr(block_sketch, "prepare_hessian", counted)
     for true_sequential in (True, False):
         seen.clear()
         config = CONFIG.replace(true_sequential=true_sequential)
@@ -212,11 +213,11 @@ def test_offload_gives_the_same_sketch():
 
 
 def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, dense_dir, calib_file, monkeypatch):
-    from spallm_plugins import streaming
+    from spallm_plugins.sketch import progress
 
     config = CONFIG.replace(calibration=str(calib_file))
     sketch_to_folder(dense_dir, tmp_path / "straight", config, progress=False)
-    real_write_json = streaming.write_json
+    real_write_json = progress.write_json
     calls = {"n": 0}
 
     def dies_on_third_commit(path, data):  # commits: the tensors outside the blocks, block 0, block 1
@@ -225,12 +226,12 @@ def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, de
             raise KeyboardInterrupt("killed before progress.json of block 1")
         real_write_json(path, data)
 
-    monkeypatch.setattr(streaming, "write_json", dies_on_third_commit)
+    monkeypatch.setattr(progress, "write_json", dies_on_third_commit)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         sketch_to_folder(dense_dir, out, config, progress=False)
     assert (out / PARTIAL_DIR / "inputs_00002.safetensors").is_file()  # saved, but block 1 not committed
-    monkeypatch.setattr(streaming, "write_json", real_write_json)
+    monkeypatch.setattr(progress, "write_json", real_write_json)
     report = sketch_to_folder(dense_dir, out, config, progress=False, resume=True)
     assert report["resumed_from_block"] == 1
     straight, resumed = _tensors(tmp_path / "straight"), _tensors(out)
@@ -238,7 +239,8 @@ def test_kill_between_saving_inputs_and_committing_progress_resumes(tmp_path, de
 
 
 def test_true_sequential_stages_follow_the_forward_and_calibrate_through_sketched_stages():
-    from spallm_plugins.sketch.driver import capture_block_inputs, input_stages
+    from spallm_plugins.sketch.block import input_stages
+    from spallm_plugins.sketch.blocks import capture_block_inputs
 
     model = tiny_llama()
     ids = torch.randint(4, model.config.vocab_size, (8, 16))
@@ -272,7 +274,7 @@ def _output(block, hidden, kwargs):
 
 def _block_errors(model, dense, ids):
     """Per block: the squared error of the block's outputs against the dense block's, on the same inputs."""
-    from spallm_plugins.sketch.driver import capture_block_inputs
+    from spallm_plugins.sketch.blocks import capture_block_inputs
 
     hidden, kwargs_list = capture_block_inputs(model, model.model.layers, ids, 8, torch.device("cpu"))
     errors = []
@@ -286,7 +288,8 @@ def _block_errors(model, dense, ids):
 
 
 def test_table_tuning_fits_each_block_to_the_dense_block_and_keeps_only_improvements():
-    from spallm_plugins.sketch.driver import capture_block_inputs, tune_block_tables
+    from spallm_plugins.sketch.blocks import capture_block_inputs
+    from spallm_plugins.sketch.tuning import tune_block_tables
 
     torch.manual_seed(0)
     dense = tiny_llama()

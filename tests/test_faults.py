@@ -86,17 +86,17 @@ def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits
 ):
     import shlex
 
-    from spallm_plugins import streaming
     from spallm_plugins.cli import main
+    from spallm_plugins.sketch import model as sketch_model_module
 
-    real = streaming.sketch_layer
+    real = sketch_model_module.sketch_layer
 
     def interrupted_in_block_1(linear, config, name, **kwargs):
         if ".layers.1." in name:
             raise KeyboardInterrupt  # what SIGINT raises in the main thread
         return real(linear, config, name=name, **kwargs)
 
-    monkeypatch.setattr(streaming, "sketch_layer", interrupted_in_block_1)
+    monkeypatch.setattr(sketch_model_module, "sketch_layer", interrupted_in_block_1)
     out = tmp_path / "C"
     argv = ["sketch", str(dense_dir), "--out", str(out), "--gpr", "2", "--quiet"]
     try:
@@ -108,22 +108,22 @@ def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits
     assert f"kept in {out / '.spallm-partial'}" in lines[0]
     command = lines[0].split("continue with: ", 1)[1]
     assert command == shlex.join(["spallm", *argv, "--resume"])
-    monkeypatch.setattr(streaming, "sketch_layer", real)
+    monkeypatch.setattr(sketch_model_module, "sketch_layer", real)
     assert main(shlex.split(command)[1:]) == 0
     assert (out / "config.json").is_file() and not (out / ".spallm-partial").exists()
 
 
 PAUSE_IN_BLOCK_1 = (
     "import sys, time\n"
-    "from spallm_plugins import streaming\n"
     "from spallm_plugins.cli import main\n"
-    "real = streaming.sketch_layer\n"
+    "from spallm_plugins.sketch import model\n"
+    "real = model.sketch_layer\n"
     "def paused(linear, config, name, **kwargs):\n"
     "    if '.layers.1.' in name:\n"
     "        print('in block 1', flush=True)\n"
     "        time.sleep(600)\n"
     "    return real(linear, config, name=name, **kwargs)\n"
-    "streaming.sketch_layer = paused\n"
+    "model.sketch_layer = paused\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -215,7 +215,7 @@ def test_merge_warns_about_an_unknown_adapter_config_field_naming_it(tmp_path, s
 def test_resume_with_other_settings_names_the_setting_and_both_values(tmp_path, dense_dir):
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.pipeline import sketch_to_folder
-    from spallm_plugins.sketch.driver import ResumeError
+    from spallm_plugins.sketch.progress import ResumeError
 
     class Killed(Exception):
         pass

@@ -17,7 +17,8 @@ from spallm_plugins.models import load_tokenizer
 from spallm_plugins.pipeline import cast_dense_rest, load_sketched, sketch_to_folder
 from spallm_plugins.sketch import sketch_model
 from spallm_plugins.sketch.calibration import calibration_batch
-from spallm_plugins.sketch.driver import PARTIAL_DIR, sketch_model_calibrated
+from spallm_plugins.sketch.driver import sketch_model_calibrated
+from spallm_plugins.sketch.progress import PARTIAL_DIR
 
 pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
 
@@ -291,7 +292,7 @@ def test_bench_scale_makes_sharded_checkpoints_and_measures_each_sketch(tmp_path
 
 MMAP_PROBE = """
 import ctypes, sys, torch
-from spallm_plugins.sketch.driver import _glibc, fix_mmap_threshold
+from spallm_plugins.sketch.process_memory import _glibc, fix_mmap_threshold
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

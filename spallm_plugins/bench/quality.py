@@ -180,7 +180,8 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 
-    from ..sketch.driver import _block_output, _rel, capture_block_inputs, find_blocks, input_stages
+    from ..sketch.block import input_stages
+    from ..sketch.blocks import block_output, capture_block_inputs, find_blocks, relative_name
 
     device = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)
@@ -191,7 +192,7 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
     bits = 0
     for index, block in enumerate(blocks):
         prefix = f"{blocks_name}.{index}"
-        local = {_rel(n, prefix): m for n, m in targets.items() if n.startswith(prefix + ".")}
+        local = {relative_name(n, prefix): m for n, m in targets.items() if n.startswith(prefix + ".")}
         for stage in input_stages(block, local, hidden[0], kwargs_list[0]):
             tasks = {}
             for rel in stage:
@@ -217,7 +218,7 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
                 groups = int(g_idx.max()) + 1
                 bits += linear.weight.numel() * 4 + linear.out_features * groups * (16 + 4)
                 task.free()
-        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
+        hidden = [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
     if use_cache is not None:
         model.config.use_cache = use_cache
     return bits

@@ -82,7 +82,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     """One sketch in this process; its peak resident memory is this process's."""
     from ..config import SketchConfig
     from ..pipeline import sketch_to_folder
-    from ..sketch.driver import fix_mmap_threshold
+    from ..sketch.process_memory import fix_mmap_threshold
 
     fix_mmap_threshold()  # as `spallm sketch` does
     config = SketchConfig(bits=4, groups_per_row=args.groups_per_row)

@@ -33,6 +33,36 @@ def sketch_layer(
     return SketchedLinear.from_result(result, config, bias=bias), result
 
 
+def sketch_layers(
+    module: nn.Module,
+    targets: dict[str, nn.Linear],
+    config: SketchConfig,
+    *,
+    prefix: str = "",
+    hessians: Callable[[str], torch.Tensor | None] | None = None,
+    max_memory: int | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Sketch the linears ``targets`` (names relative to ``module``) in place, one after the other.
+
+    ``targets`` is emptied as it goes: each dense layer is freed as soon as it is replaced. Returns the
+    per-layer sketch loss under the full names (``prefix.name``), which ``hessians(name)`` also takes;
+    ``on_layer(name)`` is called after each layer (progress).
+    """
+    losses: dict[str, float] = {}
+    for rel_name in list(targets):
+        linear = targets.pop(rel_name)  # nothing else may keep the replaced dense layer alive
+        name = f"{prefix}.{rel_name}" if prefix else rel_name
+        hessian = hessians(name) if hessians else None
+        layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
+        set_submodule(module, rel_name, layer)
+        losses[name] = result.loss
+        del linear, hessian, layer
+        if on_layer is not None:
+            on_layer(rel_name)
+    return losses
+
+
 def sketch_model(
     model: nn.Module,
     config: SketchConfig,
@@ -47,12 +77,6 @@ def sketch_model(
     from tqdm.auto import tqdm
 
     targets = resolve_targets(model, config)
-    losses: dict[str, float] = {}
-    for name in tqdm(list(targets), desc="sketching", unit="layer", disable=not progress):
-        linear = targets.pop(name)  # nothing else may keep the replaced dense layer alive
-        hessian = hessians(name) if hessians else None
-        layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
-        set_submodule(model, name, layer)
-        losses[name] = result.loss
-        del linear, hessian, layer
-    return losses
+    with tqdm(total=len(targets), desc="sketching", unit="layer", disable=not progress) as bar:
+        return sketch_layers(model, targets, config, hessians=hessians, max_memory=max_memory,
+                             on_layer=lambda _: bar.update(1))  # fmt: skip
