@@ -104,7 +104,11 @@ def test_cli_calibrated_sketch_with_report(tmp_path, dense_dir, calib_file):
                    "--seqlen", "32", "--bits", "4", "--gpr", "2", "--kmeans-restarts", "3", "--report", "--quiet")  # fmt: skip
     assert "sketched 14 linear layers" in proc.stdout
     report = json.loads((out / "sketch_report.json").read_text())
-    assert report["config"]["method"] == "gptq" and report["config"]["calibration"] == str(calib_file)
+    import hashlib
+
+    digest = hashlib.sha256(calib_file.read_bytes()).hexdigest()
+    assert report["config"]["method"] == "gptq"
+    assert report["config"]["calibration"] == f"file:{calib_file.name}?sha256={digest}"  # by name, not local path
     assert report["config"]["kmeans_restarts"] == 3
     assert (out / "sketch_report.png").stat().st_size > 1000
 
