@@ -153,6 +153,40 @@ def analyse(kernel, signature: dict, constexprs: dict, num_warps: int, weights_p
     )
 
 
+# The limits tests/test_kernels_sass.py holds the decode kernels to (issue #38): SASS per weight at M = 1 by
+# bits, 128 registers (so two CTAs of 4 warps, or more, fit an SM's register file), and no local memory.
+MAX_SASS_PER_WEIGHT = {4: 6.0, 3: 8.0, 2: 6.0}
+MAX_REGISTERS = 128
+
+
+def violations(report: LoopReport, bits: int) -> list[str]:
+    """The limits ``report`` breaks, one line each ([] when it meets them all)."""
+    found = []
+    per_weight = report.sass_per_weight
+    if per_weight is None or per_weight > MAX_SASS_PER_WEIGHT[bits]:
+        found.append(f"{per_weight} SASS per weight in the loop (limit {MAX_SASS_PER_WEIGHT[bits]} at {bits} bits)")
+    for what, count in (("SHFL", report.shuffles), ("BAR", report.barriers), ("STS", report.shared_stores)):
+        if count:
+            found.append(f"{count} {what} in the loop")
+    narrow = {w: n for w, n in report.load_widths.items() if w < 32}
+    if narrow:
+        found.append(f"global loads narrower than 32 bits in the loop: {narrow} (bits: count)")
+    if report.registers > MAX_REGISTERS:
+        found.append(f"{report.registers} registers (limit {MAX_REGISTERS})")
+    if report.local_bytes or report.spill_instructions:
+        found.append(f"local memory: {report.local_bytes} bytes, {report.spill_instructions} STL/LDL")
+    return found
+
+
+def sass_table(bits_list=(4, 3, 2), dtypes=("bf16", "fp16")) -> list[dict]:
+    """:func:`decode_reports` as JSON-ready rows, each with its ``violations`` (``spallm bench kernels --sass``)."""
+    rows = []
+    for report in decode_reports(bits_list, dtypes):
+        bits = report.config["BITS"]
+        rows.append({**report.as_dict(), "violations": violations(report, bits)})
+    return rows
+
+
 DECODE_SIGNATURE = dict(x_ptr="*bf16", codes_ptr="*u8", tables_ptr="*bf16", out_ptr="*fp32", M="i32", N="i32",
                         K="i32", M_BUCKET="i32", stride_xm="i32", stride_cn="i32", stride_tn="i32")  # fmt: skip
 
