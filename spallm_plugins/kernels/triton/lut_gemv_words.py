@@ -32,13 +32,17 @@ from .tiles import AUTOTUNE_KEY, m_bucket
 
 # Four rows per thread (BLOCK_N = 128 * num_warps): the rows share each input load and conversion, and
 # a warp's code loads are 128-bit; two rows per thread cost about 6.7 SASS per weight at 4 bits, eight
-# exceed 128 registers (tests/test_kernels_sass.py holds every config here to the limits).
+# exceed 128 registers. MAX_REGISTERS caps ptxas (triton 3.6 took 139 at 3 bits on one warp), so a
+# CTA never limits occupancy below 16 warps per SM; tests/test_kernels_sass.py holds every config here
+# to the limits, spills included. Split-K spreads a 4096-row layer over enough warps to hide latency.
+MAX_REGISTERS = 128
 CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "SPLIT_K": 8}, num_warps=1),
-    triton.Config({"BLOCK_N": 128, "SPLIT_K": 16}, num_warps=1),
-    triton.Config({"BLOCK_N": 256, "SPLIT_K": 8}, num_warps=2),
-    triton.Config({"BLOCK_N": 256, "SPLIT_K": 4}, num_warps=2),
-    triton.Config({"BLOCK_N": 512, "SPLIT_K": 4}, num_warps=4),
+    triton.Config({"BLOCK_N": 128, "SPLIT_K": 16}, num_warps=1, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 128, "SPLIT_K": 32}, num_warps=1, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 256, "SPLIT_K": 16}, num_warps=2, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 256, "SPLIT_K": 32}, num_warps=2, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 512, "SPLIT_K": 8}, num_warps=4, maxnreg=MAX_REGISTERS),
+    triton.Config({"BLOCK_N": 512, "SPLIT_K": 16}, num_warps=4, maxnreg=MAX_REGISTERS),
 ]
 WORDS_DTYPES = (torch.float16, torch.bfloat16)  # 16-bit table entries: two byte planes
 
@@ -139,9 +143,10 @@ def accumulate_selector(acc, selector, mask, low0, low1, low2, low3, high0, high
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def lut_gemv_words_kernel(x_ptr, words_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, stride_xm, stride_tn,
                           GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, KW: tl.constexpr, FP16: tl.constexpr,
-                          EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+                          EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K):  # fmt: skip
     """Program ``(n, k, m)``: rows ``n*BLOCK_N...`` of input row ``m``, chunks of the ``k``-th split.
-    ``tables_ptr``: the tables as int32 pairs of entries, ``stride_tn`` pairs per row."""
+    ``tables_ptr``: the tables as int32 pairs of entries, ``stride_tn`` pairs per row. ``SPLIT_K`` is a
+    run-time argument: it only sizes the splits, so the autotuner's split-K variants share one binary."""
     VALUES: tl.constexpr = 32 // BITS if BITS != 3 else 32
     CHUNK: tl.constexpr = KW * VALUES
     CHUNKS_PER_GROUP: tl.constexpr = GROUP_SIZE // CHUNK
@@ -233,7 +238,8 @@ def lut_gemv_words(
         _autotuned[lambda c: (triton.cdiv(N, c["BLOCK_N"]), c["SPLIT_K"], M)](*args, **meta)
     else:
         grid = (triton.cdiv(N, block[0]), block[1], M)
-        lut_gemv_words_kernel[grid](*args, **meta, BLOCK_N=block[0], SPLIT_K=block[1], num_warps=block[2])
+        limits = {} if interpreting() else {"maxnreg": MAX_REGISTERS}
+        lut_gemv_words_kernel[grid](*args, **meta, BLOCK_N=block[0], SPLIT_K=block[1], num_warps=block[2], **limits)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -70,7 +70,7 @@ def cuobjdump_path() -> Path:
     return Path(nvidia.__file__).parent / "bin" / "cuobjdump"
 
 
-def compile_cubin(kernel, signature: dict, constexprs: dict, num_warps: int) -> bytes:
+def compile_cubin(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int | None = None) -> bytes:
     """``kernel`` (a ``@triton.jit`` function) compiled for sm90a: the cubin. Pointers and the integer
     arguments named in :data:`DIVISIBLE` are marked 16-divisible, as Triton's launcher specialises them
     at run time for the layer shapes that matter (widths that are multiples of 16, aligned tensors)."""
@@ -82,7 +82,8 @@ def compile_cubin(kernel, signature: dict, constexprs: dict, num_warps: int) -> 
     divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in DIVISIBLE]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     source = ASTSource(kernel, full, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     return compiled.asm["cubin"]
 
 
@@ -123,10 +124,10 @@ def load_width(opcode: str) -> int:
 
 
 def analyse(kernel, signature: dict, constexprs: dict, num_warps: int, weights_per_thread: int,
-            loaded_bits: int | None = None) -> LoopReport:  # fmt: skip
+            loaded_bits: int | None = None, maxnreg: int | None = None) -> LoopReport:  # fmt: skip
     """Compile ``kernel`` and read its loop. ``weights_per_thread``: weights one thread handles per
     iteration; ``loaded_bits``: global-load bits per thread per iteration (None: assume no unrolling)."""
-    sass, usage = disassemble(compile_cubin(kernel, signature, constexprs, num_warps))
+    sass, usage = disassemble(compile_cubin(kernel, signature, constexprs, num_warps, maxnreg))
     program = instructions(sass)
     loop = main_loop(program)
     opcodes = [op for _, op, _ in loop]
@@ -138,7 +139,7 @@ def analyse(kernel, signature: dict, constexprs: dict, num_warps: int, weights_p
     resources = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     return LoopReport(
         kernel=kernel.__name__,
-        config={**constexprs, "num_warps": num_warps},
+        config={**constexprs, "num_warps": num_warps, "maxnreg": maxnreg},
         registers=int(resources.get("REG", 0)),
         local_bytes=int(resources.get("STACK", 0)) + int(resources.get("LOCAL", 0)),
         loop_instructions=len(loop),
@@ -197,15 +198,16 @@ def words_report(config, bits: int, dtype: str = "bf16", group_size: int = 1024)
     from .lut_gemv_words import lut_gemv_words_kernel
 
     kw = chunk_units(bits, group_size)
-    signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": "*i32"}
+    signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": "*i32", "SPLIT_K": "i32"}
     del signature["stride_cn"], signature["codes_ptr"]
     signature = {"x_ptr": signature.pop("x_ptr"), "words_ptr": "*i32", **signature}
-    constexprs = dict(GROUP_SIZE=group_size, BITS=bits, KW=kw, FP16=dtype == "fp16", EMULATE=False, **config.kwargs)
+    constexprs = dict(GROUP_SIZE=group_size, BITS=bits, KW=kw, FP16=dtype == "fp16", EMULATE=False,
+                      BLOCK_N=config.kwargs["BLOCK_N"])  # fmt: skip
     threads = 32 * config.num_warps
     rows = config.kwargs["BLOCK_N"] // threads
     weights = rows * kw * UNIT_CODES[bits]
     loaded = rows * kw * 32 * UNIT_WORDS[bits] + kw * UNIT_CODES[bits] * 16  # codes + inputs
-    return analyse(lut_gemv_words_kernel, signature, constexprs, config.num_warps, weights, loaded)
+    return analyse(lut_gemv_words_kernel, signature, constexprs, config.num_warps, weights, loaded, config.maxnreg)
 
 
 def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopReport:
@@ -215,7 +217,7 @@ def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopRep
     signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": f"*{dtype}"}
     constexprs = dict(GROUP_SIZE=group_size, BITS=4, NUM_CODES=16, BLOCK_M=1, **config.kwargs)
     weights = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_KB"] * 2 // (32 * config.num_warps)
-    return analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights)
+    return analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights, None, config.maxnreg)
 
 
 def decode_reports(bits_list=(4, 3, 2), dtypes=("bf16",), old: bool = True) -> list[LoopReport]:
@@ -223,7 +225,15 @@ def decode_reports(bits_list=(4, 3, 2), dtypes=("bf16",), old: bool = True) -> l
     from .lut_gemv_bytes import CONFIGS as BYTES_CONFIGS
     from .lut_gemv_words import CONFIGS
 
-    reports = [words_report(c, bits, dtype) for bits in bits_list for dtype in dtypes for c in CONFIGS]
+    compiled: dict[tuple, LoopReport] = {}  # configs that differ only in run-time arguments share a binary
+    reports = []
+    for bits in bits_list:
+        for dtype in dtypes:
+            for c in CONFIGS:
+                key = (bits, dtype, c.kwargs["BLOCK_N"], c.num_warps, c.maxnreg)
+                if key not in compiled:
+                    compiled[key] = words_report(c, bits, dtype)
+                reports.append(replace(compiled[key], config={**compiled[key].config, "SPLIT_K": c.kwargs["SPLIT_K"]}))
     if old:
         reports += [bytes_report(c, dtype) for dtype in dtypes for c in BYTES_CONFIGS]
     return reports
