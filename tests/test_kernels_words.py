@@ -147,13 +147,28 @@ def test_words_gemv_refuses_fp32_and_mismatched_words():
         lut_gemv_words(x, words, tables, None, 2)
 
 
-@pytest.mark.parametrize("m", [1, 17])
-def test_the_op_runs_code_words_in_decode_and_unpacks_them_above(m):
-    """``torch.ops.spallm.lut_linear`` on prepared code words: the words GEMV at M = 1, unpacked for
-    dequantize + matmul at M = 17; tables in fp32 are cast to x's dtype, as the reference does."""
+@pytest.mark.parametrize(("m", "dtype"), [(1, torch.bfloat16), (17, torch.float16), (2, torch.float32)])
+def test_the_op_runs_code_words_on_every_path(m, dtype):
+    """``torch.ops.spallm.lut_linear`` on prepared code words: the words GEMV at M = 1, dequantize from
+    the words + matmul at M = 17, unpacked for the byte-wise GEMV in fp32; tables in fp32 are cast to
+    x's dtype, as the reference does."""
     from spallm_plugins.kernels.triton import ops  # noqa: F401
 
-    x, codes, tables, bias = problem(m, 24, 128, 2, 4, torch.bfloat16, seed=m)
+    x, codes, tables, bias = problem(m, 24, 128, 2, 4, dtype, seed=m)
     words, _ = TritonBackend().prepare_weights(codes, tables.float(), 4)
     got = torch.ops.spallm.lut_linear(x, words, tables.float(), bias, 4)
-    assert_matches(got, x, codes, tables, bias, 4, torch.bfloat16)
+    assert got.dtype == dtype
+    tolerance_dtype = torch.float16 if dtype == torch.float32 else dtype
+    assert_matches(got, x, codes, tables, bias, 4, tolerance_dtype)
+
+
+@pytest.mark.parametrize(("bits", "gpr"), [(4, 2), (3, 8), (2, 1)])
+def test_dequantize_from_code_words_is_exact(bits, gpr):
+    """Prefill's W straight from the decode layout (N = 37: masked rows), equal to the reference's."""
+    from spallm_plugins.kernels.reference import dequantize
+    from spallm_plugins.kernels.triton.dequantize import lut_dequantize
+
+    _, codes, tables, _ = problem(1, 37, 256, gpr, bits, torch.bfloat16, seed=bits)
+    words, _ = TritonBackend().prepare_weights(codes, tables, bits)
+    got = lut_dequantize(words, tables, bits, torch.bfloat16)
+    assert torch.equal(got, dequantize(codes, tables, bits, torch.bfloat16))

@@ -150,7 +150,7 @@ def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
             f"got {words.dtype} {list(words.shape)}"
         )
     rows = words.shape[3]
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = words  # int32: arithmetic shifts, every field masked below the sign
     if bits == 4:
         values = [(w[0] >> (4 * v)) & 15 for v in range(8)]
     elif bits == 2:
@@ -158,5 +158,5 @@ def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     else:
         values = [(w[v // 8] >> (4 * (v % 8))) & 7 for v in range(24)]
         values += [sum(((w[p] >> (4 * i + 3)) & 1) << p for p in range(3)) for i in range(8)]
-    stacked = torch.stack(values, dim=-1)  # [c, KW, out, v]
-    return stacked.permute(2, 0, 3, 1).reshape(rows, -1).to(torch.uint8)
+    stacked = torch.stack([v.to(torch.uint8) for v in values], dim=-1)  # [c, KW, out, v]
+    return stacked.permute(2, 0, 3, 1).reshape(rows, -1)

@@ -24,11 +24,12 @@ def lut_linear(
     """``x [M, K] -> [M, N]``: decode (M <= 16) through a GEMV kernel (over code words when the codes are
     prepared so and x is fp16/bf16; else the byte-wise one for 2/4-bit codes at M <= 4); above it
     dequantize + cuBLAS, or the tiled matmul for a W too large to materialise (:func:`~.tiles.dequantized_path`).
-    Code words take the other paths unpacked on each call (:func:`~.layout.kernel_codes`)."""
+    Code words dequantize from their own layout; the fused kernels unpack them on each call
+    (:func:`~.layout.kernel_codes`): fp32 decode and Ws too large to materialise."""
     M, K = x.shape
-    if codes.dim() == 4:
-        if M <= GEMV_MAX_ROWS and x.dtype in WORDS_DTYPES:
-            return lut_gemv_words(x, codes, tables, bias, bits)
+    if codes.dim() == 4 and M <= GEMV_MAX_ROWS and x.dtype in WORDS_DTYPES:
+        return lut_gemv_words(x, codes, tables, bias, bits)
+    if codes.dim() == 4 and not dequantized_path(M, tables.shape[0], K, x.element_size()):
         codes = kernel_codes(codes, bits)
     if M <= GEMV_BYTES_MAX_ROWS and bits in (2, 4):
         return lut_gemv_bytes(x, codes, tables, bias, bits)
