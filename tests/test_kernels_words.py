@@ -172,3 +172,15 @@ def test_dequantize_from_code_words_is_exact(bits, gpr):
     words, _ = TritonBackend().prepare_weights(codes, tables, bits)
     got = lut_dequantize(words, tables, bits, torch.bfloat16)
     assert torch.equal(got, dequantize(codes, tables, bits, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="compiled and autotuned on a GPU")
+@pytest.mark.parametrize("bits", [4, 3, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_words_gemv_autotuned_on_the_gpu(bits, dtype):
+    """The inline-asm PRMT path (the interpreter emulates it), autotuned, at a layer shape, M = 1, 4, 16."""
+    for m in (1, 4, 16):
+        x, codes, tables, bias = problem(m, 4096 + 37, 2048, 4, bits, dtype, seed=m)
+        words, _ = TritonBackend().prepare_weights(codes, tables, bits)
+        assert_matches(lut_gemv_words(x, words, tables, bias, bits), x, codes, tables, bias, bits, dtype)
