@@ -207,7 +207,8 @@ def words_report(config, bits: int, dtype: str = "bf16", group_size: int = 1024)
     rows = config.kwargs["BLOCK_N"] // threads
     weights = rows * kw * UNIT_CODES[bits]
     loaded = rows * kw * 32 * UNIT_WORDS[bits] + kw * UNIT_CODES[bits] * 16  # codes + inputs
-    return analyse(lut_gemv_words_kernel, signature, constexprs, config.num_warps, weights, loaded, config.maxnreg)
+    report = analyse(lut_gemv_words_kernel, signature, constexprs, config.num_warps, weights, loaded, config.maxnreg)
+    return replace(report, config={**report.config, "SPLIT_K": config.kwargs["SPLIT_K"], "dtype": dtype})
 
 
 def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopReport:
@@ -217,7 +218,8 @@ def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopRep
     signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": f"*{dtype}"}
     constexprs = dict(GROUP_SIZE=group_size, BITS=4, NUM_CODES=16, BLOCK_M=1, **config.kwargs)
     weights = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_KB"] * 2 // (32 * config.num_warps)
-    return analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights, None, config.maxnreg)
+    report = analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights, None, config.maxnreg)
+    return replace(report, config={**report.config, "dtype": dtype})
 
 
 def decode_reports(bits_list=(4, 3, 2), dtypes=("bf16",), old: bool = True) -> list[LoopReport]:
