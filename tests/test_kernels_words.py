@@ -184,3 +184,19 @@ def test_words_gemv_autotuned_on_the_gpu(bits, dtype):
         x, codes, tables, bias = problem(m, 4096 + 37, 2048, 4, bits, dtype, seed=m)
         words, _ = TritonBackend().prepare_weights(codes, tables, bits)
         assert_matches(lut_gemv_words(x, words, tables, bias, bits), x, codes, tables, bias, bits, dtype)
+
+
+def test_table_sets_over_code_words_read_each_rows_set():
+    """Three tenants and a stale slot (clamped) in one decode batch, through the op."""
+    from spallm_plugins.kernels.reference import lut_linear_table_sets
+    from spallm_plugins.kernels.triton import ops  # noqa: F401
+
+    x, codes, tables, bias = problem(4, 37, 128, 2, 3, torch.bfloat16, seed=5)
+    g = torch.Generator().manual_seed(6)
+    sets = torch.randn((3, *tables.shape), generator=g).to(torch.bfloat16).to(DEVICE)
+    slots = torch.tensor([2, 0, 7, 1], device=DEVICE)
+    words, _ = TritonBackend().prepare_weights(codes, tables, 3)
+    got = torch.ops.spallm.lut_linear_table_sets(x, words, sets, slots, bias, 3)
+    want = lut_linear_table_sets(x.float(), codes, sets.float(), slots, bias.float(), 3)
+    scale = want.abs().max().clamp_min(1.0)
+    assert (got.float() - want).abs().max() <= TOL[torch.bfloat16] * scale

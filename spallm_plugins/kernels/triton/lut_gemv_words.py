@@ -141,17 +141,22 @@ def accumulate_selector(acc, selector, mask, low0, low1, low2, low3, high0, high
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
-def lut_gemv_words_kernel(x_ptr, words_ptr, tables_ptr, out_ptr, M, N, K, M_BUCKET, stride_xm, stride_tn,
-                          GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, KW: tl.constexpr, FP16: tl.constexpr,
+def lut_gemv_words_kernel(x_ptr, words_ptr, tables_ptr, slots_ptr, out_ptr, M, N, K, M_BUCKET, S, stride_xm,
+                          stride_ts, stride_tn, HAS_SLOTS: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, KW: tl.constexpr, FP16: tl.constexpr,
                           EMULATE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K):  # fmt: skip
     """Program ``(n, k, m)``: rows ``n*BLOCK_N...`` of input row ``m``, chunks of the ``k``-th split.
-    ``tables_ptr``: the tables as int32 pairs of entries, ``stride_tn`` pairs per row. ``SPLIT_K`` is a
-    run-time argument: it only sizes the splits, so the autotuner's split-K variants share one binary."""
+    ``tables_ptr``: the tables as int32 pairs of entries, ``stride_tn`` pairs per row; with ``HAS_SLOTS``,
+    ``S`` table sets ``stride_ts`` pairs apart and row ``m`` reads set ``slots[m]`` (clamped), so mixed
+    tenants cost what one does. ``SPLIT_K`` is a run-time argument: it only sizes the splits, so the
+    autotuner's split-K variants share one binary."""
     VALUES: tl.constexpr = 32 // BITS if BITS != 3 else 32
     CHUNK: tl.constexpr = KW * VALUES
     CHUNKS_PER_GROUP: tl.constexpr = GROUP_SIZE // CHUNK
     NUM_PAIRS: tl.constexpr = (1 << BITS) // 2
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if HAS_SLOTS:
+        slot = tl.minimum(tl.maximum(tl.load(slots_ptr + m).to(tl.int32), 0), S - 1)
+        tables_ptr += slot.to(tl.int64) * stride_ts
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, KW)
     mask_n = offs_n < N
@@ -215,23 +220,34 @@ def lut_gemv_words(
     bias: torch.Tensor | None,
     bits: int,
     block: tuple[int, int, int] | None = None,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K]`` (fp16/bf16) -> ``[M, N]`` from code words (:func:`~.layout.code_words`).
-    ``block=(BLOCK_N, SPLIT_K, num_warps)`` skips autotuning."""
+    ``block=(BLOCK_N, SPLIT_K, num_warps)`` skips autotuning. With ``slots [M]``, ``tables`` are table sets
+    ``[S, N, gpr, 2**bits]`` and row ``m`` goes through ``tables[slots[m]]`` (clamped into ``[0, S)``)."""
     M, K = x.shape
+    sets = tables if slots is not None else tables[None]
     planes, chunks, kw, N = words.shape
     if x.dtype not in WORDS_DTYPES or planes != UNIT_WORDS[bits] or chunks * kw * UNIT_CODES[bits] != K:
         raise ValueError(
             f"lut_gemv_words: x {x.dtype} [M, {K}] with {bits}-bit words {list(words.shape)} "
             f"(expected fp16/bf16 x and int32 [{UNIT_WORDS[bits]}, chunks, KW, out] covering {K} columns)"
         )
-    groups = tables.shape[1]
-    tables = tables.to(x.dtype).contiguous()
-    pairs = tables.view(torch.int32)  # [N, groups, 2**bits / 2]: entry 2i in the low half (little-endian)
+    groups = sets.shape[2]
+    pairs = sets.to(x.dtype).contiguous().view(torch.int32)  # [S, N, groups, 2**bits / 2]: entry 2i low half
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     x, words = x.contiguous(), words.contiguous()
-    args = (x, words, pairs, out, M, N, K, m_bucket(M), x.stride(0), pairs.stride(0))
-    meta = dict(GROUP_SIZE=K // groups, BITS=bits, KW=kw, FP16=x.dtype == torch.float16, EMULATE=interpreting())
+    slots = pairs if slots is None else slots.contiguous()  # never read without slots
+    args = (x, words, pairs, slots, out, M, N, K, m_bucket(M), pairs.shape[0], x.stride(0), pairs.stride(0),
+            pairs.stride(1))  # fmt: skip
+    meta = dict(
+        HAS_SLOTS=slots is not pairs,
+        GROUP_SIZE=K // groups,
+        BITS=bits,
+        KW=kw,
+        FP16=x.dtype == torch.float16,
+        EMULATE=interpreting(),
+    )
     if block is None and interpreting():
         block = (32, 2, 1)  # the CPU interpreter cannot autotune (no device timer)
     if block is None:

@@ -188,7 +188,7 @@ def sass_table(bits_list=(4, 3, 2), dtypes=("bf16", "fp16")) -> list[dict]:
     return rows
 
 
-DECODE_SIGNATURE = dict(x_ptr="*bf16", codes_ptr="*u8", tables_ptr="*bf16", out_ptr="*fp32", M="i32", N="i32",
+BYTES_SIGNATURE = dict(x_ptr="*bf16", codes_ptr="*u8", tables_ptr="*bf16", out_ptr="*fp32", M="i32", N="i32",
                         K="i32", M_BUCKET="i32", stride_xm="i32", stride_cn="i32", stride_tn="i32")  # fmt: skip
 
 
@@ -198,10 +198,10 @@ def words_report(config, bits: int, dtype: str = "bf16", group_size: int = 1024)
     from .lut_gemv_words import lut_gemv_words_kernel
 
     kw = chunk_units(bits, group_size)
-    signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": "*i32", "SPLIT_K": "i32"}
-    del signature["stride_cn"], signature["codes_ptr"]
-    signature = {"x_ptr": signature.pop("x_ptr"), "words_ptr": "*i32", **signature}
-    constexprs = dict(GROUP_SIZE=group_size, BITS=bits, KW=kw, FP16=dtype == "fp16", EMULATE=False,
+    signature = dict(x_ptr=f"*{dtype}", words_ptr="*i32", tables_ptr="*i32", slots_ptr="*i64", out_ptr="*fp32",
+                     M="i32", N="i32", K="i32", M_BUCKET="i32", S="i32", stride_xm="i32", stride_ts="i32",
+                     stride_tn="i32", SPLIT_K="i32")  # fmt: skip
+    constexprs = dict(HAS_SLOTS=False, GROUP_SIZE=group_size, BITS=bits, KW=kw, FP16=dtype == "fp16", EMULATE=False,
                       BLOCK_N=config.kwargs["BLOCK_N"])  # fmt: skip
     threads = 32 * config.num_warps
     rows = config.kwargs["BLOCK_N"] // threads
@@ -215,7 +215,7 @@ def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopRep
     """Today's byte-wise decode kernel (:mod:`.lut_gemv_bytes`) at one ``config``, 4-bit, M = 1."""
     from .lut_gemv_bytes import lut_gemv_bytes_kernel
 
-    signature = {**DECODE_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": f"*{dtype}"}
+    signature = {**BYTES_SIGNATURE, "x_ptr": f"*{dtype}", "tables_ptr": f"*{dtype}"}
     constexprs = dict(GROUP_SIZE=group_size, BITS=4, NUM_CODES=16, BLOCK_M=1, **config.kwargs)
     weights = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_KB"] * 2 // (32 * config.num_warps)
     report = analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights, None, config.maxnreg)

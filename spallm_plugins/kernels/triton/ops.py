@@ -55,7 +55,10 @@ def lut_linear_table_sets(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """``x [M, K] -> [M, N]``, row ``m`` through ``table_sets[slots[m]]``: multi-tenant serving."""
+    """``x [M, K] -> [M, N]``, row ``m`` through ``table_sets[slots[m]]``: multi-tenant serving; decode
+    over code words reads each row's set in the words GEMV."""
+    if codes.dim() == 4 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in WORDS_DTYPES:
+        return lut_gemv_words(x, codes, table_sets, bias, bits, slots=slots)
     codes = kernel_codes(codes, bits) if codes.dim() == 4 else codes
     return lut_table_sets(x, codes, table_sets, slots, bias, bits)
 
