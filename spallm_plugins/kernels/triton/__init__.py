@@ -97,8 +97,11 @@ class TritonBackend:
         layout of the decode kernel (:mod:`.lut_gemv_words`), where a chunk of them tiles a table group
         (:func:`words_refusal`); otherwise 2/4-bit format v1 as stored and 3-bit bit planes (the same
         bytes, no straddling codes). Tables unchanged. Every method here accepts every layout: the
-        kernels above the decode range unpack code words on each call (:func:`~.layout.kernel_codes`)."""
-        if tables is not None and not words_refusal(bits, codes, tables.shape[1]):
+        kernels above the decode range unpack code words on each call (:func:`~.layout.kernel_codes`),
+        so a training forward (tables that require grad, grad mode on) keeps the byte layouts, which
+        its backward reads as they are."""
+        training = tables is not None and tables.requires_grad and torch.is_grad_enabled()
+        if tables is not None and not training and not words_refusal(bits, codes, tables.shape[1]):
             return code_words(codes, bits, tables.shape[1]), tables
         return kernel_codes(codes, bits).contiguous(), tables
 
