@@ -83,7 +83,7 @@ def time_layer(
     """One row of the table: ``x [m, K]`` through the LUT kernel on format-v1 codes, cuBLAS on ``dense [N, K]``,
     and dequantize-then-matmul, in ``dense.dtype``; bytes moved by the LUT kernel and its GB/s. On CUDA, at
     decode rows, also the code-word GEMV on the codes as ``TritonBackend.prepare_weights`` lays them out
-    (``words_us``: what a prepared layer runs; None where the layout does not apply)."""
+    (``words_us``: what a prepared layer runs, and three table sets mixed: :func:`time_words`)."""
     from ..kernels.reference import dequantize
     from ..kernels.triton import ops  # noqa: F401  (registers torch.ops.spallm.*)
     from ..kernels.triton.lut_gemv import gemv_bytes
@@ -95,28 +95,39 @@ def time_layer(
     t_deq = timer(lambda: x @ dequantize(codes, tables, bits, dense.dtype).T)
     moved = gemv_bytes(m, n, k, tables.shape[1], bits, table_bytes=tables.element_size(), act_bytes=x.element_size())
     gbps = moved / (t_lut * 1e-6) / 1e9
-    t_words = time_words(x, codes, tables, bits, timer)
-    return {"N": n, "K": k, "M": m, "lut_us": t_lut, "cublas_us": t_cublas, "dequant_matmul_us": t_deq,
-            "words_us": t_words, "words_speedup_vs_cublas": t_cublas / t_words if t_words else None,
+    words = time_words(x, codes, tables, bits, timer)
+    t_words = words["words_us"]
+    return {"N": n, "K": k, "M": m, "lut_us": t_lut, "cublas_us": t_cublas, "dequant_matmul_us": t_deq, **words,
+            "words_speedup_vs_cublas": t_cublas / t_words if t_words else None,
             "words_gbps": moved / (t_words * 1e-6) / 1e9 if t_words else None,
             "speedup_vs_cublas": t_cublas / t_lut, "speedup_vs_dequant": t_deq / t_lut,
             "bytes_moved": moved, "achieved_gbps": gbps,
             "fraction_of_peak": gbps / peak_gbps if peak_gbps else None}  # fmt: skip
 
 
-def time_words(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int, timer: Timer) -> float | None:
-    """Microseconds of the code-word decode GEMV on ``x``, or None: off CUDA (the interpreter's timing
-    means nothing), above the decode rows, in fp32, or where the layout does not tile the groups."""
+def time_words(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int, timer: Timer) -> dict[str, Any]:
+    """Microseconds of the code-word decode GEMV on ``x`` (``words_us``) and, from 3 rows, of three table
+    sets mixed in the batch (``words_three_sets_us``, row ``m`` through set ``m % 3``); None where it does
+    not run: off CUDA (the interpreter's timing means nothing), above the decode rows, in fp32, or where
+    the layout does not tile the groups."""
     from ..kernels.triton import TritonBackend
     from ..kernels.triton.lut_gemv_words import WORDS_DTYPES
     from ..kernels.triton.tiles import GEMV_MAX_ROWS
 
+    times: dict[str, Any] = {"words_us": None, "words_three_sets_us": None}
     if x.device.type != "cuda" or x.shape[0] > GEMV_MAX_ROWS or x.dtype not in WORDS_DTYPES:
-        return None
+        return times
     words, _ = TritonBackend().prepare_weights(codes, tables, bits)
     if words.dim() != 4:
-        return None
-    return timer(lambda: torch.ops.spallm.lut_linear(x, words, tables, None, bits))
+        return times
+    times["words_us"] = timer(lambda: torch.ops.spallm.lut_linear(x, words, tables, None, bits))
+    if x.shape[0] >= 3:
+        sets = torch.stack([tables, tables.flip(0), tables * 0.5])
+        slots = torch.arange(x.shape[0], device=x.device) % 3
+        times["words_three_sets_us"] = timer(
+            lambda: torch.ops.spallm.lut_linear_table_sets(x, words, sets, slots, None, bits)
+        )
+    return times
 
 
 def time_training(
