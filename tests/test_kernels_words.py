@@ -202,11 +202,11 @@ def test_table_sets_over_code_words_read_each_rows_set():
     assert (got.float() - want).abs().max() <= TOL[torch.bfloat16] * scale
 
 
-def test_a_training_forward_keeps_the_byte_layout():
-    """Tables that train (grad mode on) keep format v1, which the backward reads without unpacking;
-    the same tables under ``torch.no_grad()`` (generation) get code words."""
+def test_tables_that_train_keep_the_byte_layout():
+    """Tables that require grad keep format v1, which the backward reads without unpacking, also when
+    prepared under ``no_grad`` (as ``ops.prepared_codes`` does); frozen tables (vLLM) get code words."""
     codes = pack_codes(torch.randint(0, 16, (4, 64)), 4)
     tables = torch.randn(4, 1, 16, requires_grad=True)
-    assert TritonBackend().prepare_weights(codes, tables, 4)[0] is codes
     with torch.no_grad():
-        assert TritonBackend().prepare_weights(codes, tables, 4)[0].dim() == 4
+        assert TritonBackend().prepare_weights(codes, tables, 4)[0] is codes
+    assert TritonBackend().prepare_weights(codes, tables.detach(), 4)[0].dim() == 4

@@ -98,10 +98,10 @@ class TritonBackend:
         (:func:`words_refusal`); otherwise 2/4-bit format v1 as stored and 3-bit bit planes (the same
         bytes, no straddling codes). Tables unchanged. Every method here accepts every layout: the
         kernels above the decode range unpack code words on each call (:func:`~.layout.kernel_codes`),
-        so a training forward (tables that require grad, grad mode on) keeps the byte layouts, which
-        its backward reads as they are."""
-        training = tables is not None and tables.requires_grad and torch.is_grad_enabled()
-        if tables is not None and not training and not words_refusal(bits, codes, tables.shape[1]):
+        so tables that require grad (a layer that trains; ``ops.prepared_codes`` prepares under
+        ``no_grad``, so grad mode cannot tell) keep the byte layouts, which the backward reads as they are."""
+        trains = tables is not None and tables.requires_grad
+        if tables is not None and not trains and not words_refusal(bits, codes, tables.shape[1]):
             return code_words(codes, bits, tables.shape[1]), tables
         return kernel_codes(codes, bits).contiguous(), tables
 
