@@ -99,11 +99,13 @@ class TritonBackend:
         bytes, no straddling codes). Tables unchanged. Every method here accepts every layout: the
         kernels above the decode range unpack code words on each call (:func:`~.layout.kernel_codes`),
         so tables that require grad (a layer that trains; ``ops.prepared_codes`` prepares under
-        ``no_grad``, so grad mode cannot tell) keep the byte layouts, which the backward reads as they are."""
+        ``no_grad``, so grad mode cannot tell) keep the byte layouts, which the backward reads as they are;
+        so does a call traced by torch.compile, which would repack on every run (vLLM compiles with the
+        prepared tensors as inputs)."""
         trains = tables is not None and tables.requires_grad
-        if tables is not None and not trains and not words_refusal(bits, codes, tables.shape[1]):
-            return code_words(codes, bits, tables.shape[1]), tables
-        return kernel_codes(codes, bits).contiguous(), tables
+        if tables is None or trains or torch.compiler.is_compiling() or words_refusal(bits, codes, tables.shape[1]):
+            return kernel_codes(codes, bits).contiguous(), tables
+        return code_words(codes, bits, tables.shape[1]), tables
 
     def restore_weights(self, codes, tables, bits):
         """Exact inverse of :meth:`prepare_weights`: the format-v1 tensors (to save, or to dequantize)."""
