@@ -235,7 +235,10 @@ def lut_gemv_words(
             f"(expected fp16/bf16 x and int32 [{UNIT_WORDS[bits]}, chunks, KW, out] covering {K} columns)"
         )
     groups = sets.shape[2]
-    pairs = sets.to(x.dtype).contiguous().view(torch.int32)  # [S, N, groups, 2**bits / 2]: entry 2i low half
+    sets = sets.to(x.dtype).contiguous()
+    if sets.storage_offset() % 2:  # a view into an odd element of a buffer cannot be read as int32 pairs
+        sets = sets.clone()
+    pairs = sets.view(torch.int32)  # [S, N, groups, 2**bits / 2]: entry 2i in the low half
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:  # no program to launch
         return out.to(x.dtype)
