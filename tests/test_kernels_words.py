@@ -130,7 +130,7 @@ def test_prmt_emulation_is_ptx_prmt():
 )
 def test_words_gemv_matches_reference(bits, gpr, dtype, m, split):
     """N = 37 off the 32-row tile (masked rows); splits that cross table groups; KW 4, 2 and 1."""
-    x, codes, tables, bias = problem(m, 37, 256, gpr, bits, dtype, seed=bits * 10 + gpr)
+    x, codes, tables, bias = problem(m, 37, 256 if bits == 3 else 128, gpr, bits, dtype, seed=bits * 10 + gpr)
     words, _ = TritonBackend().prepare_weights(codes, tables, bits)
     assert words.dim() == 4
     got = lut_gemv_words(x, words, tables, bias, bits, block=(32, split, 1))
@@ -154,7 +154,7 @@ def test_the_op_runs_code_words_on_every_path(m, dtype):
     x's dtype, as the reference does."""
     from spallm_plugins.kernels.triton import ops  # noqa: F401
 
-    x, codes, tables, bias = problem(m, 24, 128, 2, 4, dtype, seed=m)
+    x, codes, tables, bias = problem(m, 24, 64, 2, 4, dtype, seed=m)
     words, _ = TritonBackend().prepare_weights(codes, tables.float(), 4)
     got = torch.ops.spallm.lut_linear(x, words, tables.float(), bias, 4)
     assert got.dtype == dtype
@@ -191,10 +191,10 @@ def test_table_sets_over_code_words_read_each_rows_set():
     from spallm_plugins.kernels.reference import lut_linear_table_sets
     from spallm_plugins.kernels.triton import ops  # noqa: F401
 
-    x, codes, tables, bias = problem(4, 37, 128, 2, 3, torch.bfloat16, seed=5)
+    x, codes, tables, bias = problem(3, 37, 64, 2, 3, torch.bfloat16, seed=5)
     g = torch.Generator().manual_seed(6)
     sets = torch.randn((3, *tables.shape), generator=g).to(torch.bfloat16).to(DEVICE)
-    slots = torch.tensor([2, 0, 7, 1], device=DEVICE)
+    slots = torch.tensor([2, 7, 1], device=DEVICE)
     words, _ = TritonBackend().prepare_weights(codes, tables, 3)
     got = torch.ops.spallm.lut_linear_table_sets(x, words, sets, slots, bias, 3)
     want = lut_linear_table_sets(x.float(), codes, sets.float(), slots, bias.float(), 3)
