@@ -63,6 +63,11 @@ def test_todays_byte_wise_gemv_fails_the_same_checks(sass_rows):
     assert any(row["local_bytes"] > 0 or row["registers"] > 128 for row in old)  # the 16 x 512 tile spills
 
 
+def test_the_prefill_matmul_over_code_words_compiles_without_local_memory(sass_rows):
+    prefill = [row for row in sass_rows if row["kernel"] == "lut_matmul_words_kernel"]
+    assert len(prefill) == 3 and all(row["violations"] == [] and row["loop_instructions"] > 0 for row in prefill)
+
+
 def test_the_loop_is_found_by_its_backward_branch():
     from spallm_plugins.kernels.triton.machine_code import instructions, main_loop
 

@@ -31,6 +31,7 @@ from spallm_plugins.kernels.triton.layout import (  # noqa: E402
     kernel_codes,
 )
 from spallm_plugins.kernels.triton.lut_gemv_words import lut_gemv_words, prmt_emulated  # noqa: E402
+from spallm_plugins.kernels.triton.lut_matmul_words import chunk_permutation, lut_matmul_words  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|
@@ -210,3 +211,24 @@ def test_tables_that_train_keep_the_byte_layout():
     with torch.no_grad():
         assert TritonBackend().prepare_weights(codes, tables, 4)[0] is codes
     assert TritonBackend().prepare_weights(codes, tables.detach(), 4)[0].dim() == 4
+
+
+@pytest.mark.parametrize(
+    ("bits", "gpr", "dtype", "m"),
+    [(4, 2, torch.bfloat16, 20), (3, 1, torch.float16, 17), (2, 8, torch.bfloat16, 18)],
+)
+def test_prefill_matmul_over_code_words_matches_reference(bits, gpr, dtype, m):
+    """The B tile joined from the lookup's value slots against x's permuted columns; M and N off the tile."""
+    x, codes, tables, bias = problem(m, 40, 256 if bits == 3 else 128, gpr, bits, dtype, seed=bits)
+    words, _ = TritonBackend().prepare_weights(codes, tables, bits)
+    got = lut_matmul_words(x, words, tables, bias, bits)
+    assert got.dtype == dtype and got.shape == (m, 40)
+    assert_matches(got, x, codes, tables, bias, bits, dtype)
+
+
+def test_chunk_permutation_reverses_the_slot_bits():
+    """4-bit, KW = 4: tile position j * 8 + bitreverse3(v) holds column v * 4 + j of each 32-column chunk."""
+    perm = chunk_permutation(64, 4, 4, "cpu")
+    assert sorted(perm.tolist()) == list(range(64))
+    assert perm[1].item() == 4 * 4 and perm[4].item() == 1 * 4 and perm[8 + 6].item() == 3 * 4 + 1
+    assert perm[32].item() == 32

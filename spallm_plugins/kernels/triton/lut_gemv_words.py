@@ -116,29 +116,54 @@ def accumulate_quad(acc, low, high, x_ptrs, KW: tl.constexpr, FP16: tl.constexpr
 
 
 @triton.jit
+def quad_bytes(selector, mask, QUAD: tl.constexpr, low0, low1, low2, low3, high0, high1, high2, high3,
+               BITS: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """The low and high bytes of the table entries of four value slots: quad ``QUAD`` of ``selector``'s
+    eight codes (nibbles, top bit clear). 4-bit: entries 8-15 come from ``low2/3``, ``high2/3``, chosen
+    per byte where the code's top bit, read from ``mask`` (the code word), is set."""
+    sel = selector >> (16 * QUAD)  # PRMT reads the low four nibbles
+    if BITS == 2:
+        low = prmt(low0, low0, sel, EMULATE)
+        high = prmt(high0, high0, sel, EMULATE)
+    else:
+        low = prmt(low0, low1, sel, EMULATE)
+        high = prmt(high0, high1, sel, EMULATE)
+        if BITS == 4:
+            # the code's top bit is bit 4i+3 of the word: the sign bit of a byte of word or word << 4
+            if QUAD == 0:
+                top = prmt_const(mask << 4, mask, 0xD9C8, EMULATE)
+            else:
+                top = prmt_const(mask << 4, mask, 0xFBEA, EMULATE)
+            low = low ^ ((low ^ prmt(low2, low3, sel, EMULATE)) & top)
+            high = high ^ ((high ^ prmt(high2, high3, sel, EMULATE)) & top)
+    return low, high
+
+
+@triton.jit
 def accumulate_selector(acc, selector, mask, low0, low1, low2, low3, high0, high1, high2, high3, x_ptrs,
                         BITS: tl.constexpr, KW: tl.constexpr, FP16: tl.constexpr,
                         EMULATE: tl.constexpr):  # fmt: skip
-    """Eight value slots whose codes are the nibbles of ``selector`` (top nibble bit clear), in two quads.
-    4-bit: entries 8-15 in ``low2/3``, ``high2/3``, chosen per byte where ``mask`` (one per quad) is 0xff."""
+    """Eight value slots whose codes are the nibbles of ``selector``, in two quads (:func:`quad_bytes`)."""
     for quad in tl.static_range(2):
-        sel = selector >> (16 * quad)  # PRMT reads the low four nibbles
-        if BITS == 2:
-            low = prmt(low0, low0, sel, EMULATE)
-            high = prmt(high0, high0, sel, EMULATE)
-        else:
-            low = prmt(low0, low1, sel, EMULATE)
-            high = prmt(high0, high1, sel, EMULATE)
-            if BITS == 4:
-                # the code's top bit is bit 4i+3 of the word: the sign bit of a byte of word or word << 4
-                if quad == 0:
-                    top = prmt_const(mask << 4, mask, 0xD9C8, EMULATE)
-                else:
-                    top = prmt_const(mask << 4, mask, 0xFBEA, EMULATE)
-                low = low ^ ((low ^ prmt(low2, low3, sel, EMULATE)) & top)
-                high = high ^ ((high ^ prmt(high2, high3, sel, EMULATE)) & top)
+        low, high = quad_bytes(selector, mask, quad, low0, low1, low2, low3, high0, high1, high2, high3, BITS,
+                               EMULATE)  # fmt: skip
         acc = accumulate_quad(acc, low, high, x_ptrs + 4 * quad * KW, KW, FP16, EMULATE)
     return acc
+
+
+@triton.jit
+def group_planes(tables_ptr, offs_n, mask_n, group, stride_tn, BITS: tl.constexpr, EMULATE: tl.constexpr):
+    """Table group ``group`` of each row as byte-plane words ``(low0..3, high0..3)``, ``[BLOCK_N, 1]`` each
+    (the words past ``2**bits`` entries repeat word 0)."""
+    row = tables_ptr + offs_n * stride_tn + group * ((1 << BITS) // 2)
+    low0, high0 = plane_word(row, mask_n, 0, False, EMULATE), plane_word(row, mask_n, 0, True, EMULATE)
+    low1, high1, low2, high2, low3, high3 = low0, high0, low0, high0, low0, high0
+    if BITS >= 3:
+        low1, high1 = plane_word(row, mask_n, 1, False, EMULATE), plane_word(row, mask_n, 1, True, EMULATE)
+    if BITS == 4:
+        low2, high2 = plane_word(row, mask_n, 2, False, EMULATE), plane_word(row, mask_n, 2, True, EMULATE)
+        low3, high3 = plane_word(row, mask_n, 3, False, EMULATE), plane_word(row, mask_n, 3, True, EMULATE)
+    return low0, low1, low2, low3, high0, high1, high2, high3
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -153,7 +178,6 @@ def lut_gemv_words_kernel(x_ptr, words_ptr, tables_ptr, slots_ptr, out_ptr, M, N
     VALUES: tl.constexpr = 32 // BITS if BITS != 3 else 32
     CHUNK: tl.constexpr = KW * VALUES
     CHUNKS_PER_GROUP: tl.constexpr = GROUP_SIZE // CHUNK
-    NUM_PAIRS: tl.constexpr = (1 << BITS) // 2
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if HAS_SLOTS:
         slot = tl.minimum(tl.maximum(tl.load(slots_ptr + m).to(tl.int32), 0), S - 1)
@@ -168,14 +192,8 @@ def lut_gemv_words_kernel(x_ptr, words_ptr, tables_ptr, slots_ptr, out_ptr, M, N
     c_end = tl.minimum(c_start + per_split, chunks)
     acc = tl.zeros((BLOCK_N, KW), dtype=tl.float32)
     for g in range(c_start // CHUNKS_PER_GROUP, tl.cdiv(c_end, CHUNKS_PER_GROUP)):
-        row = tables_ptr + offs_n * stride_tn + g * NUM_PAIRS
-        low0, high0 = plane_word(row, mask_n, 0, False, EMULATE), plane_word(row, mask_n, 0, True, EMULATE)
-        low1, high1, low2, high2, low3, high3 = low0, high0, low0, high0, low0, high0
-        if BITS >= 3:
-            low1, high1 = plane_word(row, mask_n, 1, False, EMULATE), plane_word(row, mask_n, 1, True, EMULATE)
-        if BITS == 4:
-            low2, high2 = plane_word(row, mask_n, 2, False, EMULATE), plane_word(row, mask_n, 2, True, EMULATE)
-            low3, high3 = plane_word(row, mask_n, 3, False, EMULATE), plane_word(row, mask_n, 3, True, EMULATE)
+        low0, low1, low2, low3, high0, high1, high2, high3 = group_planes(tables_ptr, offs_n, mask_n, g, stride_tn,
+                                                                          BITS, EMULATE)  # fmt: skip
         first = tl.maximum(c_start, g * CHUNKS_PER_GROUP)
         for c in range(first, tl.minimum(c_end, g * CHUNKS_PER_GROUP + CHUNKS_PER_GROUP)):
             word_ptrs = words_ptr + (c * KW + offs_j)[None, :] * N + offs_n[:, None]

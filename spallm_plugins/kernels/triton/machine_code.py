@@ -180,11 +180,16 @@ def violations(report: LoopReport, bits: int) -> list[str]:
 
 
 def sass_table(bits_list=(4, 3, 2), dtypes=("bf16", "fp16")) -> list[dict]:
-    """:func:`decode_reports` as JSON-ready rows, each with its ``violations`` (``spallm bench kernels --sass``)."""
+    """:func:`decode_reports` as JSON-ready rows, each with its ``violations`` (``spallm bench kernels --sass``),
+    then the prefill matmul's (:func:`prefill_report`; its loop holds the ``tl.dot`` and the shared-memory
+    traffic of its B operand, so only local memory counts against it)."""
     rows = []
     for report in decode_reports(bits_list, dtypes):
         bits = report.config["BITS"]
         rows.append({**report.as_dict(), "violations": violations(report, bits)})
+    for report in (prefill_report(bits, dtype) for bits in bits_list for dtype in dtypes):
+        spills = report.local_bytes or report.spill_instructions
+        rows.append({**report.as_dict(), "violations": [f"local memory: {report.local_bytes} bytes"] if spills else []})
     return rows
 
 
@@ -219,6 +224,23 @@ def bytes_report(config, dtype: str = "bf16", group_size: int = 1024) -> LoopRep
     constexprs = dict(GROUP_SIZE=group_size, BITS=4, NUM_CODES=16, BLOCK_M=1, **config.kwargs)
     weights = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_KB"] * 2 // (32 * config.num_warps)
     report = analyse(lut_gemv_bytes_kernel, signature, constexprs, config.num_warps, weights, None, config.maxnreg)
+    return replace(report, config={**report.config, "dtype": dtype})
+
+
+def prefill_report(bits: int, dtype: str = "bf16", group_size: int = 1024) -> LoopReport:
+    """The fused prefill matmul over code words (:mod:`.lut_matmul_words`) at its default block; SASS per
+    weight counts the B tile's weights a thread makes per iteration (the ``tl.dot`` is in the loop too)."""
+    from .layout import UNIT_CODES, chunk_units
+    from .lut_matmul_words import BLOCK, lut_matmul_words_kernel
+
+    kw = chunk_units(bits, group_size)
+    block_m, block_n, warps = BLOCK
+    signature = dict(x_ptr=f"*{dtype}", words_ptr="*i32", tables_ptr="*i32", out_ptr=f"*{dtype}", M="i32", N="i32",
+                     K="i32", stride_xm="i32", stride_om="i32", stride_tn="i32")  # fmt: skip
+    constexprs = dict(GROUP_SIZE=group_size, BITS=bits, KW=kw, FP16=dtype == "fp16", EMULATE=False,
+                      PRECISION="tf32", UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n)  # fmt: skip
+    weights = block_n * kw * UNIT_CODES[bits] // (32 * warps)
+    report = analyse(lut_matmul_words_kernel, signature, constexprs, warps, weights)
     return replace(report, config={**report.config, "dtype": dtype})
 
 
