@@ -430,6 +430,14 @@ def cmd_bench_kmeans(args: argparse.Namespace) -> int:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench.kernels import run_kernel_bench
 
+    if args.sass:
+        from .kernels.triton.machine_code import sass_table, toolchain_refusal
+
+        if toolchain_refusal():
+            print(f"spallm bench kernels --sass: {toolchain_refusal()}", file=sys.stderr)
+            return 1
+        print(json.dumps(sass_table(), indent=2))
+        return 0
     if args.device == "cpu":
         from .bench.kernels import run_cpu_kernel_bench
 
@@ -748,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="bits per code (default 4)")
     p.add_argument("--gpr", "--groups-per-row", dest="groups_per_row", type=int, default=4,
                    help="table groups per row (default 4)")  # fmt: skip
+    p.add_argument("--sass", action="store_true",
+                   help="no timing, no GPU: compile the decode kernels for sm90a and print their K loops' machine "
+                        "code (SASS per weight, SHFL/BAR/STS, load widths, registers, local memory) as JSON")  # fmt: skip
     add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
     p = bench.add_parser("gpu", help="the device script: GPU tests, kernel checks and timings, a training step (JSON)")

@@ -84,9 +84,12 @@ def test_backends_declare_their_minimum_capability():
 def test_prepare_weights_is_the_identity_until_a_backend_repacks():
     codes = torch.zeros(4, 8, dtype=torch.uint8)
     tables = torch.randn(4, 1, 16)
-    for backend in (ReferenceBackend(), TritonBackend(), object()):
+    for backend in (ReferenceBackend(), object()):
         got_codes, got_tables = prepare_weights(backend, codes, tables, 4)
         assert got_codes is codes and got_tables is tables
+    words, got_tables = prepare_weights(TritonBackend(), codes, tables, 4)  # the decode kernel's code words
+    assert words.dtype == torch.int32 and words.dim() == 4 and got_tables is tables
+    assert torch.equal(restore_weights(TritonBackend(), words, tables, 4)[0], codes)
 
     class Repacking:
         def prepare_weights(self, codes, tables, bits):

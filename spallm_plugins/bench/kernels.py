@@ -80,8 +80,10 @@ def time_layer(
     timer: Timer = time_us,
     peak_gbps: float | None = None,
 ) -> dict[str, Any]:
-    """One row of the table: ``x [m, K]`` through the LUT kernel, cuBLAS on ``dense [N, K]``, and
-    dequantize-then-matmul, in ``dense.dtype``; bytes moved by the LUT kernel and its GB/s."""
+    """One row of the table: ``x [m, K]`` through the LUT kernel on format-v1 codes, cuBLAS on ``dense [N, K]``,
+    and dequantize-then-matmul, in ``dense.dtype``; bytes moved by the LUT kernel and its GB/s. On CUDA, at
+    decode rows, also the code-word GEMV on the codes as ``TritonBackend.prepare_weights`` lays them out
+    (``words_us``: what a prepared layer runs, and three table sets mixed: :func:`time_words`)."""
     from ..kernels.reference import dequantize
     from ..kernels.triton import ops  # noqa: F401  (registers torch.ops.spallm.*)
     from ..kernels.triton.lut_gemv import gemv_bytes
@@ -93,10 +95,48 @@ def time_layer(
     t_deq = timer(lambda: x @ dequantize(codes, tables, bits, dense.dtype).T)
     moved = gemv_bytes(m, n, k, tables.shape[1], bits, table_bytes=tables.element_size(), act_bytes=x.element_size())
     gbps = moved / (t_lut * 1e-6) / 1e9
-    return {"N": n, "K": k, "M": m, "lut_us": t_lut, "cublas_us": t_cublas, "dequant_matmul_us": t_deq,
+    words = time_words(x, codes, tables, bits, timer)
+    t_words = words["words_us"]
+    return {"N": n, "K": k, "M": m, "lut_us": t_lut, "cublas_us": t_cublas, "dequant_matmul_us": t_deq, **words,
+            "words_speedup_vs_cublas": t_cublas / t_words if t_words else None,
+            "words_matmul_speedup_vs_cublas": t_cublas / words["words_matmul_us"] if words["words_matmul_us"] else None,
+            "words_gbps": moved / (t_words * 1e-6) / 1e9 if t_words else None,
             "speedup_vs_cublas": t_cublas / t_lut, "speedup_vs_dequant": t_deq / t_lut,
             "bytes_moved": moved, "achieved_gbps": gbps,
             "fraction_of_peak": gbps / peak_gbps if peak_gbps else None}  # fmt: skip
+
+
+PREFILL_WORDS_MAX_ROWS = 1024  # the fused prefill matmul is timed up to this many rows (issue #38: 17 <= M <~ 1024)
+
+
+def time_words(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int, timer: Timer) -> dict[str, Any]:
+    """Microseconds of the code-word decode GEMV on ``x`` (``words_us``) and, from 3 rows, of three table
+    sets mixed in the batch (``words_three_sets_us``, row ``m`` through set ``m % 3``); above the decode
+    rows, up to :data:`PREFILL_WORDS_MAX_ROWS`, of the fused prefill matmul over code words
+    (``words_matmul_us``, not dispatched yet). None where one does not run: off CUDA (the interpreter's
+    timing means nothing), in fp32, or where the layout does not tile the groups."""
+    from ..kernels.triton import TritonBackend
+    from ..kernels.triton.lut_gemv_words import WORDS_DTYPES
+    from ..kernels.triton.lut_matmul_words import lut_matmul_words
+    from ..kernels.triton.tiles import GEMV_MAX_ROWS
+
+    times: dict[str, Any] = {"words_us": None, "words_three_sets_us": None, "words_matmul_us": None}
+    if x.device.type != "cuda" or x.dtype not in WORDS_DTYPES or x.shape[0] > PREFILL_WORDS_MAX_ROWS:
+        return times
+    words, _ = TritonBackend().prepare_weights(codes, tables, bits)
+    if words.dim() != 4:
+        return times
+    if x.shape[0] > GEMV_MAX_ROWS:
+        times["words_matmul_us"] = timer(lambda: lut_matmul_words(x, words, tables, None, bits))
+        return times
+    times["words_us"] = timer(lambda: torch.ops.spallm.lut_linear(x, words, tables, None, bits))
+    if x.shape[0] >= 3:
+        sets = torch.stack([tables, tables.flip(0), tables * 0.5])
+        slots = torch.arange(x.shape[0], device=x.device) % 3
+        times["words_three_sets_us"] = timer(
+            lambda: torch.ops.spallm.lut_linear_table_sets(x, words, sets, slots, None, bits)
+        )
+    return times
 
 
 def time_training(
@@ -117,9 +157,12 @@ def time_training(
 
 
 def describe_row(row: dict[str, Any]) -> str:
+    words, matmul = row.get("words_us"), row.get("words_matmul_us")
+    words_text = f"  words {words:7.1f} us x{row['words_speedup_vs_cublas']:.2f}" if words else ""
+    words_text += f"  words matmul {matmul:7.1f} us x{row['words_matmul_speedup_vs_cublas']:.2f}" if matmul else ""
     return (f"N={row['N']:<6} K={row['K']:<6} M={row['M']:<5} lut {row['lut_us']:9.1f} us  "
             f"cuBLAS {row['cublas_us']:9.1f} us  x{row['speedup_vs_cublas']:.2f}  "
-            f"deq+mm x{row['speedup_vs_dequant']:.2f}  {row['achieved_gbps']:.0f} GB/s")  # fmt: skip
+            f"deq+mm x{row['speedup_vs_dequant']:.2f}  {row['achieved_gbps']:.0f} GB/s{words_text}")  # fmt: skip
 
 
 def run_kernel_bench(

@@ -6,7 +6,11 @@
 #     bash tests/gpu/run.sh "$OUT" --tiny     # extra arguments go to `spallm bench gpu`
 #
 # It runs `spallm bench gpu` (spallm_plugins/bench/gpu.py): the GPU tests, the kernel checks against
-# the reference, kernel timings on Llama-7B/8B shapes and a SmolLM2-135M-shaped training step, within
+# the reference, kernel timings on Llama-7B/8B shapes (per row: today's kernels on format-v1 codes, the
+# code-word decode GEMV at M <= 16 as `words_us`, three table sets mixed as `words_three_sets_us`, the
+# fused prefill matmul over code words at 17-1024 rows as `words_matmul_us`, cuBLAS on the dense bf16 W,
+# dequantize + cuBLAS) and a
+# SmolLM2-135M-shaped training step, within
 # a 420 s budget (under 8 minutes in all), and writes OUT/gpu.json after every step. Exit status 1 when
 # a step failed (the JSON says which, with its traceback).
 set -u

@@ -1,4 +1,5 @@
-"""Triton kernels for the LUT linear: GEMV (decode; byte-wise for 2/4-bit codes at 1-4 rows),
+"""Triton kernels for the LUT linear: GEMV (decode; over code words with a register lookup where the
+codes were prepared so, else byte-wise for 2/4-bit codes at 1-4 rows),
 dequantize for cuBLAS (prefill and training above 16 rows, and the table gradient's binning), fused
 matmul and backward (layers whose dense W would be too large to materialise), and the
 multi-table-set matmul (multi-tenant serving). ``tiles.py`` holds the dispatch rules.
@@ -17,7 +18,7 @@ import importlib.util
 import torch
 
 from .. import LUTProblem
-from .layout import format_v1_codes, kernel_codes
+from .layout import chunk_units, code_columns, code_words, format_v1_codes, kernel_codes
 from .tiles import table_grad_block_k
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,6 +62,16 @@ def shape_refusal(problem: LUTProblem) -> str:
     return ""
 
 
+def words_refusal(bits: int, codes: torch.Tensor, groups_per_row: int) -> str:
+    """Why ``codes`` cannot take the code-word layout ("" when they can): its chunks must tile a table group."""
+    if codes.dim() == 4:
+        return ""
+    in_features = code_columns(codes, bits) if bits in SUPPORTED_BITS else 0
+    if not in_features or in_features % groups_per_row or not chunk_units(bits, in_features // groups_per_row):
+        return f"{bits}-bit codes of {in_features} columns in {groups_per_row} groups do not tile into code words"
+    return ""
+
+
 class TritonBackend:
     """The CUDA kernels; refuses (with a reason) whatever they cannot run."""
 
@@ -82,10 +93,19 @@ class TritonBackend:
         return not reason, reason
 
     def prepare_weights(self, codes, tables, bits):
-        """2/4-bit: the format-v1 tensors as stored. 3-bit: codes repacked into bit planes
-        ``[out, 3, in/8]`` (:func:`~.layout.kernel_codes`; the same bytes, no straddling codes); tables
-        unchanged. Every method here also accepts format-v1 3-bit codes, repacking them on each call."""
-        return kernel_codes(codes, bits).contiguous(), tables
+        """Codes as int32 code words ``[planes, chunks, KW, out]`` (:func:`~.layout.code_words`), the
+        layout of the decode kernel (:mod:`.lut_gemv_words`), where a chunk of them tiles a table group
+        (:func:`words_refusal`); otherwise 2/4-bit format v1 as stored and 3-bit bit planes (the same
+        bytes, no straddling codes). Tables unchanged. Every method here accepts every layout: the
+        kernels above the decode range unpack code words on each call (:func:`~.layout.kernel_codes`),
+        so tables that require grad (a layer that trains; ``ops.prepared_codes`` prepares under
+        ``no_grad``, so grad mode cannot tell) keep the byte layouts, which the backward reads as they are;
+        so does a call traced by torch.compile, which would repack on every run (vLLM compiles with the
+        prepared tensors as inputs)."""
+        trains = tables is not None and tables.requires_grad
+        if tables is None or trains or torch.compiler.is_compiling() or words_refusal(bits, codes, tables.shape[1]):
+            return kernel_codes(codes, bits).contiguous(), tables
+        return code_words(codes, bits, tables.shape[1]), tables
 
     def restore_weights(self, codes, tables, bits):
         """Exact inverse of :meth:`prepare_weights`: the format-v1 tensors (to save, or to dequantize)."""

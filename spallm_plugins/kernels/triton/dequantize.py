@@ -6,7 +6,9 @@ per weight), which costs less than the fused tiled kernels' repeated gathers ins
 2- and 4-bit codes are read as whole bytes (contiguous loads), each byte's fields looked up in turn;
 3-bit bit planes go through the per-weight gather. On an H200 (bf16, 4-bit, gpr 4) the byte-wise pass
 took 68 us for 4096 x 4096 and 167 us for 11008 x 4096 (the per-weight gather: 95 us for 4096 x 4096):
-bound by the table gathers in L1, not by HBM (42 MB would take 10 us).
+bound by the table gathers in L1, not by HBM (42 MB would take 10 us). Code words (the decode layout,
+:func:`~.layout.code_words`) have their own pass, so a layer prepared for decode prefills without
+unpacking its codes first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import gather_weight_tile
-from .layout import code_columns, kernel_codes
+from .layout import UNIT_CODES, code_columns, kernel_codes
 
 
 @triton.jit
@@ -49,11 +51,72 @@ def dequantize_bytes_kernel(codes_ptr, tables_ptr, w_ptr, N, K, stride_cn, strid
         tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def word_value(word0, word1, word2, V: tl.constexpr, BITS: tl.constexpr):
+    """Value slot ``V`` of code-word units (:func:`~.layout._pack_unit` places it); 3-bit units are the
+    three words ``word0..2``, the other widths one word (``word1``, ``word2`` unused)."""
+    if BITS == 4:
+        return (word0 >> (4 * V)) & 15
+    elif BITS == 2:
+        return (word0 >> (4 * (V % 8) + 2 * (V // 8))) & 3
+    else:
+        SHIFT: tl.constexpr = 4 * (V % 8)
+        if V // 8 == 0:
+            return (word0 >> SHIFT) & 7
+        elif V // 8 == 1:
+            return (word1 >> SHIFT) & 7
+        elif V // 8 == 2:
+            return (word2 >> SHIFT) & 7
+        else:
+            top = SHIFT + 3
+            return ((word0 >> top) & 1) | (((word1 >> top) & 1) << 1) | (((word2 >> top) & 1) << 2)
+
+
+@triton.jit
+def dequantize_words_kernel(words_ptr, tables_ptr, w_ptr, N, K, stride_tn, stride_wn, GROUP_SIZE: tl.constexpr,
+                            BITS: tl.constexpr, KW: tl.constexpr, NUM_CODES: tl.constexpr,
+                            BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program ``(n, c)``: ``BLOCK_N`` rows of chunk ``c`` (``KW`` units, all in one table group)."""
+    VALUES: tl.constexpr = 32 // BITS if BITS != 3 else 32
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunk = tl.program_id(1)
+    offs_j = tl.arange(0, KW)
+    mask = (offs_n < N)[:, None]
+    word_ptrs = words_ptr + (chunk * KW + offs_j)[None, :] * N + offs_n[:, None]
+    word0 = tl.load(word_ptrs, mask=mask, other=0)
+    word1, word2 = word0, word0
+    if BITS == 3:
+        word1 = tl.load(word_ptrs + (K // VALUES) * N, mask=mask, other=0)
+        word2 = tl.load(word_ptrs + 2 * (K // VALUES) * N, mask=mask, other=0)
+    row = tables_ptr + offs_n[:, None] * stride_tn + (chunk * KW * VALUES // GROUP_SIZE) * NUM_CODES
+    columns = w_ptr + offs_n[:, None] * stride_wn + chunk * KW * VALUES + offs_j[None, :]
+    for v in tl.static_range(VALUES):
+        w = tl.load(row + word_value(word0, word1, word2, v, BITS), mask=mask, other=0.0)
+        tl.store(columns + v * KW, w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def lut_dequantize_words(words: torch.Tensor, tables: torch.Tensor, bits: int, dtype: torch.dtype,
+                         block_n: int = 64) -> torch.Tensor:  # fmt: skip
+    """:func:`lut_dequantize` for code words ``[planes, chunks, KW, N]``."""
+    N, groups, num_codes = tables.shape
+    _, chunks, kw, _ = words.shape
+    K = chunks * kw * UNIT_CODES[bits]
+    words, tables = words.contiguous(), tables.contiguous()
+    w = torch.empty(N, K, dtype=dtype, device=tables.device)
+    dequantize_words_kernel[(triton.cdiv(N, block_n), chunks)](
+        words, tables, w, N, K, tables.stride(0), w.stride(0), GROUP_SIZE=K // groups, BITS=bits, KW=kw,
+        NUM_CODES=num_codes, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return w
+
+
 def lut_dequantize(codes: torch.Tensor, tables: torch.Tensor, bits: int, dtype: torch.dtype,
                    block: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
     """``W [N, K]`` in ``dtype`` with ``W[n, k] = tables[n, k // (K / groups), code[n, k]]``; codes in
     format v1 or the kernels' layout. ``block``: ``(BLOCK_N, BLOCK_KB)`` (bytes of codes) for 2/4-bit,
-    ``(BLOCK_N, BLOCK_K)`` (columns) for 3-bit."""
+    ``(BLOCK_N, BLOCK_K)`` (columns) for 3-bit. Code words go to :func:`lut_dequantize_words`."""
+    if codes.dim() == 4:
+        return lut_dequantize_words(codes, tables, bits, dtype)
     N, groups, num_codes = tables.shape
     K = code_columns(codes, bits)
     codes, tables = kernel_codes(codes, bits).contiguous(), tables.contiguous()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from .dequantize import lut_dequantize
-from .layout import code_columns
+from .layout import code_columns, kernel_codes
 from .lut_backward import bin_weight_grad
 from .lut_backward import lut_grad_input as _grad_input
 from .lut_backward import lut_grad_tables as _grad_tables
 from .lut_gemv import lut_gemv
 from .lut_gemv_bytes import lut_gemv_bytes
+from .lut_gemv_words import WORDS_DTYPES, lut_gemv_words
 from .lut_matmul import lut_matmul
 from .lut_table_sets import lut_table_sets
 from .tiles import GEMV_BYTES_MAX_ROWS, GEMV_MAX_ROWS, dequantized_path
@@ -20,10 +21,16 @@ from .tiles import GEMV_BYTES_MAX_ROWS, GEMV_MAX_ROWS, dequantized_path
 def lut_linear(
     x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bias: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
-    """``x [M, K] -> [M, N]``: decode (M <= 16) through a GEMV kernel (the byte-wise one for 2/4-bit codes
-    at M <= 4); above it dequantize + cuBLAS, or the tiled matmul for a W too large to materialise
-    (:func:`~.tiles.dequantized_path`)."""
+    """``x [M, K] -> [M, N]``: decode (M <= 16) through a GEMV kernel (over code words when the codes are
+    prepared so and x is fp16/bf16; else the byte-wise one for 2/4-bit codes at M <= 4); above it
+    dequantize + cuBLAS, or the tiled matmul for a W too large to materialise (:func:`~.tiles.dequantized_path`).
+    Code words dequantize from their own layout; the fused kernels unpack them on each call
+    (:func:`~.layout.kernel_codes`): fp32 decode and Ws too large to materialise."""
     M, K = x.shape
+    if codes.dim() == 4 and M <= GEMV_MAX_ROWS and x.dtype in WORDS_DTYPES:
+        return lut_gemv_words(x, codes, tables, bias, bits)
+    if codes.dim() == 4 and not dequantized_path(M, tables.shape[0], K, x.element_size()):
+        codes = kernel_codes(codes, bits)
     if M <= GEMV_BYTES_MAX_ROWS and bits in (2, 4):
         return lut_gemv_bytes(x, codes, tables, bias, bits)
     if M <= GEMV_MAX_ROWS:
@@ -48,7 +55,11 @@ def lut_linear_table_sets(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
-    """``x [M, K] -> [M, N]``, row ``m`` through ``table_sets[slots[m]]``: multi-tenant serving."""
+    """``x [M, K] -> [M, N]``, row ``m`` through ``table_sets[slots[m]]``: multi-tenant serving; decode
+    over code words reads each row's set in the words GEMV."""
+    if codes.dim() == 4 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype in WORDS_DTYPES:
+        return lut_gemv_words(x, codes, table_sets, bias, bits, slots=slots)
+    codes = kernel_codes(codes, bits) if codes.dim() == 4 else codes
     return lut_table_sets(x, codes, table_sets, slots, bias, bits)
 
 
