@@ -312,7 +312,7 @@ def test_inference_bench_tiny_mode_times_generate_side_by_side(tmp_path, dense, 
 
 
 def test_inference_bench_rounds_rotate_the_order_and_report_ratios_within_each_round(tmp_path, dense, monkeypatch):
-    from inference_bench import run_inference_bench
+    from spallm_plugins.bench.inference import run_inference_bench  # spallm bench inference: the core's own children
 
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
     summary = run_inference_bench(
