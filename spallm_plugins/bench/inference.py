@@ -205,21 +205,8 @@ def run_inference_bench(
             sketch_to_folder(dense, sketched, SketchConfig(bits=4, groups_per_row=groups_per_row), progress=False,
                              overwrite=True)  # fmt: skip
     child = [sys.executable, "-m", __name__] if child is None else list(child)
-    per_round: list[dict[str, Any]] = []
-    for round_index in range(rounds):
-        order = variants[round_index % len(variants) :] + variants[: round_index % len(variants)]
-        suffix = "" if rounds == 1 else f"-round{round_index}"
-        results = {}
-        for v in order:
-            path = out_dir / f"inference-{v}{suffix}.json"
-            command = [*child, "--variant", v, "--dense", str(dense), *child_options,
-                       *measure_options(batches, prompt_tokens, new_tokens, repeats), "--json", str(path)]  # fmt: skip
-            if v == "spallm":
-                command += ["--sketched", str(sketched)] + (["--adapter", str(adapter)] if adapter else [])
-            print(f"[{v}] {' '.join(command[len(child) :])}", flush=True)
-            subprocess.run(command, check=True)
-            results[v] = json.loads(path.read_text())
-        per_round.append(results)
+    options = [*child_options, *measure_options(batches, prompt_tokens, new_tokens, repeats)]
+    per_round = run_rounds(out_dir, child, options, variants, rounds, dense, sketched, adapter)
     summary = {
         "model": str(dense),
         "sketched": None if sketched is None else str(sketched),
@@ -240,6 +227,27 @@ def run_inference_bench(
     }
     (out_dir / "inference.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def run_rounds(out_dir: Path, child: list[str], options: list[str], variants: tuple[str, ...], rounds: int,
+               dense: Path, sketched: str | Path | None, adapter: str | None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every variant once per round, each in its own child process, the order rotated each round: each
+    round's results by variant."""
+    per_round: list[dict[str, Any]] = []
+    for round_index in range(rounds):
+        order = variants[round_index % len(variants) :] + variants[: round_index % len(variants)]
+        suffix = "" if rounds == 1 else f"-round{round_index}"
+        results = {}
+        for v in order:
+            path = out_dir / f"inference-{v}{suffix}.json"
+            command = [*child, "--variant", v, "--dense", str(dense), *options, "--json", str(path)]
+            if v == "spallm":
+                command += ["--sketched", str(sketched)] + (["--adapter", str(adapter)] if adapter else [])
+            print(f"[{v}] {' '.join(command[len(child) :])}", flush=True)
+            subprocess.run(command, check=True)
+            results[v] = json.loads(path.read_text())
+        per_round.append(results)
+    return per_round
 
 
 def speed_ratios(per_round: list[dict[str, Any]], variants: tuple[str, ...], batches: tuple[int, ...]) -> dict:

@@ -125,9 +125,8 @@ def add_inference_options(p: argparse.ArgumentParser, variants: tuple[str, ...])
     add_output_options(p, default="bench-inference", what="inference.json")
 
 
-def add_parser(sub):
-    """``spallm bench`` and its built-in commands; returns its subparsers, where integrations add theirs."""
-    bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
+def add_quality_parsers(bench) -> None:
+    """``spallm bench quality`` and ``kmeans``: what a sketch keeps of a model."""
     p = bench.add_parser("quality", help="perplexity: original, RTN/NF4 baselines, SpaLLM variants")
     p.add_argument("--model", default="smollm2", help="dense model to sketch: folder, Hub id, .gguf (default smollm2)")
     add_revision_option(p)
@@ -158,6 +157,10 @@ def add_parser(sub):
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=cmd_bench_kmeans)
+
+
+def add_kernel_parsers(bench) -> None:
+    """``spallm bench kernels`` and ``gpu``: the LUT kernels on this machine."""
     p = bench.add_parser("kernels", help="LUT kernels vs dense matmul and dequantize+matmul (CUDA, or --device cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: the Triton kernels vs cuBLAS fp16; cpu: the compiled CPU kernels vs torch's "
@@ -175,6 +178,9 @@ def add_parser(sub):
     add_output_options(p, default="bench-gpu", what="gpu.json (rewritten after every step)")
     p.set_defaults(func=cmd_bench_gpu)
 
+
+def add_scale_parsers(bench) -> None:
+    """``spallm bench scale`` and ``sharding``: memory and time as models and ranks grow."""
     p = bench.add_parser("scale", help="peak memory and time of streaming sketches of Llama-2-7B-shaped models")
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8], help="decoder layers of each model (2 4 8)")
     p.add_argument("--modes", nargs="+", choices=["data-free", "calibrated"], default=["data-free", "calibrated"],
@@ -202,9 +208,19 @@ def add_parser(sub):
     add_output_options(p, default="bench-sharding", what="sharding.json")
     p.set_defaults(func=cmd_bench_sharding)
 
+
+def add_inference_parser(bench) -> None:
+    """``spallm bench inference``: generate throughput, dense against sketched."""
     from ..bench.inference import VARIANTS
 
     p = bench.add_parser("inference", help="generate tokens/s and bytes: the dense model and its SpaLLM sketch")
     add_inference_options(p, VARIANTS)
     p.set_defaults(func=cmd_bench_inference)
+
+
+def add_parser(sub):
+    """``spallm bench`` and its built-in commands; returns its subparsers, where integrations add theirs."""
+    bench = sub.add_parser("bench", help="benchmarks (JSON out)").add_subparsers(dest="bench", required=True)
+    for add in (add_quality_parsers, add_kernel_parsers, add_scale_parsers, add_inference_parser):
+        add(bench)
     return bench
