@@ -1,4 +1,4 @@
-"""A short table fine-tune through the PEFT method (the quickstart's step, and ``spallm bench finetune``).
+"""A short table fine-tune through the PEFT method (the quickstart's step, and benchmarks/finetune_bench.py's).
 
 Instruction rows (``instruction`` / ``input`` / ``output``, the llm-adapters layout) are rendered with
 the tokenizer's chat template; the loss is on the answer tokens only.
