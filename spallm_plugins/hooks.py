@@ -20,6 +20,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from typing import Any
 
 import pluggy
 
@@ -86,14 +87,28 @@ def get_plugin_manager() -> pluggy.PluginManager:
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(SpallmHookSpecs)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if pm.has_plugin(ep.name):
+    for name, plugin in load_entry_points(ENTRY_POINT_GROUP).items():
+        pm.register(plugin, name=name)
+    return pm
+
+
+def load_entry_points(group: str, *, missing_host_ok: bool = False) -> dict[str, Any]:
+    """The loaded entry points of ``group`` by name (the first of a name wins): how the core reaches plugins
+    and integrations without importing them. One that fails to load is left out, so a broken third-party
+    plugin cannot break the core: with a warning, or silently for an ImportError when ``missing_host_ok``
+    (an integration's command whose host library is not installed)."""
+    loaded: dict[str, Any] = {}
+    for ep in entry_points(group=group):
+        if ep.name in loaded:
             continue
         try:
-            pm.register(ep.load(), name=ep.name)
-        except Exception as err:  # a broken third-party plugin must not break the core
+            loaded[ep.name] = ep.load()
+        except ImportError as err:
+            if not missing_host_ok:
+                logger.warning("spallm: could not load plugin entry point %r (%s): %s", ep.name, ep.value, err)
+        except Exception as err:
             logger.warning("spallm: could not load plugin entry point %r (%s): %s", ep.name, ep.value, err)
-    return pm
+    return loaded
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:

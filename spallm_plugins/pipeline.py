@@ -41,8 +41,8 @@ from .validate import validate_checkpoint
 REPORT_NAME = "sketch_report.json"
 
 
-# data-free settings whose perplexity is known to be far from the original (SmolLM2-135M: 2-bit gpr 1
-# 854,472 and 3-bit 282 against 27.9; 4-bit is usable data-free)
+# data-free settings that lose most of a model's quality (benchmarks/quality-smollm2/ has the figures;
+# 4-bit is usable data-free)
 POOR_WITHOUT_CALIBRATION_BITS = (2, 3)
 
 
@@ -82,8 +82,7 @@ def warn_if_poor_without_calibration(config: SketchConfig) -> str | None:
     if config.method == "gptq" or config.bits not in POOR_WITHOUT_CALIBRATION_BITS:
         return None
     message = (
-        f"spallm: a data-free {config.bits}-bit sketch loses most of the model's quality (SmolLM2-135M: "
-        f"perplexity {'854,472' if config.bits == 2 else '282'} against 27.9 dense); calibrate it with "
+        f"spallm: a data-free {config.bits}-bit sketch loses most of the model's quality; calibrate it with "
         "--calib FILE (calibration text, e.g. a .txt or instruction rows), or use --bits 4"
     )
     warnings.warn(message, UserWarning, stacklevel=3)

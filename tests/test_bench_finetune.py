@@ -1,4 +1,4 @@
-"""The peers of ``spallm bench finetune`` / ``spallm bench inference`` on a tiny random Llama (no hub):
+"""The peers of the fine-tune sweep and the inference comparison (``benchmarks/``) on a tiny random Llama (no hub):
 QLoRA through a real bitsandbytes NF4 base on CPU, its dense merge, the lr sweep's selection, and both benches
 end to end in tiny mode (real child processes, tiny sizes)."""
 
@@ -7,11 +7,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import needs, tiny_llama, tiny_tokenizer
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # not in the wheel: its scripts import each other
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
 
 pytestmark = pytest.mark.slow  # scheduled first under pytest-xdist (conftest.py)
 
@@ -40,9 +45,9 @@ def dense(tmp_path_factory) -> Path:
 
 def test_qlora_arm_builds_an_nf4_base_and_trains_one_step_on_cpu(dense):
     import bitsandbytes as bnb
+    from lora_peers import build, nf4_linears, targets_of
 
     from spallm_plugins.integrations.peft.finetune import train
-    from spallm_plugins.integrations.peft.peers import build, nf4_linears, targets_of
 
     torch.manual_seed(0)
     model, _ = build("qlora", dense, rank=4)
@@ -72,7 +77,7 @@ def test_an_evaluation_between_steps_leaves_the_qlora_arm_s_gradients_unchanged(
     with AVX512-BF16, bitsandbytes 0.50 then repacks the NF4 weights for inference, and later training forwards
     run a kernel with no autograd formula: the LoRA factors below the last layer got wrong gradients. (On CPUs
     without AVX512-BF16 bitsandbytes never repacks, and both sides of this test agree with or without the guard.)"""
-    from spallm_plugins.integrations.peft.peers import build, nf4_linears
+    from lora_peers import build, nf4_linears
 
     ids = torch.randint(4, 30, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -100,9 +105,8 @@ def test_an_evaluation_between_steps_leaves_the_qlora_arm_s_gradients_unchanged(
 
 
 def test_qlora_merged_into_dense_computes_what_the_unmerged_model_does(dense):
+    from lora_peers import load_nf4, lora_config, qlora_merged_dense, targets_of
     from peft import get_peft_model
-
-    from spallm_plugins.integrations.peft.peers import load_nf4, lora_config, qlora_merged_dense, targets_of
 
     base, _ = load_nf4(dense)
     torch.manual_seed(0)
@@ -120,7 +124,7 @@ def test_qlora_merged_into_dense_computes_what_the_unmerged_model_does(dense):
 
 
 def test_the_best_lr_is_the_highest_validation_accuracy_and_ties_keep_the_sweep_order():
-    from spallm_plugins.integrations.peft.bench import check_variant, select_best
+    from finetune_bench import check_variant, select_best
 
     runs = [{"lr": 1e-4, "validation_mean_acc": 0.30, "final_mean_acc": 0.9},
             {"lr": 2e-4, "validation_mean_acc": 0.41, "final_mean_acc": 0.1},
@@ -136,7 +140,7 @@ def test_the_best_lr_is_the_highest_validation_accuracy_and_ties_keep_the_sweep_
 
 
 def test_validation_rows_are_held_out_of_training(tmp_path):
-    from spallm_plugins.integrations.peft.bench import split_validation
+    from finetune_bench import split_validation
 
     (tmp_path / "ARC-Easy").mkdir()
     shutil.copy(DATA / "ARC-Easy" / "test.json", tmp_path / "ARC-Easy" / "train.json")
@@ -151,7 +155,7 @@ def test_validation_rows_are_held_out_of_training(tmp_path):
 
 
 def test_eval_data_links_are_laid_out_again_on_a_rerun(tmp_path):
-    from spallm_plugins.integrations.peft.bench import eval_data_dir
+    from finetune_bench import eval_data_dir
 
     tasks = ("arc_easy_local", "boolq_local")
     for other in ("ARC-Easy", "boolq"):
@@ -166,7 +170,7 @@ def test_eval_data_links_are_laid_out_again_on_a_rerun(tmp_path):
 
 
 def test_training_rows_are_the_lm_eval_prompts_with_the_answer_as_continuation(tmp_path):
-    from spallm_plugins.integrations.peft.bench import encode_pair, render_training_rows
+    from finetune_bench import encode_pair, render_training_rows
 
     for folder in ("ARC-Easy", "boolq"):
         (tmp_path / folder).mkdir()
@@ -182,7 +186,8 @@ def test_training_rows_are_the_lm_eval_prompts_with_the_answer_as_continuation(t
 
 
 def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tmp_path, dense, monkeypatch, capfd):
-    from spallm_plugins.integrations.peft.bench import run_finetune_bench
+    from finetune_bench import run_finetune_bench
+
     from spallm_plugins.outputs import OutputError
 
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))  # the cached calibrated sketch
@@ -251,8 +256,9 @@ def test_finetune_bench_tiny_mode_sweeps_lrs_per_variant_and_reports_the_best(tm
 
 
 def test_a_stored_run_is_reused_only_under_the_same_settings(tmp_path):
+    from finetune_bench import child_parser, finished_run, run_path, run_settings
+
     from spallm_plugins.format import CheckpointError, write_json
-    from spallm_plugins.integrations.peft.bench import child_parser, finished_run, run_path, run_settings
 
     args = child_parser().parse_args(
         ["--variant", "qlora", "--dense", "/a/cache/smollm2", "--lrs", "2e-4", "--include", "i", "--train-rows", "t",
@@ -273,7 +279,7 @@ def test_a_stored_run_is_reused_only_under_the_same_settings(tmp_path):
     with pytest.raises(ValueError, match="data_sha256: 'ab' there, 'cd' now"):
         finished_run(path, {**settings, "data_sha256": "cd"})
     path.write_text('{"lr": 0.0002}')
-    with pytest.raises(ValueError, match=r"qlora-lr0.0002.json: not a run of spallm bench finetune"):
+    with pytest.raises(ValueError, match=r"qlora-lr0.0002.json: not a run of the fine-tune sweep"):
         finished_run(path, settings)
     path.write_text('{"settings": {')
     with pytest.raises(CheckpointError, match=r"qlora-lr0.0002.json: invalid JSON"):
@@ -281,7 +287,7 @@ def test_a_stored_run_is_reused_only_under_the_same_settings(tmp_path):
 
 
 def test_inference_bench_tiny_mode_times_generate_side_by_side(tmp_path, dense, monkeypatch):
-    from spallm_plugins.integrations.peft.inference import run_inference_bench
+    from inference_bench import run_inference_bench
 
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
     summary = run_inference_bench(
@@ -306,7 +312,7 @@ def test_inference_bench_tiny_mode_times_generate_side_by_side(tmp_path, dense, 
 
 
 def test_inference_bench_rounds_rotate_the_order_and_report_ratios_within_each_round(tmp_path, dense, monkeypatch):
-    from spallm_plugins.integrations.peft.inference import run_inference_bench
+    from spallm_plugins.bench.inference import run_inference_bench  # spallm bench inference: the core's own children
 
     monkeypatch.setenv("SPALLM_HOME", str(tmp_path / "home"))
     summary = run_inference_bench(

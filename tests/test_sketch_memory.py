@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from spallm_plugins.cli import memory_size
+from spallm_plugins.cli.common import memory_size
 from spallm_plugins.config import SketchConfig
 from spallm_plugins.sketch import sketch_linear
 from spallm_plugins.sketch.memory import ROW_QUANTUM, WORKSPACE_BYTES_PER_WEIGHT, parse_memory, row_chunks

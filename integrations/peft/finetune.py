@@ -1,4 +1,4 @@
-"""A short table fine-tune through the PEFT method (the quickstart's step, and ``spallm bench finetune``).
+"""A short table fine-tune through the PEFT method (the quickstart's step, and benchmarks/finetune_bench.py's).
 
 Instruction rows (``instruction`` / ``input`` / ``output``, the llm-adapters layout) are rendered with
 the tokenizer's chat template; the loss is on the answer tokens only.
@@ -142,12 +142,11 @@ def quickstart_finetune(
     general-text perplexity of the bundled English text (``evaluate.sample_text()``, windows of 256 tokens,
     never trained on) is measured after the fine-tune (``perplexity_after``) and, with ``measure_before``,
     on the PEFT model before it (``perplexity_before``, the sketch's value: the adapter starts as the base;
-    None without ``measure_before``; each measurement takes about 3 s on 2 CPU cores),
-    so the report shows what the fine-tune cost the model's general English.
+    None without ``measure_before``), so the report shows what the fine-tune cost the model's general English.
 
-    The defaults (20 steps, lr 3e-4, warmup 3, batch 4) teach the answer style (held-out loss 3.24 -> 0.008 on
-    SmolLM2-135M b4 g4) while the general-text perplexity stays within 2% of the sketch's (34.2 -> 34.8);
-    lr 3e-3 drove it to ~1000 and lr 1e-3 to ~47 (Adam moves every table value by about ``lr`` per step).
+    The defaults (20 steps, lr 3e-4, warmup 3, batch 4) teach the answer style while keeping the general-text
+    perplexity close to the sketch's: Adam moves every table value by about ``lr`` per step, so a larger lr
+    costs the model's general English quickly.
     """
     from importlib.resources import as_file, files
 

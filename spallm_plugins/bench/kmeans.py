@@ -53,3 +53,43 @@ def run_kmeans_bench(
         "sklearn_objective": total,
         "objective_ratio": round(ours / total, 5),
     }
+
+
+def loss_error_aware_column_weights(model, tokenizer, layer: str, calibration: str, nsamples: int, seqlen: int):
+    """The column weights a calibrated sketch gives ``layer``'s k-means: its Hessian over the calibration
+    data (captured at that layer's input as the model runs), damped and inverted as the sketcher does."""
+    from ..config import SketchConfig
+    from ..sketch.calibration import calibration_batch
+    from ..sketch.gptq import loss_error_aware_weights, prepare_hessian
+    from ..sketch.hessians import HessianCollector
+
+    ids = calibration_batch(calibration, tokenizer, nsamples, seqlen)
+    with HessianCollector({layer: model.get_submodule(layer)}, block_index=-1) as collector, torch.no_grad():
+        for batch in ids.split(8):
+            collector.new_batch()
+            model(batch, use_cache=False)
+    prepared = prepare_hessian(collector.hessian(layer), SketchConfig().damping, layer)
+    return loss_error_aware_weights(prepared.inverse_cholesky, SketchConfig().grid_exponent)
+
+
+def run_layer_kmeans_bench(
+    model_ref: str,
+    layer: str,
+    *,
+    bits: int = 4,
+    calibration: str | None = None,
+    nsamples: int = 16,
+    seqlen: int = 256,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """:func:`run_kmeans_bench` on one linear of a model: uniform column weights, or the loss-error-aware
+    ones of a calibrated sketch when ``calibration`` data is given."""
+    from ..models import load_model
+
+    model, tokenizer = load_model(model_ref, dtype=torch.float32, revision=revision)
+    weight = model.get_submodule(layer).weight.detach()
+    column_weights = torch.ones(weight.shape[1])
+    if calibration:
+        column_weights = loss_error_aware_column_weights(model, tokenizer, layer, calibration, nsamples, seqlen)
+    kind = "loss-error-aware" if calibration else "uniform"
+    return {"layer": layer, "weights": kind, **run_kmeans_bench(weight, column_weights, k=1 << bits)}

@@ -259,7 +259,7 @@ def forward_seconds(model, ids: torch.Tensor, batch_size: int = 8) -> float:
     return time.perf_counter() - start
 
 
-TUNE_STEPS = 8  # the table tuning measured for #13 (README, "Calibrated sketching")
+TUNE_STEPS = 8  # Adam steps of the table-tuned variants (SketchConfig.tune_steps)
 
 
 def default_variants() -> list[dict[str, Any]]:

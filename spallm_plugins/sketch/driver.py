@@ -26,23 +26,11 @@ from ..config import SketchConfig
 from ..convert import resolve_targets
 from .block import sketch_block
 from .blocks import capture_block_inputs, find_blocks, relative_name
-from .hessians import HessianCollector
 from .model import sketch_layers
-from .process_memory import fix_mmap_threshold, peak_memory, release_freed_memory
-from .progress import PARTIAL_DIR, PROGRESS_FILE, ProgressStore, SpilledActivations
+from .process_memory import peak_memory, release_freed_memory
+from .progress import ProgressStore, SpilledActivations
 
-# with the loop's own names, what `spallm_plugins.cli` imports from here (homes: .hessians, .process_memory, .progress)
-__all__ = [
-    "PARTIAL_DIR",
-    "PROGRESS_FILE",
-    "BlockHost",
-    "HessianCollector",
-    "ModelInMemory",
-    "find_blocks",
-    "fix_mmap_threshold",
-    "sketch_blocks",
-    "sketch_model_calibrated",
-]
+__all__ = ["BlockHost", "ModelInMemory", "sketch_blocks", "sketch_model_calibrated"]
 
 _TAGS = ("a", "b")  # spilled inputs of block i live in set _TAGS[i % 2], its outputs in the other
 

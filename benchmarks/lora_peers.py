@@ -1,5 +1,5 @@
-"""The peers SpaLLM is measured against, built the way their papers build them (``spallm bench finetune``
-and ``spallm bench inference``).
+"""The peers SpaLLM is measured against, built the way their papers build them (``finetune_bench.py`` and
+``inference_bench.py`` in this folder).
 
 - ``qlora``: the dense model loaded through ``transformers``' ``BitsAndBytesConfig`` as QLoRA does it (NF4,
   double quantisation of the absmax constants, a compute dtype), so every target linear is a real
@@ -15,10 +15,10 @@ dropout 0.05 as in QLoRA).
 from __future__ import annotations
 
 import os
-import resource
-from pathlib import Path
 
 import torch
+
+from spallm_plugins.bench.inference import peak_rss_bytes, state_bytes  # noqa: F401 (the benchmarks' one source)
 
 LORA_DROPOUT = 0.05  # QLoRA's value for models up to 13B
 QLORA_INSTALL = "pip install 'spallm-plugins[peers]' (bitsandbytes)"
@@ -113,10 +113,9 @@ def build(
     """``(model, tokenizer)`` ready to train: ``spallm`` / ``qlora`` / ``lora`` (PEFT models) or ``full``."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from spallm_plugins.integrations.peft import SpaLLMConfig
     from spallm_plugins.models import load_model
     from spallm_plugins.pipeline import load_sketched
-
-    from .config import SpaLLMConfig
 
     if variant == "spallm":
         if sketched_dir is None:
@@ -159,32 +158,6 @@ def qlora_merged_dense(qlora_model, dense_dir: str | os.PathLike):
     adapted = get_peft_model(dense, config)
     set_peft_model_state_dict(adapted, get_peft_model_state_dict(qlora_model))
     return adapted.merge_and_unload().eval()
-
-
-def state_bytes(model) -> int:
-    """Bytes of everything ``model.state_dict()`` holds (NF4 codes and quantisation constants included),
-    counting tied tensors once."""
-    seen, total = set(), 0
-    for tensor in model.state_dict().values():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def peak_rss_bytes() -> int:
-    """The process's resident high-water mark (VmHWM on Linux, else ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reset_peak_rss() -> bool:
