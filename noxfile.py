@@ -155,8 +155,10 @@ LOWEST_MODULES = [f"tests/test_{name}.py" for name in (
 
 @nox.session
 def lowest(session: nox.Session) -> None:
-    """The core, transformers and PEFT tests on every dependency's lower bound in pyproject.toml (the other sessions
-    test the newest), so that a bound that no longer holds fails here instead of in a user's environment."""
+    """The core, transformers and PEFT tests on the lower bound of every dependency in pyproject.toml.
+
+    The other sessions test the newest releases; a lower bound that no longer holds fails here, not for a user.
+    """
     lower_bounds = declared_requirements("test")
     install(session, "--resolution", "lowest-direct", package(session, "test"), *lower_bounds)
     names = dict.fromkeys(Requirement(requirement).name for requirement in lower_bounds)
