@@ -182,6 +182,19 @@ def _refuse_pickle_only(folder: Path, repo_id: str, revision: str, commit: str) 
     )
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client errors huggingface_hub may let through: its client is httpx (1.x), httpx2 (2.x) or requests."""
+    import importlib
+
+    found = []
+    for module, name in (("httpx", "HTTPError"), ("httpx2", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def download_snapshot(
     repo_id: str,
     revision: str | None = None,
@@ -194,7 +207,6 @@ def download_snapshot(
     (default: the repo's main branch), fetching only ``files`` (patterns) unless offline. Raises :class:`ModelNotFoundError` (one line) when it is neither
     cached nor reachable, and ``CheckpointError`` for a repo without safetensors weights (``need_weights``)."""
     try:
-        import httpx
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as err:
@@ -208,7 +220,7 @@ def download_snapshot(
             repo_id, repo_type=repo_type, revision=asked, cache_dir=hub_cache_dir(), allow_patterns=list(files),
             ignore_patterns=list(PICKLE_FILES), local_files_only=offline,
         )  # fmt: skip
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, httpx.HTTPError) as err:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, *_network_errors()) as err:
         if isinstance(err, OSError) and err.filename:
             raise  # the cache's file system (full, read-only): the CLI names the path
         raise _not_found(repo_id, asked, err, offline, repo_type) from None
