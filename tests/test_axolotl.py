@@ -214,7 +214,10 @@ def test_every_recipe_passes_axolotls_own_validation():
 
 
 def test_one_file_recipe_sketches_a_dense_base_once_then_trains_and_refuses_other_settings(tmp_path):
-    from spallm_plugins.pipeline import load_sketched
+    from axolotl.utils.dict import DictDefault
+
+    from spallm_plugins.format import CheckpointError
+    from spallm_plugins.integrations.axolotl.plugin import sketch_dense_base
     from spallm_plugins.validate import validate_checkpoint
 
     dense = tmp_path / "dense"
@@ -223,18 +226,20 @@ def test_one_file_recipe_sketches_a_dense_base_once_then_trains_and_refuses_othe
     sketch_dir = tmp_path / "base-sketch"
     spallm = {"bits": 4, "groups_per_row": 2, "sketch_dir": str(sketch_dir)}
     config = write_config(tmp_path, dense, max_steps=4, save_steps=100, spallm=spallm, sequence_len=128)
-    log = "\n".join((p.stdout + p.stderr) for p in [axolotl("train", str(config), cwd=tmp_path)])
-    assert f"{dense} is dense: made its 4-bit sketch (2 groups per row) {sketch_dir}" in log
+    proc = axolotl("train", str(config), cwd=tmp_path)
+    assert f"{dense} is dense: made its 4-bit sketch (2 groups per row) {sketch_dir}" in proc.stdout + proc.stderr
     validate_checkpoint(sketch_dir)
-    made = (sketch_dir / "config.json").stat().st_mtime_ns
     with open(tmp_path / "out" / "adapter_model.safetensors", "rb") as fh:
         header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
     assert header and all(k.endswith(".spallm_tables") for k in header if k != "__metadata__")
-    merged = axolotl("merge-lora", str(config), "--lora-model-dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert f"{dense} is dense: reusing its 4-bit sketch" in merged.stdout + merged.stderr
-    assert (sketch_dir / "config.json").stat().st_mtime_ns == made
-    assert len(load_sketched(tmp_path / "out" / "merged")[0].config.quantization_config.to_dict()) > 0
-    other = write_config(tmp_path, dense, spallm={**spallm, "groups_per_row": 4})
-    with pytest.raises(AssertionError) as refused:
-        axolotl("train", str(other), cwd=tmp_path)
-    assert f"{sketch_dir}: holds another sketch (groups_per_row was 2, this run has 4)" in str(refused.value)
+    # what Axolotl's next command with the same YAML (merge-lora, inference, a resumed train) does when it reads it
+    made = (sketch_dir / "config.json").stat().st_mtime_ns
+    again = DictDefault(yaml.safe_load(config.read_text()))
+    sketch_dense_base(again)
+    assert again.base_model == str(sketch_dir) and (sketch_dir / "config.json").stat().st_mtime_ns == made
+    other = DictDefault(yaml.safe_load(config.read_text()))
+    other["spallm"] = {**spallm, "groups_per_row": 4}
+    with pytest.raises(
+        CheckpointError, match=rf"{sketch_dir}: holds another sketch \(groups_per_row was 2, this run has 4\)"
+    ):
+        sketch_dense_base(other)
