@@ -9,7 +9,7 @@ device's peak bandwidth; and one training layer's forward + backward (LUT, fused
 against dense forward + backward. Writes ``kernels.json``.
 
 The pieces (:func:`random_layer`, :func:`time_layer`, :func:`time_training`, the timers) are shared
-with ``spallm bench gpu`` (:mod:`spallm_plugins.bench.gpu`).
+with the device check of a lent GPU (``tests/gpu/device_check.py``).
 """
 
 from __future__ import annotations

@@ -63,14 +63,6 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from ..bench.gpu import JSON_NAME, run_gpu_bench
-
-    report = run_gpu_bench(args.out, tiny=args.tiny, budget_s=args.budget, overwrite=args.overwrite)
-    print(f"wrote {Path(args.out) / JSON_NAME}")
-    return 1 if report["failed_steps"] else 0
-
-
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from ..bench.scale import run_scale_bench
 
@@ -169,7 +161,7 @@ def add_quality_parsers(bench) -> None:
 
 
 def add_kernel_parsers(bench) -> None:
-    """``spallm bench kernels`` and ``gpu``: the LUT kernels on this machine."""
+    """``spallm bench kernels``: the LUT kernels on this machine."""
     p = bench.add_parser("kernels", help="LUT kernels vs dense matmul and dequantize+matmul (CUDA, or --device cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda: the Triton kernels vs cuBLAS fp16; cpu: the compiled CPU kernels vs torch's "
@@ -182,13 +174,6 @@ def add_kernel_parsers(bench) -> None:
                         "code (SASS per weight, SHFL/BAR/STS, load widths, registers, local memory) as JSON")  # fmt: skip
     add_output_options(p, default="bench-kernels", what="kernels.json")
     p.set_defaults(func=cmd_bench_kernels)
-    p = bench.add_parser("gpu", help="the device script: GPU tests, kernel checks and timings, a training step (JSON)")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny shapes: runs on CPU under TRITON_INTERPRET=1 in under a minute (timings meaningless)")  # fmt: skip
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds shared by the four steps; a step past its share skips the rest (default 420)")  # fmt: skip
-    add_output_options(p, default="bench-gpu", what="gpu.json (rewritten after every step)")
-    p.set_defaults(func=cmd_bench_gpu)
 
 
 def add_scale_parsers(bench) -> None:

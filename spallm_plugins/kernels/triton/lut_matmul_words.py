@@ -6,7 +6,7 @@ hundred rows costs more than the GEMM itself. Here each ``[BLOCK_M, BLOCK_N]`` p
 of code words at a time: the chunk's value slots come out of the lookup as ``[BLOCK_N, KW]`` tiles,
 are joined into one ``[BLOCK_N, chunk]`` tile (``tl.join``, a column order that is a fixed permutation
 of the chunk's columns), and multiplied with the matching columns of x, which the launcher permutes
-once per call (:func:`chunk_permutation`). Not dispatched yet: ``spallm bench gpu`` times it beside
+once per call (:func:`chunk_permutation`). Not dispatched yet: ``tests/gpu/run.sh`` times it beside
 dequantize + cuBLAS, and ``ops.lut_linear`` should take it where that measurement says so.
 """
 

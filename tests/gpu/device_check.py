@@ -1,4 +1,5 @@
-"""``spallm bench gpu``: the one prepared script a session lent a GPU runs (``tests/gpu/run.sh OUT``).
+"""The device check: the one prepared script a session lent a GPU runs (``bash tests/gpu/run.sh OUT``,
+or ``python tests/gpu/device_check.py --out OUT``). Test plumbing, not part of the package.
 
 Four steps, in order, each given a share of one time budget (default 420 s, so the whole run with
 Python's start stays under 8 minutes); a step whose deadline passes skips the rest of its work and
@@ -47,7 +48,7 @@ from typing import Any
 
 import torch
 
-from . import kernels as kernel_bench
+from spallm_plugins.bench import kernels as kernel_bench
 
 JSON_NAME = "gpu.json"
 DEFAULT_BUDGET_S = 420.0
@@ -162,8 +163,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1.0) ->
 def ensure_builtin_plugins() -> str:
     """Register the built-in kernel backends and architectures when the ``spallm`` entry points are
     missing (a bare source tree on ``PYTHONPATH``, as on the lent GPU); say which it was."""
-    from .. import builtin_plugins
-    from ..hooks import BUILTIN_PLUGIN, get_plugin_manager, register_plugin
+    from spallm_plugins import builtin_plugins
+    from spallm_plugins.hooks import BUILTIN_PLUGIN, get_plugin_manager, register_plugin
 
     if get_plugin_manager().has_plugin(BUILTIN_PLUGIN):
         return "entry points"
@@ -172,7 +173,7 @@ def ensure_builtin_plugins() -> str:
 
 
 def pytest_configure(config) -> None:
-    """pytest plugin hook (``-p spallm_plugins.bench.gpu``): the test processes, xdist workers too,
+    """pytest plugin hook (``-p device_check``): the test processes, xdist workers too,
     find the kernel backends when run from a source tree."""
     ensure_builtin_plugins()
 
@@ -204,7 +205,7 @@ class _ForcedBackend:
 
 @contextlib.contextmanager
 def forced_backend(inner) -> Iterator[None]:
-    from ..hooks import hookimpl, register_plugin, unregister_plugin
+    from spallm_plugins.hooks import hookimpl, register_plugin, unregister_plugin
 
     backend = _ForcedBackend(inner)
 
@@ -214,7 +215,7 @@ def forced_backend(inner) -> Iterator[None]:
             return [backend]
 
     plugin = Plugin()
-    register_plugin(plugin, name=f"bench-gpu-{backend.name}")
+    register_plugin(plugin, name=f"device-check-{backend.name}")
     try:
         yield
     finally:
@@ -235,7 +236,7 @@ def kernel_device(tiny: bool) -> tuple[str | None, str]:
 
 
 def triton_backend():
-    from ..kernels.triton import TritonBackend
+    from spallm_plugins.kernels.triton import TritonBackend
 
     return TritonBackend()
 
@@ -248,13 +249,8 @@ def sync(device: str) -> None:
 # -- step 1: pytest ----------------------------------------------------------------------------------------
 
 
-def repo_root() -> Path | None:
-    """The source tree holding ``tests/``: next to this package (run from source), else the current
-    directory (an installed package run from a checkout, as CI does); None when neither has it."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / KERNEL_TESTS).is_file():
-            return root
-    return None
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
 
 
 def gpu_marked_test_files(root: Path) -> list[str]:
@@ -288,11 +284,12 @@ def parse_junit(path: Path) -> dict[str, Any]:
 
 def run_pytest(args: list[str], root: Path, deadline: Deadline) -> dict[str, Any]:
     """``python -m pytest ARGS`` in ``root`` as a child process (its own process group, killed at the deadline)."""
-    with tempfile.TemporaryDirectory(prefix="spallm-bench-gpu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spallm-device-check-") as tmp:
         junit = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-p", __name__, "-p", "no:cacheprovider", "-q",
+        command = [sys.executable, "-m", "pytest", "-p", Path(__file__).stem, "-p", "no:cacheprovider", "-q",
                    f"--junitxml={junit}", *args]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        path = [str(root), str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
         proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
         timed_out = False
@@ -311,9 +308,7 @@ def run_pytest(args: list[str], root: Path, deadline: Deadline) -> dict[str, Any
 
 
 def step_pytest(tiny: bool, deadline: Deadline) -> dict[str, Any]:
-    root = repo_root()
-    if root is None:
-        raise StepSkipped("tests/ is not next to the package (run it from the source tree)")
+    root = REPO_ROOT  # the checkout this script sits in
     if not tiny and not torch.cuda.is_available():
         raise StepSkipped("no CUDA: the GPU tests would be skipped (the CPU suite runs the kernels' interpreter tests)")
     runs = []
@@ -347,7 +342,7 @@ class StepSkipped(Exception):
 
 
 def random_problem(m, n, k, gpr, bits, dtype, device, seed=0):
-    from ..format import pack_codes
+    from spallm_plugins.format import pack_codes
 
     g = torch.Generator().manual_seed(seed)
     codes = pack_codes(torch.randint(0, 1 << bits, (n, k), generator=g), bits).to(device)
@@ -359,9 +354,9 @@ def random_problem(m, n, k, gpr, bits, dtype, device, seed=0):
 
 def check_case(backend, m, n, k, gpr, bits, dtype, device) -> dict[str, Any]:
     """Forward and both gradients through the autograd op with ``backend``, against the reference in float32."""
-    from ..kernels.reference import lut_linear as reference
-    from ..kernels.reference import lut_linear_backward
-    from ..ops import lut_linear
+    from spallm_plugins.kernels.reference import lut_linear as reference
+    from spallm_plugins.kernels.reference import lut_linear_backward
+    from spallm_plugins.ops import lut_linear
 
     x, codes, tables, bias = random_problem(m, n, k, gpr, bits, dtype, device, seed=m * 100 + gpr * 10 + bits)
     x.requires_grad_(True)
@@ -379,7 +374,7 @@ def check_case(backend, m, n, k, gpr, bits, dtype, device) -> dict[str, Any]:
 
 def check_table_sets(backend, m, n, k, bits, dtype, device) -> dict[str, Any]:
     """Three table sets mixed in one batch (runs of one slot and alternating slots) against the reference."""
-    from ..kernels.reference import lut_linear as reference
+    from spallm_plugins.kernels.reference import lut_linear as reference
 
     x, codes, tables, bias = random_problem(m, n, k, 2, bits, dtype, device, seed=7)
     g = torch.Generator().manual_seed(8)
@@ -408,7 +403,7 @@ def coverage_first(combos: list[tuple]) -> list[tuple]:
 
 
 def kernel_sweep(backend, sizes: Sizes, device: str, deadline: Deadline) -> dict[str, Any]:
-    from ..ops import describe_problem
+    from spallm_plugins.ops import describe_problem
 
     n, k = sizes.sweep_nk
     cases, refused, skipped = [], {}, []
@@ -470,8 +465,8 @@ def build_llama(shape: dict[str, Any], device: str, dtype: torch.dtype, seed: in
 def sketch_randomly(model, bits: int, groups_per_row: int, dtype: torch.dtype, device: str, seed: int = 0) -> int:
     """Swap the model's target linears for SketchedLinear with random codes and N(0, 0.02) tables
     (the numbers a sketch would find do not matter to kernels); return how many were swapped."""
-    from ..config import SketchConfig
-    from ..convert import replace_with_empty, sketched_layers
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.convert import replace_with_empty, sketched_layers
 
     config = SketchConfig(bits=bits, groups_per_row=groups_per_row, table_dtype=dtype_name(dtype))
     replace_with_empty(model, config, device)
@@ -486,7 +481,7 @@ def sketch_randomly(model, bits: int, groups_per_row: int, dtype: torch.dtype, d
 
 def model_gradients(model, ids: torch.Tensor) -> dict[str, Any]:
     """Loss and gradients (input embeddings, every table) of one forward + backward; grads left in place."""
-    from ..convert import sketched_layers
+    from spallm_plugins.convert import sketched_layers
 
     model.zero_grad(set_to_none=True)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -509,8 +504,8 @@ def model_training_check(triton, sizes: Sizes, device: str) -> dict[str, Any]:
     Triton kernels against the reference in float32; then an AdamW step on the tables."""
     import copy
 
-    from ..convert import sketched_layers
-    from ..kernels.reference import ReferenceBackend
+    from spallm_plugins.convert import sketched_layers
+    from spallm_plugins.kernels.reference import ReferenceBackend
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = build_llama(sizes.model, device, dtype)
@@ -550,8 +545,8 @@ def cuda_graph_check(sizes: Sizes, device: str) -> dict[str, Any]:
     """A sketched layer's decode step (M = 1) captured in a CUDA graph, replayed on new inputs."""
     if device != "cuda":
         return {"skipped": "not on CUDA: torch.cuda.CUDAGraph needs a GPU", "ok": True}
-    from ..kernels.reference import lut_linear as reference
-    from ..layer import SketchedLinear
+    from spallm_plugins.kernels.reference import lut_linear as reference
+    from spallm_plugins.layer import SketchedLinear
 
     n, k = sizes.graph_nk
     layer = SketchedLinear(k, n, bits=4, groups_per_row=4, bias=True, table_dtype=torch.bfloat16, device=device)
@@ -585,8 +580,8 @@ def cuda_graph_check(sizes: Sizes, device: str) -> dict[str, Any]:
 
 
 def step_correctness(sizes: Sizes, device: str, deadline: Deadline) -> dict[str, Any]:
-    from ..hooks import select_backend
-    from ..ops import describe_problem
+    from spallm_plugins.hooks import select_backend
+    from spallm_plugins.ops import describe_problem
 
     triton = triton_backend()
     result: dict[str, Any] = {}
@@ -620,7 +615,7 @@ def step_correctness(sizes: Sizes, device: str, deadline: Deadline) -> dict[str,
 
 
 def step_timing(sizes: Sizes, device: str, deadline: Deadline, log: Callable[[str], None]) -> dict[str, Any]:
-    from ..kernels.reference import dequantize
+    from spallm_plugins.kernels.reference import dequantize
 
     bits, gpr, dtype = 4, 4, torch.bfloat16
     timer = kernel_bench.wall_time_us if sizes.timing_wall_clock or device != "cuda" else kernel_bench.time_us
@@ -698,10 +693,10 @@ def time_train_steps(model, params, ids, device: str, warmup: int, steps: int, d
 
 
 def step_training(sizes: Sizes, device: str, deadline: Deadline, log: Callable[[str], None]) -> dict[str, Any]:
-    from ..config import SketchConfig
-    from ..convert import resolve_targets
-    from ..hooks import select_backend
-    from ..ops import describe_problem
+    from spallm_plugins.config import SketchConfig
+    from spallm_plugins.convert import resolve_targets
+    from spallm_plugins.hooks import select_backend
+    from spallm_plugins.ops import describe_problem
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = build_llama(sizes.train_model, device, dtype)
@@ -796,8 +791,8 @@ def run_step(name: str, work: Callable[[Deadline], dict[str, Any]], budget: Budg
     save()
 
 
-def run_gpu_bench(
-    out_dir: str | Path = "bench-gpu",
+def run_device_check(
+    out_dir: str | Path,
     *,
     tiny: bool = False,
     budget_s: float = DEFAULT_BUDGET_S,
@@ -805,8 +800,8 @@ def run_gpu_bench(
     log: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, Any]:
     """Run the four steps and write ``OUT/gpu.json`` (after each step); return the report."""
-    from ..format import write_json
-    from ..outputs import prepare_output_dir
+    from spallm_plugins.format import write_json
+    from spallm_plugins.outputs import prepare_output_dir
 
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
     started = time.monotonic()
@@ -844,7 +839,7 @@ def run_gpu_bench(
 
         return run
 
-    log(f"spallm bench gpu{' --tiny' if tiny else ''}: {report['device_name']}, budget {budget_s:.0f} s -> {path}")
+    log(f"device check{' --tiny' if tiny else ''}: {report['device_name']}, budget {budget_s:.0f} s -> {path}")
     try:
         steps = {
             "pytest": lambda d: step_pytest(tiny, d),
@@ -860,5 +855,25 @@ def run_gpu_bench(
     report["failed_steps"] = [name for name, status in report["summary"].items() if status == "failed"]
     report["status"] = "done"
     save()
-    log(f"spallm bench gpu: {report['summary']} in {report['seconds']:.0f} s -> {path}")
+    log(f"device check: {report['summary']} in {report['seconds']:.0f} s -> {path}")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="device_check.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for gpu.json (new or empty), rewritten after every step")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes: runs on CPU under TRITON_INTERPRET=1 in under a minute (timings meaningless)")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds shared by the four steps; a step past its share skips the rest (default {DEFAULT_BUDGET_S:.0f})")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    args = parser.parse_args(argv)
+    report = run_device_check(args.out, tiny=args.tiny, budget_s=args.budget, overwrite=args.overwrite)
+    print(f"wrote {Path(args.out) / JSON_NAME}")
+    return 1 if report["failed_steps"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
