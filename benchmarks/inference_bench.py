@@ -73,7 +73,7 @@ def run_inference_bench(model_ref: str, out_dir: str | Path, *, variants: tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spallm_plugins.cli.bench import add_inference_options, print_inference_summary
+    from spallm_plugins.cli.bench import add_inference_options, cmd_bench_inference
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["child"]:  # one variant, run by the parent
@@ -84,15 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_inference_options(p, VARIANTS)
-    args = p.parse_args(argv)
-    summary = run_inference_bench(
-        args.model, args.out, sketched=args.sketched, adapter=args.adapter, variants=tuple(args.variants.split(",")),
-        groups_per_row=args.groups_per_row, batches=args.batches, prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens, repeats=args.repeats, overwrite=args.overwrite, rounds=args.rounds,
-        revision=args.revision,
-    )  # fmt: skip
-    print_inference_summary(summary, Path(args.out))
-    return 0
+    return cmd_bench_inference(p.parse_args(argv), run_inference_bench)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,14 @@ from .format import (
 from .hooks import register_host
 from .hub import hub_record, resolve_hub_ref
 from .layer import SketchedLinear
-from .models import cache_dir, load_model, load_tokenizer, meta_model_from_config, resolve_model
+from .models import cache_dir, load_model, load_tokenizer, resolve_model
 from .outputs import prepare_output_dir, turn, writes_folder
 from .sketch import sketch_model
 from .sketch.blocks import find_blocks
 from .sketch.calibration import CalibrationError, calibration_batch, load_calibration
 from .sketch.memory import DEFAULT_MAX_MEMORY
 from .sketch.progress import PARTIAL_DIR, setting_difference
-from .streaming import sketch_streaming
+from .streaming import meta_skeleton, sketch_streaming
 from .validate import validate_checkpoint
 
 REPORT_NAME = "sketch_report.json"
@@ -147,7 +147,6 @@ def sketch_to_folder(
     *,
     resume: bool = False,
     device: str = "cpu",
-    offload: bool = False,
     on_block_done=None,
     overwrite: bool = False,
     dense_dtype: str | None = None,
@@ -178,10 +177,10 @@ def sketch_to_folder(
     dense_dtype = dense_dtype or source_dense_dtype(source)
     check_dense_dtype(dense_dtype)
     sources = [source, *([model_ref] if Path(model_ref).exists() else [])]
-    meta, _ = meta_model_from_config(source)  # the output's size, and whether the sketch can stream
+    skeleton = meta_skeleton(source)  # the output's size, whether it can stream, the model it streams into
     out_dir = prepare_output_dir(
         out_dir, overwrite=overwrite, sources=sources, own_entries={PARTIAL_DIR},
-        need_bytes=estimate_output_bytes(meta, config, dense_dtype),
+        need_bytes=estimate_output_bytes(skeleton, config, dense_dtype),
     )  # fmt: skip
     if calibration is not None:
         config = config.replace(method="gptq")
@@ -223,10 +222,11 @@ def sketch_to_folder(
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         write_card(tmp, sketch_card(tmp, out_dir.name, report))
 
-    streamed = ids is not None or blocks_hold_targets(meta, config)
+    streamed = ids is not None or blocks_hold_targets(skeleton, config)
     if streamed:
         details = sketch_streaming(
-            source, out_dir, config, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume, device=device,
+            source, out_dir, config, skeleton=skeleton, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume,
+            device=device,
             progress=progress, on_block_done=on_block_done, partial_name=PARTIAL_DIR, finish=finish,
             max_memory=max_memory, offload_activations=offload_activations,
         )  # fmt: skip

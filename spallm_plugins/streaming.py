@@ -106,7 +106,10 @@ def meta_skeleton(source: str | os.PathLike) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    except ValueError as err:
+        raise ValueError(f"{Path(source) / 'config.json'}: unsupported architecture ({err})") from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False
@@ -260,6 +263,7 @@ def sketch_streaming(
     out_dir: Path,
     config: SketchConfig,
     *,
+    skeleton: nn.Module | None = None,
     dense_dtype: str,
     calibration_ids: torch.Tensor | None = None,
     resume: bool = False,
@@ -276,7 +280,8 @@ def sketch_streaming(
     """Sketch the checkpoint folder ``source`` into ``out_dir`` block by block; return the report.
 
     ``calibration_ids`` (``[nsamples, seqlen]``) select the calibrated method; without them the sketch
-    is data-free. ``finish(tmp, report)`` writes the extra files of the output (tokenizer, report) into
+    is data-free. ``skeleton`` is :func:`meta_skeleton` of ``source`` when the caller already built it.
+    ``finish(tmp, report)`` writes the extra files of the output (tokenizer, report) into
     the temporary folder before it is validated and renamed onto ``out_dir``. ``on_read(name, model)``
     is called after each tensor read from the source (tests use it to check the memory bound).
     ``max_memory`` bounds the workspace of sketching one linear (bytes, :mod:`.sketch.memory`).
@@ -285,7 +290,7 @@ def sketch_streaming(
     """
     device = torch.device(device)
     source = Path(source)
-    model = meta_skeleton(source)
+    model = skeleton if skeleton is not None else meta_skeleton(source)
     reader = TensorSource(source, on_read=None if on_read is None else (lambda name: on_read(name, model)))
     _buffers_to(model, device)
     identity: dict[str, Any] = {"config": config.to_dict(), "dense_dtype": dense_dtype, "source": str(source)}

