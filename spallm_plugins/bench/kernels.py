@@ -106,7 +106,7 @@ def time_layer(
             "fraction_of_peak": gbps / peak_gbps if peak_gbps else None}  # fmt: skip
 
 
-PREFILL_WORDS_MAX_ROWS = 1024  # the fused prefill matmul is timed up to this many rows (issue #38: 17 <= M <~ 1024)
+PREFILL_WORDS_MAX_ROWS = 1024  # the fused prefill matmul is timed from 17 up to this many rows (prefill)
 
 
 def time_words(x: torch.Tensor, codes: torch.Tensor, tables: torch.Tensor, bits: int, timer: Timer) -> dict[str, Any]:

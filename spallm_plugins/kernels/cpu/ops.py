@@ -7,9 +7,8 @@ import torch
 
 from .library import dequantize, lut_linear
 
-# `spallm bench kernels --device cpu` on 2 cores: the LUT GEMM is faster than dequantize + matmul up to 32
-# rows on every shape measured (Llama-2-7B's 4096 x 4096 at M = 32: 13 ms against 40 ms); from 64 rows on
-# SmolLM2's shapes, dequantize + matmul is faster.
+# Up to this many rows of x the LUT GEMM beats dequantize + matmul, above it the pair wins
+# (`spallm bench kernels --device cpu`; the timings are in docs/kernels.md).
 GEMV_MAX_ROWS = 32
 
 

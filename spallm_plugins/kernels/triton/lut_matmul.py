@@ -3,8 +3,8 @@
 For prefill and training (M > 16): each program dequantizes one ``[BLOCK_N, BLOCK_K]`` W tile per K
 step (tables gathered; the cost is shared by all ``BLOCK_M`` rows) and hands it to ``tl.dot``, which
 stages it in shared memory for the tensor cores; fp32 accumulation; the dense W never exists in memory.
-Dequantizing the whole W to bf16 for cuBLAS above some M is not done: that threshold is still to be
-measured (``spallm bench kernels`` reports dequantize-then-matmul beside this kernel).
+Above the GEMV range the Triton backend dequantizes W once and calls cuBLAS instead (``tiles.DEQUANTIZE_MIN_ROWS``);
+this kernel serves the layers whose W is too large to materialise (``tiles.DEQUANTIZE_MAX_BYTES``).
 """
 
 from __future__ import annotations

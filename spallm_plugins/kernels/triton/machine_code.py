@@ -154,8 +154,8 @@ def analyse(kernel, signature: dict, constexprs: dict, num_warps: int, weights_p
     )
 
 
-# The limits tests/test_kernels_sass.py holds the decode kernels to (issue #38): SASS per weight at M = 1 by
-# bits, 128 registers (so two CTAs of 4 warps, or more, fit an SM's register file), and no local memory.
+# The limits the decode kernels are held to on sm90a: SASS per weight at M = 1 by bits, 128 registers (so two
+# CTAs of 4 warps, or more, fit an SM's register file), and no local memory.
 MAX_SASS_PER_WEIGHT = {4: 6.0, 3: 8.0, 2: 6.0}
 MAX_REGISTERS = 128
 

@@ -7,8 +7,8 @@ GEMV_DOT_ROWS = 5  # from this many rows (the 5-16 bucket) on, the GEMV multipli
 GEMV_BYTES_MAX_ROWS = GEMV_DOT_ROWS - 1  # 2/4-bit codes at up to this many rows: the byte-wise GEMV
 
 # Above the GEMV range the layer runs as dequantize (one Triton pass, codes -> W in the activation dtype)
-# then cuBLAS, forward and backward: measured on an H200 (bf16, Llama-7B/8B shapes, M = 64..4096) the
-# fused tiled kernels were 2-20x slower than that pair. A W larger than DEQUANTIZE_MAX_BYTES is never
+# then cuBLAS, forward and backward: on an H200 the fused tiled kernels were slower than that pair at every
+# prefill and training shape timed (docs/kernels.md). A W larger than DEQUANTIZE_MAX_BYTES is never
 # materialised: such layers keep the fused kernels.
 DEQUANTIZE_MIN_ROWS = GEMV_MAX_ROWS + 1
 DEQUANTIZE_MAX_BYTES = 1 << 31
