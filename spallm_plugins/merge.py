@@ -167,13 +167,17 @@ def merge_adapter(
     return report
 
 
-def record_codes_fingerprint(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike) -> str:
-    """Write the fingerprint of ``base_dir``'s codes into an adapter saved without one.
+def record_codes_fingerprint(
+    adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, *, revision: str | None = None
+) -> str:
+    """Write the fingerprint of ``base_dir``'s codes (a folder, or a Hub id at ``revision``) into an adapter
+    folder saved without one.
 
     For adapters made before fingerprints were recorded: the user vouches that the adapter was
     trained on ``base_dir``; its layers and table shapes are checked, then ``adapter_config.json``
     is rewritten atomically. An adapter that already records a fingerprint is left unchanged.
     """
+    base_dir = resolve_hub_ref(base_dir, revision) or Path(base_dir)
     adapter_cfg, sketch, modules = read_adapter(adapter_dir)
     config_path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
     if adapter_cfg.get("base_codes_fingerprint"):

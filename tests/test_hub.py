@@ -148,6 +148,14 @@ def test_merge_a_hub_adapter_into_a_hub_base(tmp_path, hub):
     assert report["adapter_hub"] == {"repo_id": "org/tiny-adapter", "revision": OTHER_COMMIT, "commit": OTHER_COMMIT}
     assert report["merged_layers"] == 14
 
+    old = tmp_path / "old-adapter"  # saved before fingerprints were recorded: the Hub base's codes vouched for
+    shutil.copytree(adapter, old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    recorded = config.pop("base_codes_fingerprint")
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    cli("fingerprint", str(old), "--base", "org/tiny-spallm", "--revision", COMMIT)
+    assert json.loads((old / "adapter_config.json").read_text())["base_codes_fingerprint"] == recorded
+
 
 def test_revision_of_a_local_path_is_refused(tmp_path, hub, dense_dir):
     line = one_error_line(
