@@ -138,6 +138,27 @@ def save_sketched_model(
     return out_dir
 
 
+def calibration_inputs(
+    source: Path, config: SketchConfig, calibration: Any, calibration_column: str | None
+) -> tuple[SketchConfig, Any, torch.Tensor | None]:
+    """``(config, tokenizer, token ids)`` of a sketch: ``calibration`` (else ``config.calibration``) implies
+    ``gptq`` and is tokenised into ``[nsamples, seqlen]`` ids; the config then records it by name and digest.
+    Data-free: no ids (the tokenizer, if any, is still saved beside the sketch)."""
+    if calibration is not None:
+        config = config.replace(method="gptq")
+    calibration = calibration if calibration is not None else config.calibration
+    if config.method == "gptq" and calibration is None:
+        raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
+    tokenizer = load_tokenizer(source)
+    if config.method != "gptq":
+        return config, tokenizer, None
+    if tokenizer is None:
+        raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
+    texts = load_calibration(calibration, column=calibration_column)
+    config = config.replace(calibration=texts.record)
+    return config, tokenizer, calibration_batch(texts, tokenizer, config.nsamples, config.seqlen, config.seed)
+
+
 @writes_folder("out_dir")
 def sketch_to_folder(
     model_ref: str | os.PathLike,
@@ -182,20 +203,8 @@ def sketch_to_folder(
         out_dir, overwrite=overwrite, sources=sources, own_entries={PARTIAL_DIR},
         need_bytes=estimate_output_bytes(skeleton, config, dense_dtype),
     )  # fmt: skip
-    if calibration is not None:
-        config = config.replace(method="gptq")
-    calibration = calibration if calibration is not None else config.calibration
-    if config.method == "gptq" and calibration is None:
-        raise CalibrationError("method 'gptq' needs calibration data: pass --calib FILE (or set calibration)")
+    config, tokenizer, ids = calibration_inputs(source, config, calibration, calibration_column)
     poor = warn_if_poor_without_calibration(config)
-    tokenizer = load_tokenizer(source)
-    ids = None
-    if config.method == "gptq":
-        if tokenizer is None:
-            raise CalibrationError(f"{source}: no tokenizer in the model folder; cannot tokenise calibration data")
-        texts = load_calibration(calibration, column=calibration_column)
-        config = config.replace(calibration=texts.record)
-        ids = calibration_batch(texts, tokenizer, config.nsamples, config.seqlen, config.seed)
     torch.manual_seed(config.seed)
     start = time.perf_counter()
 

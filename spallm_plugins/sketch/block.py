@@ -60,6 +60,69 @@ def input_stages(
     return grouped + ([unseen] if unseen else [])
 
 
+def run_block(block: nn.Module, hidden: Sequence[torch.Tensor], kwargs_list: list[dict[str, Any]], into: Any) -> Any:
+    """The block's output for each batch of ``hidden``, appended to ``into`` (a list, or spilled activations)."""
+    for h, kw in zip(hidden, kwargs_list):
+        into.append(block_output(block(h, **kw)))
+    return into
+
+
+def capture_hessians(
+    block: nn.Module, linears: dict[str, nn.Linear], index: int, hidden: Sequence[torch.Tensor],
+    kwargs_list: list[dict[str, Any]],
+) -> HessianCollector:  # fmt: skip
+    """The input Hessians of ``linears`` over every calibration batch; each forward stops once they all saw
+    their input."""
+    with HessianCollector(linears, index, stop_when_reached=True) as collector:
+        for h, kw in zip(hidden, kwargs_list):
+            collector.new_batch()
+            try:
+                block(h, **kw)
+            except StopForward:
+                pass
+    return collector
+
+
+def sketch_stage(
+    block: nn.Module, prefix: str, local: dict[str, nn.Linear], stage: list[str], collector: HessianCollector,
+    config: SketchConfig, report: dict[str, Any], bar, max_memory: int | None,
+) -> None:  # fmt: skip
+    """Replace the linears of one stage by their sketches, one factorisation per distinct input: an input's
+    Hessian is prepared for its first reader and released after its last."""
+    prepared: dict[str, PreparedHessian] = {}  # per distinct input, while a layer reading it is left
+    readers = {owner: [n for n in stage if collector.owner.get(n) == owner] for owner in collector.sums}
+    for rel_name in stage:
+        linear = local[rel_name]
+        name = f"{prefix}.{rel_name}"
+        if bar is not None:
+            bar.set_postfix_str(rel_name)
+        layer_start = time.perf_counter()
+        owner = collector.owner.get(rel_name)
+        hessian: torch.Tensor | PreparedHessian | None = prepared.get(owner)
+        if hessian is None:
+            hessian = collector.hessian(rel_name)  # raises for a layer the forward never reached
+            if config.method == "gptq":  # factored once for all the layers that read this input
+                together = ", ".join(f"{prefix}.{n}" for n in readers[owner])
+                hessian = prepare_hessian(
+                    hessian.to(linear.weight.device), config.damping, together, config.act_order, overwrite=True
+                )
+                prepared[owner] = hessian
+        if readers[owner][-1] == rel_name:
+            prepared.pop(owner, None)
+            collector.release(rel_name)
+        layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
+        del hessian
+        set_submodule(block, rel_name, layer)
+        report["layers"][name] = {
+            "loss": result.loss,
+            "loss_before_refit": result.loss_before_refit,
+            "refit_rows": result.refit_rows,
+            "rows": linear.out_features,
+            "damping": result.damping,
+            "seconds": round(time.perf_counter() - layer_start, 4),
+        }
+
+
 @torch.no_grad()
 def sketch_block(
     block: nn.Module,
@@ -97,53 +160,14 @@ def sketch_block(
     tune_seconds = 0.0
     if config.tune_steps:  # the targets of the table tuning: the dense block's outputs (spilled with the rest)
         dense_start = time.perf_counter()
-        dense_outputs = [] if outputs is None else outputs.emptied("targets")
-        for h, kw in zip(hidden, kwargs_list):
-            dense_outputs.append(block_output(block(h, **kw)))
+        dense_outputs = run_block(block, hidden, kwargs_list, [] if outputs is None else outputs.emptied("targets"))
         tune_seconds = time.perf_counter() - dense_start
     hessian_seconds = 0.0
     for stage in stages:
         stage_start = time.perf_counter()
-        with HessianCollector({n: local[n] for n in stage}, index, stop_when_reached=True) as collector:
-            for h, kw in zip(hidden, kwargs_list):
-                collector.new_batch()
-                try:
-                    block(h, **kw)
-                except StopForward:
-                    pass
+        collector = capture_hessians(block, {n: local[n] for n in stage}, index, hidden, kwargs_list)
         hessian_seconds += time.perf_counter() - stage_start
-        prepared: dict[str, PreparedHessian] = {}  # per distinct input, while a layer reading it is left
-        readers = {owner: [n for n in stage if collector.owner.get(n) == owner] for owner in collector.sums}
-        for rel_name in stage:
-            linear = local[rel_name]
-            name = f"{prefix}.{rel_name}"
-            if bar is not None:
-                bar.set_postfix_str(rel_name)
-            layer_start = time.perf_counter()
-            owner = collector.owner.get(rel_name)
-            hessian: torch.Tensor | PreparedHessian | None = prepared.get(owner)
-            if hessian is None:
-                hessian = collector.hessian(rel_name)  # raises for a layer the forward never reached
-                if config.method == "gptq":  # factored once for all the layers that read this input
-                    together = ", ".join(f"{prefix}.{n}" for n in readers[owner])
-                    hessian = prepare_hessian(
-                        hessian.to(linear.weight.device), config.damping, together, config.act_order, overwrite=True
-                    )
-                    prepared[owner] = hessian
-            if readers[owner][-1] == rel_name:
-                prepared.pop(owner, None)
-                collector.release(rel_name)
-            layer, result = sketch_layer(linear, config, hessian=hessian, name=name, max_memory=max_memory)
-            del hessian
-            set_submodule(block, rel_name, layer)
-            report["layers"][name] = {
-                "loss": result.loss,
-                "loss_before_refit": result.loss_before_refit,
-                "refit_rows": result.refit_rows,
-                "rows": linear.out_features,
-                "damping": result.damping,
-                "seconds": round(time.perf_counter() - layer_start, 4),
-            }
+        sketch_stage(block, prefix, local, stage, collector, config, report, bar, max_memory)
         del collector
     t1 = t0 + hessian_seconds
     tuning: dict[str, Any] = {}
@@ -158,10 +182,7 @@ def sketch_block(
         tuning["seconds"] = round(tune_seconds, 3)  # the dense block's forward included
         timings["tune"] = timings.get("tune", 0.0) + tune_seconds
     t2 = time.perf_counter()
-    next_hidden: Any = [] if outputs is None else outputs
-    for h, kw in zip(hidden, kwargs_list):
-        next_hidden.append(block_output(block(h, **kw)))
-    hidden = next_hidden
+    hidden = run_block(block, hidden, kwargs_list, [] if outputs is None else outputs)
     t3 = time.perf_counter()
     timings["hessian"] += t1 - t0
     timings["sketch"] += t2 - t1 - tune_seconds
