@@ -280,6 +280,44 @@ def default_variants() -> list[dict[str, Any]]:
     return rows
 
 
+def apply_variant(
+    model, variant: dict[str, Any], ids: torch.Tensor | None, nsamples: int, seqlen: int, seed: int,
+    grid_exponent: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Turn ``model`` into ``variant`` in place (a baseline, a peer quantizer, our sketch, or the original);
+    return its row's ``bits_per_weight`` and what ran."""
+    from ..sketch import sketch_model
+    from ..sketch.driver import sketch_model_calibrated
+
+    if "baseline" in variant:
+        apply_baseline(model, variant["baseline"], SketchConfig())
+        return {"bits_per_weight": BASELINES[variant["baseline"]][1], "implementation": BASELINE_IMPLEMENTATION}
+    if "peer" in variant:
+        bits_per_weight = round(apply_peer(model, variant["peer"], SketchConfig(), ids), 4)
+        peer = PEERS[variant["peer"]]
+        return {"bits_per_weight": bits_per_weight,
+                "implementation": f"{peer.distribution} {peer_version(variant['peer'])}: {peer.settings}"}  # fmt: skip
+    if "bits" not in variant:
+        return {"bits_per_weight": 16.0}
+    fields = {"bits": variant["bits"], "groups_per_row": variant["gpr"], "method": variant["method"]}
+    fields.update(
+        {key: variant[key] for key in ("refit", "true_sequential", "act_order", "tune_steps") if key in variant}
+    )
+    if grid_exponent is not None:
+        fields["grid_exponent"] = grid_exponent
+    calibrated = ids is not None
+    config = SketchConfig(
+        **fields, nsamples=nsamples if calibrated else 0, seqlen=seqlen if calibrated else 0, seed=seed
+    )
+    row: dict[str, Any] = {}
+    if config.method == "gptq":
+        row["sketch_seconds_breakdown"] = sketch_model_calibrated(model, config, ids)["seconds"]
+    else:
+        sketch_model(model, config)
+    row["bits_per_weight"] = round(sketch_bits_per_weight(model, config), 4)
+    return row
+
+
 def run_quality(
     model_ref: str = "smollm2",
     text_path: str | None = None,
@@ -307,11 +345,9 @@ def run_quality(
     tokens of the text (``None``: all of it). ``model_ref`` may be a Hub id, at ``revision``.
     """
     from ..outputs import prepare_output_dir
+    from ..sketch.calibration import calibration_batch
 
     out_dir = prepare_output_dir(out_dir, overwrite=overwrite)
-    from ..sketch import sketch_model
-    from ..sketch.calibration import calibration_batch
-    from ..sketch.driver import sketch_model_calibrated
 
     source = resolve_model(model_ref, revision=revision)
     text = read_text(text_path)
@@ -347,37 +383,8 @@ def run_quality(
         log(f"plain forward of the calibration set: {results['forward_seconds_calibration_set']:.1f} s")
     for variant in variants:
         model, _ = load_model(source, dtype=torch.float32)
-        row: dict[str, Any] = {"name": variant["name"]}
         start = time.perf_counter()
-        if "baseline" in variant:
-            apply_baseline(model, variant["baseline"], SketchConfig())
-            row["bits_per_weight"] = BASELINES[variant["baseline"]][1]
-            row["implementation"] = BASELINE_IMPLEMENTATION
-        elif "peer" in variant:
-            row["bits_per_weight"] = round(apply_peer(model, variant["peer"], SketchConfig(), ids), 4)
-            peer = PEERS[variant["peer"]]
-            row["implementation"] = f"{peer.distribution} {peer_version(variant['peer'])}: {peer.settings}"
-        elif "bits" in variant:
-            fields = {"bits": variant["bits"], "groups_per_row": variant["gpr"], "method": variant["method"]}
-            for key in ("refit", "true_sequential", "act_order", "tune_steps"):
-                if key in variant:
-                    fields[key] = variant[key]
-            if grid_exponent is not None:
-                fields["grid_exponent"] = grid_exponent
-            config = SketchConfig(
-                **fields,
-                nsamples=nsamples if ids is not None else 0,
-                seqlen=seqlen if ids is not None else 0,
-                seed=seed,
-            )
-            if config.method == "gptq":
-                detail = sketch_model_calibrated(model, config, ids)
-                row["sketch_seconds_breakdown"] = detail["seconds"]
-            else:
-                sketch_model(model, config)
-            row["bits_per_weight"] = round(sketch_bits_per_weight(model, config), 4)
-        else:
-            row["bits_per_weight"] = 16.0
+        row = {"name": variant["name"], **apply_variant(model, variant, ids, nsamples, seqlen, seed, grid_exponent)}
         row["sketch_seconds"] = round(time.perf_counter() - start, 3)
         row["perplexity"] = perplexity(model, tokenizer, text, seqlen=eval_seqlen, max_windows=max_windows)
         results["rows"].append(row)
