@@ -103,13 +103,21 @@ class TensorSource:
 def meta_skeleton(source: str | os.PathLike) -> nn.Module:
     """The model of ``source/config.json`` with parameters on the meta device and real buffers (rotary
     frequencies), in float32; no weights are read and no remote code is run."""
+    import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config_file = Path(source) / "config.json"
+    model_type = read_json(config_file).get("model_type")
+    if not model_type:
+        raise ValueError(f"{config_file}: no model_type; cannot tell the architecture")
     try:
         config = AutoConfig.from_pretrained(str(source), local_files_only=True)
-    except ValueError as err:
-        raise ValueError(f"{Path(source) / 'config.json'}: unsupported architecture ({err})") from None
+    except ValueError:
+        raise ValueError(
+            f"{config_file}: unsupported architecture {model_type!r} (transformers {transformers.__version__} does "
+            "not know it; remote code is not run)"
+        ) from None
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = False

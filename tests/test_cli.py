@@ -98,7 +98,15 @@ def test_sketch_errors_are_clear_and_leave_nothing(tmp_path, dense_dir):
     assert proc.returncode == 2 and "groups_per_row=3 does not divide in_features=64" in proc.stderr
     proc = cli("sketch", str(dense_dir), "--out", str(tmp_path / "o3"), "--bits", "5", check=False)
     assert proc.returncode == 2 and "bits=5" in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty"]
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    for config, expected in (({"model_type": "not-a-model"}, "unsupported architecture 'not-a-model'"),
+                             ({"hidden_size": 8}, "no model_type; cannot tell the architecture")):  # fmt: skip
+        (unknown / "config.json").write_text(json.dumps(config))
+        proc = cli("sketch", str(unknown), "--out", str(tmp_path / "o4"), check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"spallm sketch: error: {unknown / 'config.json'}: {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "empty", "unknown"]
 
 
 def test_info_kernels_lists_the_triton_backend_with_its_reason(llama2_config):
