@@ -114,7 +114,8 @@ def test_ctrl_c_during_a_block_prints_one_line_with_the_resume_command_and_exits
 
 
 PAUSE_IN_BLOCK_1 = (
-    "import sys, time\n"
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as from a terminal (a background runner ignores it)
     "from spallm_plugins.cli import main\n"
     "from spallm_plugins.sketch import model\n"
     "real = model.sketch_layer\n"
