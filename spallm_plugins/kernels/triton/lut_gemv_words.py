@@ -232,6 +232,25 @@ def accumulate_chunk(acc, word_ptrs, mask_n, plane_stride, low0, low1, low2, low
 _autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY, reset_to_zero=["out_ptr"])(lut_gemv_words_kernel)
 
 
+def check_words(kernel: str, x: torch.Tensor, words: torch.Tensor, bits: int) -> None:
+    """Refuse what the code-word kernels cannot read: ``x`` not fp16/bf16, or words not covering its columns."""
+    planes, chunks, kw, _ = words.shape
+    K = x.shape[1]
+    if x.dtype not in WORDS_DTYPES or planes != UNIT_WORDS[bits] or chunks * kw * UNIT_CODES[bits] != K:
+        raise ValueError(
+            f"{kernel}: x {x.dtype} [M, {K}] with {bits}-bit words {list(words.shape)} "
+            f"(expected fp16/bf16 x and int32 [{UNIT_WORDS[bits]}, chunks, KW, out] covering {K} columns)"
+        )
+
+
+def table_pairs(tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tables`` in ``dtype`` read as int32: two 16-bit entries per word, entry ``2i`` in the low half."""
+    tables = tables.to(dtype).contiguous()
+    if tables.storage_offset() % 2:  # a view into an odd element of a buffer cannot be read as int32 pairs
+        tables = tables.clone()
+    return tables.view(torch.int32)
+
+
 def lut_gemv_words(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -244,19 +263,12 @@ def lut_gemv_words(
     """``x [M, K]`` (fp16/bf16) -> ``[M, N]`` from code words (:func:`~.layout.code_words`).
     ``block=(BLOCK_N, SPLIT_K, num_warps)`` skips autotuning. With ``slots [M]``, ``tables`` are table sets
     ``[S, N, gpr, 2**bits]`` and row ``m`` goes through ``tables[slots[m]]`` (clamped into ``[0, S)``)."""
+    check_words("lut_gemv_words", x, words, bits)
     M, K = x.shape
+    _, _, kw, N = words.shape
     sets = tables if slots is not None else tables[None]
-    planes, chunks, kw, N = words.shape
-    if x.dtype not in WORDS_DTYPES or planes != UNIT_WORDS[bits] or chunks * kw * UNIT_CODES[bits] != K:
-        raise ValueError(
-            f"lut_gemv_words: x {x.dtype} [M, {K}] with {bits}-bit words {list(words.shape)} "
-            f"(expected fp16/bf16 x and int32 [{UNIT_WORDS[bits]}, chunks, KW, out] covering {K} columns)"
-        )
     groups = sets.shape[2]
-    sets = sets.to(x.dtype).contiguous()
-    if sets.storage_offset() % 2:  # a view into an odd element of a buffer cannot be read as int32 pairs
-        sets = sets.clone()
-    pairs = sets.view(torch.int32)  # [S, N, groups, 2**bits / 2]: entry 2i in the low half
+    pairs = table_pairs(sets, x.dtype)  # [S, N, groups, 2**bits / 2]
     out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:  # no program to launch
         return out.to(x.dtype)

@@ -12,13 +12,15 @@ dequantize + cuBLAS, and ``ops.lut_linear`` should take it where that measuremen
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import dot_flags, dot_operands, interpreting
-from .layout import UNIT_CODES, UNIT_WORDS
-from .lut_gemv_words import WORDS_DTYPES, group_planes, prmt_const, quad_bytes
+from .layout import UNIT_CODES
+from .lut_gemv_words import check_words, group_planes, prmt_const, quad_bytes, table_pairs
 
 BLOCK = (128, 128, 8)  # BLOCK_M, BLOCK_N, num_warps; not tuned (no GPU has run it yet)
 
@@ -104,9 +106,11 @@ def lut_matmul_words_kernel(x_ptr, words_ptr, tables_ptr, out_ptr, M, N, K, stri
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)
 def chunk_permutation(k: int, kw: int, bits: int, device: torch.device | str) -> torch.Tensor:
     """int64 ``[k]``: entry ``c * chunk + i`` is the column of x that position ``i`` of chunk ``c``'s joined
-    tile multiplies, ``v * KW + j`` within the chunk for ``i = j * V + bitreverse(v)`` (``V`` slots)."""
+    tile multiplies, ``v * KW + j`` within the chunk for ``i = j * V + bitreverse(v)`` (``V`` slots).
+    Made once per layer shape and device (every call of a layer permutes x the same way)."""
     values = UNIT_CODES[bits]
     levels = values.bit_length() - 1
     i = torch.arange(kw * values, device=device)
@@ -127,18 +131,11 @@ def lut_matmul_words(
 ) -> torch.Tensor:
     """``x [M, K]`` (fp16/bf16) -> ``[M, N]`` from code words; ``block=(BLOCK_M, BLOCK_N, num_warps)``,
     by default :data:`BLOCK` (no spills on sm90a at 2, 3 or 4 bits: ``tests/test_kernels_sass.py``)."""
+    check_words("lut_matmul_words", x, words, bits)
     M, K = x.shape
-    planes, chunks, kw, N = words.shape
-    if x.dtype not in WORDS_DTYPES or planes != UNIT_WORDS[bits] or chunks * kw * UNIT_CODES[bits] != K:
-        raise ValueError(
-            f"lut_matmul_words: x {x.dtype} [M, {K}] with {bits}-bit words {list(words.shape)} "
-            f"(expected fp16/bf16 x and int32 [{UNIT_WORDS[bits]}, chunks, KW, out] covering {K} columns)"
-        )
+    _, _, kw, N = words.shape
     groups = tables.shape[1]
-    tables = tables.to(x.dtype).contiguous()
-    if tables.storage_offset() % 2:  # an odd element offset cannot be read as int32 pairs
-        tables = tables.clone()
-    pairs = tables.view(torch.int32)
+    pairs = table_pairs(tables, x.dtype)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
