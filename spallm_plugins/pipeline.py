@@ -236,7 +236,7 @@ def sketch_to_folder(
         details = sketch_streaming(
             source, out_dir, config, skeleton=skeleton, dense_dtype=dense_dtype, calibration_ids=ids, resume=resume,
             device=device,
-            progress=progress, on_block_done=on_block_done, partial_name=PARTIAL_DIR, finish=finish,
+            progress=progress, on_block_done=on_block_done, finish=finish,
             max_memory=max_memory, offload_activations=offload_activations,
         )  # fmt: skip
         return full_report(details)

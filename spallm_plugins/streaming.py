@@ -280,7 +280,6 @@ def sketch_streaming(
     batch_size: int = 8,
     on_block_done: Callable[[int], None] | None = None,
     on_read: Callable[[str, nn.Module], None] | None = None,
-    partial_name: str = PARTIAL_DIR,
     finish: Callable[[Path, dict[str, Any]], None] | None = None,
     max_memory: int | None = None,
     offload_activations: bool = False,
@@ -304,7 +303,7 @@ def sketch_streaming(
     identity: dict[str, Any] = {"config": config.to_dict(), "dense_dtype": dense_dtype, "source": str(source)}
     if calibration_ids is not None:
         identity["calibration_fingerprint"] = fingerprint(calibration_ids)
-    store = ProgressStore(out_dir / partial_name, identity)
+    store = ProgressStore(out_dir / PARTIAL_DIR, identity)
     host = StreamedCheckpoint(model, reader, getattr(torch, dense_dtype), device)
     report = sketch_blocks(host, config, calibration_ids=calibration_ids, store=store, resume=resume, device=device,
                            batch_size=batch_size, progress=progress, max_memory=max_memory,

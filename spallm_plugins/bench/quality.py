@@ -180,8 +180,8 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
     from gptqmodel.quantization.config import QuantizeConfig
     from gptqmodel.quantization.gptq import GPTQ
 
-    from ..sketch.block import input_stages
-    from ..sketch.blocks import block_output, capture_block_inputs, find_blocks, relative_name
+    from ..sketch.block import input_stages, run_block
+    from ..sketch.blocks import capture_block_inputs, find_blocks, relative_name
 
     device = next(model.parameters()).device
     use_cache = getattr(model.config, "use_cache", None)
@@ -218,7 +218,7 @@ def gptq_g128_model(model, targets: dict[str, nn.Module], ids: torch.Tensor, bat
                 groups = int(g_idx.max()) + 1
                 bits += linear.weight.numel() * 4 + linear.out_features * groups * (16 + 4)
                 task.free()
-        hidden = [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs_list)]
+        hidden = run_block(block, hidden, kwargs_list, [])
     if use_cache is not None:
         model.config.use_cache = use_cache
     return bits

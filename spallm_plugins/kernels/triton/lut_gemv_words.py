@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._common import interpreting
 from .layout import UNIT_CODES, UNIT_WORDS
+from .machine_code import MAX_REGISTERS
 from .tiles import AUTOTUNE_KEY, m_bucket
 
 # Four rows per thread (BLOCK_N = 128 * num_warps): the rows share each input load and conversion, and
@@ -36,7 +37,6 @@ from .tiles import AUTOTUNE_KEY, m_bucket
 # exceed 128 registers. MAX_REGISTERS caps ptxas (triton 3.6 took 139 at 3 bits on one warp), so a
 # CTA never limits occupancy below 16 warps per SM; tests/test_kernels_sass.py holds every config here
 # to the limits, spills included. Split-K spreads a 4096-row layer over enough warps to hide latency.
-MAX_REGISTERS = 128
 CONFIGS = [
     triton.Config({"BLOCK_N": 128, "SPLIT_K": 16}, num_warps=1, maxnreg=MAX_REGISTERS),
     triton.Config({"BLOCK_N": 128, "SPLIT_K": 32}, num_warps=1, maxnreg=MAX_REGISTERS),
@@ -273,11 +273,12 @@ def lut_gemv_words(
     if M == 0 or N == 0:  # no program to launch
         return out.to(x.dtype)
     x, words = x.contiguous(), words.contiguous()
-    slots = pairs if slots is None else slots.contiguous()  # never read without slots
+    has_slots = slots is not None
+    slots = slots.contiguous() if has_slots else pairs  # never read without slots
     args = (x, words, pairs, slots, out, M, N, K, m_bucket(M), pairs.shape[0], x.stride(0), pairs.stride(0),
             pairs.stride(1))  # fmt: skip
     meta = dict(
-        HAS_SLOTS=slots is not pairs,
+        HAS_SLOTS=has_slots,
         GROUP_SIZE=K // groups,
         BITS=bits,
         KW=kw,
