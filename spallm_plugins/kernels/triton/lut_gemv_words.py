@@ -29,8 +29,7 @@ import triton.language as tl
 
 from ._common import interpreting
 from .layout import UNIT_CODES, UNIT_WORDS
-from .machine_code import MAX_REGISTERS
-from .tiles import AUTOTUNE_KEY, m_bucket
+from .tiles import AUTOTUNE_KEY, MAX_REGISTERS, m_bucket
 
 # Four rows per thread (BLOCK_N = 128 * num_warps): the rows share each input load and conversion, and
 # a warp's code loads are 128-bit; two rows per thread cost about 6.7 SASS per weight at 4 bits, eight

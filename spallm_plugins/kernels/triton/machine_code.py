@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .tiles import MAX_REGISTERS
+
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 DIVISIBLE = ("N", "K", "stride_xm", "stride_cn", "stride_tn")  # layer widths and strides: multiples of 16
 LOAD_WIDTH = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
@@ -154,10 +156,9 @@ def analyse(kernel, signature: dict, constexprs: dict, num_warps: int, weights_p
     )
 
 
-# The limits the decode kernels are held to on sm90a: SASS per weight at M = 1 by bits, 128 registers (so two
-# CTAs of 4 warps, or more, fit an SM's register file), and no local memory.
+# The limits the decode kernels are held to on sm90a: SASS per weight at M = 1 by bits, tiles.MAX_REGISTERS
+# registers, and no local memory.
 MAX_SASS_PER_WEIGHT = {4: 6.0, 3: 8.0, 2: 6.0}
-MAX_REGISTERS = 128
 
 
 def violations(report: LoopReport, bits: int) -> list[str]:

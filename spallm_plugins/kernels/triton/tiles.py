@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+MAX_REGISTERS = 128  # per thread, so that two CTAs of 4 warps or more fit an SM's register file (sm90)
 GEMV_MAX_ROWS = 16  # decode: up to this many rows go to the GEMV kernel, more to the tiled matmul
 GEMV_DOT_ROWS = 5  # from this many rows (the 5-16 bucket) on, the GEMV multiplies with tl.dot on a 16-row tile
 GEMV_BYTES_MAX_ROWS = GEMV_DOT_ROWS - 1  # 2/4-bit codes at up to this many rows: the byte-wise GEMV
